@@ -1,0 +1,1 @@
+"""ATR-format data: synthetic generator, ATR-OS builder, TFRecord episodes."""

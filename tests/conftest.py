@@ -1,0 +1,7 @@
+"""Shared test setup: quiet TensorFlow, deterministic seeds, CPU only."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
