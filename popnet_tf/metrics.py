@@ -1,0 +1,141 @@
+"""Segmentation metrics of SPEC §8, from one accumulated confusion matrix.
+
+Example:
+    >>> cm = ConfusionMatrix(num_classes=12)
+    >>> cm.update(labels, predictions)        # any shapes, 255 ignored
+    >>> summary = kway_summary(cm.result(), novel=(5, 7, 9))
+    >>> summary["human_miou"], summary["novel_miou"]
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from popnet_tf.classes import IGNORE_LABEL
+
+
+class ConfusionMatrix:
+    """Accumulates a [C, C] confusion matrix (rows: truth, columns: prediction).
+
+    Updates run in TensorFlow (`tf.math.confusion_matrix`), accumulation is
+    int64 so 5000 pairs at full resolution cannot overflow.
+    """
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+
+    def update(self, labels, predictions) -> None:
+        self.matrix += batch_confusion_matrix(labels, predictions, self.num_classes).numpy()
+
+    def result(self) -> np.ndarray:
+        return self.matrix.copy()
+
+
+def batch_confusion_matrix(labels, predictions, num_classes: int) -> tf.Tensor:
+    """[C, C] int64 confusion matrix of one batch, pixels labelled 255 skipped."""
+    labels = tf.reshape(tf.cast(labels, tf.int64), [-1])
+    predictions = tf.reshape(tf.cast(predictions, tf.int64), [-1])
+    valid = tf.not_equal(labels, IGNORE_LABEL)
+    return tf.math.confusion_matrix(tf.boolean_mask(labels, valid),
+                                    tf.boolean_mask(predictions, valid),
+                                    num_classes=num_classes, dtype=tf.int64)
+
+
+def per_class_iou(matrix: np.ndarray) -> np.ndarray:
+    """IoU_c = TP / (TP + FP + FN); NaN for a class absent from truth and prediction."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    tp = np.diag(matrix)
+    denom = matrix.sum(axis=0) + matrix.sum(axis=1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, tp / np.where(denom > 0, denom, 1), np.nan)
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def overall_accuracy(matrix: np.ndarray) -> float:
+    total = float(np.sum(matrix))
+    return float(np.trace(matrix)) / total if total else float("nan")
+
+
+def kway_summary(matrix: np.ndarray, novel: Iterable[int],
+                 class_names: Sequence[str] | None = None) -> dict:
+    """SPEC §8 k-way metrics (fractions 0–1).
+
+    Human MIoU averages all classes, background included; novel MIoU the
+    fold's novel classes; base MIoU the other foreground classes. Classes with
+    no pixel in truth or prediction are left out of the means (NaN IoU).
+    """
+    iou = per_class_iou(matrix)
+    novel = sorted(set(novel))
+    base = [c for c in range(1, len(iou)) if c not in novel]
+    names = class_names or [str(c) for c in range(len(iou))]
+    return {
+        "human_miou": _nanmean(iou),
+        "novel_miou": _nanmean(iou[novel]) if novel else float("nan"),
+        "base_miou": _nanmean(iou[base]),
+        "overall_acc": overall_accuracy(matrix),
+        "per_class_iou": {names[c]: (None if np.isnan(iou[c]) else float(iou[c]))
+                          for c in range(len(iou))},
+    }
+
+
+def oneway_summary(class_matrices: dict[int, np.ndarray], novel: Iterable[int],
+                   num_classes: int, class_names: Sequence[str] | None = None) -> dict:
+    """SPEC §8 one-way metrics.
+
+    Args:
+        class_matrices: foreground class c -> [2, 2] confusion matrix (0 = background,
+            1 = class c) accumulated over that class's one-way pairs.
+        novel: the fold's novel classes.
+        num_classes: classes of the label space, background included.
+    Per class: foreground IoU over its pairs; background IoU is averaged over the
+    classes; Human MIoU = mean of [background IoU, every foreground IoU] as in
+    k-way; Bi-IoU = mean of foreground and background IoU of the matrix summed
+    over all pairs (PANet's binary IoU).
+    """
+    names = class_names or [str(c) for c in range(num_classes)]
+    fg_iou = np.full(num_classes, np.nan)
+    bg_ious = []
+    for c, m in class_matrices.items():
+        iou = per_class_iou(m)
+        fg_iou[c] = iou[1]
+        bg_ious.append(iou[0])
+    fg_iou[0] = _nanmean(np.array(bg_ious)) if bg_ious else np.nan
+    total = sum(class_matrices.values()) if class_matrices else np.zeros((2, 2))
+    novel = sorted(set(novel))
+    return {
+        "human_miou": _nanmean(fg_iou),
+        "novel_miou": _nanmean(fg_iou[novel]) if novel else float("nan"),
+        "base_miou": _nanmean(fg_iou[[c for c in range(1, num_classes) if c not in novel]]),
+        "bi_iou": _nanmean(per_class_iou(total)),
+        "overall_acc": overall_accuracy(total),
+        "per_class_iou": {names[c]: (None if np.isnan(fg_iou[c]) else float(fg_iou[c]))
+                          for c in range(num_classes)},
+    }
+
+
+def format_table(summary: dict, title: str) -> str:
+    """The metrics as a Markdown table in percent, shaped like the paper's tables."""
+    keys = [k for k in ("novel_miou", "base_miou", "human_miou", "overall_acc", "bi_iou")
+            if k in summary]
+    header = "| " + " | ".join(["", *[k.replace("_", " ") for k in keys]]) + " |"
+    rule = "|" + "---|" * (len(keys) + 1)
+    row = "| " + " | ".join([title, *[_percent(summary[k]) for k in keys]]) + " |"
+    classes = summary.get("per_class_iou", {})
+    class_header = "| " + " | ".join(["class", "IoU"]) + " |\n|---|---|"
+    class_rows = "\n".join(f"| {n} | {_percent(v)} |" for n, v in classes.items())
+    return f"{header}\n{rule}\n{row}\n\n{class_header}\n{class_rows}\n"
+
+
+def _percent(value) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "n/a"
+    return f"{100.0 * value:.1f}"

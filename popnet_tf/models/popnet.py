@@ -1,0 +1,84 @@
+"""POPNet: the three stages built from a config and joined through KIM.
+
+Example:
+    >>> from configs import synthetic_cpu
+    >>> config = synthetic_cpu.get_config()
+    >>> s1 = build_stage(config, 1)
+    >>> s2 = build_stage(config, 2, previous=s1)
+    >>> s3 = build_stage(config, 3, previous=s2)
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from popnet_tf import classes
+from popnet_tf.models.stages import ForegroundStage, OneShotStage
+
+
+def encoder_kwargs(config) -> dict:
+    """The `DeepLabV3PlusEncoder` arguments of a config's `model` section."""
+    m = config.model
+    return {
+        "backbone": m.backbone,
+        "filters": m.filters,
+        "aspp_rates": tuple(m.aspp_rates),
+        "aspp_filters": m.aspp_filters,
+        "low_level_filters": m.low_level_filters,
+        "decoder_convs": m.decoder_convs,
+        "backbone_weights": m.backbone_weights or None,
+    }
+
+
+def stages_needed(config, stage: int) -> tuple[int, ...]:
+    """The stages a stage depends on, itself included, in training order.
+
+    Without KIM (the ablation rows before "+KIM") a one-shot stage stands alone.
+    """
+    if stage == 1 or not config.model.kim:
+        return (stage,)
+    return tuple(range(1, stage + 1))
+
+
+def build_stage(config, stage: int, previous=None) -> keras.Model:
+    """A stage model; `previous` must be the built previous stage when KIM is on."""
+    if stage == 1:
+        return ForegroundStage(encoder=encoder_kwargs(config), name="stage1")
+    if stage not in (2, 3):
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+    if config.model.kim and previous is None:
+        raise ValueError(f"stage {stage} with KIM needs the trained stage {stage - 1}")
+    return OneShotStage(
+        num_classes=classes.STAGE_NUM_CLASSES[stage],
+        encoder=encoder_kwargs(config),
+        previous=previous if config.model.kim else None,
+        agm_hidden_convs=config.model.agm_hidden_convs,
+        momentum=config.model.momentum,
+        initial_temperature=config.model.initial_temperature,
+        prediction_head=config.model.prediction_head,
+        name=f"stage{stage}",
+    )
+
+
+def dummy_batch(stage: int, size: int, batch: int = 1) -> dict:
+    """A small all-zeros batch of the stage's inputs, used to build variables."""
+    image = np.zeros((batch, size, size, 3), np.float32)
+    if stage == 1:
+        return {"image": image}
+    mask = np.zeros((batch, size, size), np.int32)
+    mask[:, : size // 2] = 1  # one foreground class so every branch runs
+    return {"query_image": image, "support_image": image, "support_mask": mask}
+
+
+def build_variables(model: keras.Model, stage: int, size: int) -> None:
+    """Creates every variable (AGM included) by one training-mode call on zeros,
+    so checkpoints restore into a complete model."""
+    batch = dummy_batch(stage, size)
+    if stage == 1:
+        model(batch["image"], training=False)
+    else:
+        out = model(batch, training=False, use_dynamic=False)
+        if not model.agm.built:  # the NCM prediction path skips the AGM
+            model.heads(out["features"], out["prototypes"], out["presence"],
+                        batch["query_image"], compute_agm=True)

@@ -1,0 +1,445 @@
+"""Progressive training of POPNet (SPEC §6, §7): stage 1 → 2 → 3, custom loop.
+
+One straight path: config → data (built on demand) → model (previous stages
+restored and frozen) → `tf.function` step under a `tf.distribute` strategy →
+checkpoints every epoch → TensorBoard → evaluation.
+
+Workdir layout:
+    W/run.json                       fold, fold set and config of the run
+    W/stage<N>/checkpoints/          tf.train.CheckpointManager (model with the
+                                     prototype store, optimizer, epoch, step, β)
+    W/stage<N>/result.json           written when the stage has finished
+    W/tensorboard/stage<N>/          scalars and images
+
+Example:
+    >>> from configs import synthetic_cpu
+    >>> summary = train(synthetic_cpu.get_config(), "workdirs/fold1", stage=3, fold=1)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from popnet_tf import classes, eval_lib, losses, metrics
+from popnet_tf.data import episodes
+from popnet_tf.models import popnet
+
+RUN_FILE = "run.json"
+RESULT_FILE = "result.json"
+
+
+# ----------------------------------------------------------------------------- paths
+def stage_dir(workdir: str, stage: int) -> str:
+    return os.path.join(workdir, f"stage{stage}")
+
+
+def checkpoint_dir(workdir: str, stage: int) -> str:
+    return os.path.join(stage_dir(workdir, stage), "checkpoints")
+
+
+def tensorboard_dir(workdir: str, stage: int) -> str:
+    return os.path.join(workdir, "tensorboard", f"stage{stage}")
+
+
+def stage_finished(workdir: str, stage: int) -> bool:
+    return os.path.exists(os.path.join(stage_dir(workdir, stage), RESULT_FILE))
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Writes JSON aside and renames it into place: a reader never sees half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+# ----------------------------------------------------------------------------- data
+def ensure_dataset(config) -> str:
+    """The built ATR-OS dataset of the config; the synthetic one is generated and
+    built on first use. Returns its folder."""
+    data_dir = config.data.dir
+    if os.path.exists(os.path.join(data_dir, "manifest.json")):
+        return data_dir
+    if not config.data.synthetic:
+        raise FileNotFoundError(
+            f"{data_dir}: no manifest.json. Build the dataset first: "
+            f"python -m popnet_tf.data.build_atr_os --atr_root /path/to/ATR --out {data_dir}")
+    # Imported here: only the synthetic default needs the generator and builder.
+    from popnet_tf.data import build_atr_os, synth
+
+    raw_dir = config.data.synthetic_atr_dir or f"{data_dir.rstrip('/')}_atr"
+    n = config.data.synthetic_num_images
+    logging.info("No dataset at %s: generating %d synthetic ATR images in %s, then building it.",
+                 data_dir, n, raw_dir)
+    synth.generate(raw_dir, n, config.data.synthetic_seed)
+    build_atr_os.build(raw_dir, data_dir,
+                       num_query_train=config.data.num_query_train,
+                       num_test_query=config.data.num_test_query,
+                       num_test_support=config.data.num_test_support,
+                       num_test=config.data.num_test_query + config.data.num_test_support,
+                       seed=config.data.synthetic_seed)
+    return data_dir
+
+
+def epoch_dataset(config, data_dir: str, stage: int, fold: int, epoch: int) -> tf.data.Dataset:
+    """The batches of one epoch, a function of (seed, epoch) alone, so a resumed run
+    sees exactly the batches an uninterrupted run would."""
+    d, t = config.data, config.train
+    seed = config.seed * 100003 + stage * 1009 + epoch
+    common = dict(batch_size=t.batch_size, scale_range=tuple(d.scale_range),
+                  resize_long_side=d.resize_long_side or None, seed=seed)
+    if stage == 1:
+        ds = episodes.stage1_train_dataset(data_dir, crop_size=d.crop_size, **common)
+    else:
+        crop = d.crop_size if t.way == "kway" else d.oneway_crop_size
+        ds = episodes.train_episodes(data_dir, stage=stage, fold=fold, fold_set=d.fold_set,
+                                     way=t.way, crop_size=crop, **common)
+    return ds.take(t.steps_per_epoch)
+
+
+# ----------------------------------------------------------------------------- schedule
+class BetaSchedule(keras.callbacks.Callback):
+    """Weight shifting (SPEC §6): β = 1 − epoch / max_epoch at each epoch start,
+    or a constant β for the ablations (1: AGM only, 0: NCM only, 0.5: DML)."""
+
+    def __init__(self, beta: tf.Variable, epochs: int, schedule: str = "shift", constant: float = 0.5):
+        super().__init__()
+        if schedule not in ("shift", "constant"):
+            raise ValueError(f"beta schedule must be 'shift' or 'constant', got {schedule!r}")
+        self.beta, self.epochs, self.schedule, self.constant = beta, epochs, schedule, constant
+
+    def value(self, epoch: int) -> float:
+        return 1.0 - epoch / self.epochs if self.schedule == "shift" else float(self.constant)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.beta.assign(self.value(epoch))
+
+
+class PrototypeWarmup(keras.callbacks.Callback):
+    """Static prototypes for the first `warmup` epochs while the store fills,
+    dynamic ones after (SPEC §6); never dynamic when the ablation turns DP off."""
+
+    def __init__(self, use_dynamic: tf.Variable, warmup: int, enabled: bool = True):
+        super().__init__()
+        self.use_dynamic, self.warmup, self.enabled = use_dynamic, warmup, enabled
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.use_dynamic.assign(bool(self.enabled and epoch >= self.warmup))
+
+
+def make_optimizer(config, total_steps: int) -> keras.optimizers.Optimizer:
+    """SGD with momentum, weight decay and poly learning-rate decay (SPEC §7)."""
+    t = config.train
+    schedule = keras.optimizers.schedules.PolynomialDecay(
+        t.learning_rate, decay_steps=max(total_steps, 1), end_learning_rate=0.0, power=t.poly_power)
+    if t.optimizer == "sgd":
+        opt = keras.optimizers.SGD(schedule, momentum=t.momentum, weight_decay=t.weight_decay)
+    elif t.optimizer == "adamw":
+        opt = keras.optimizers.AdamW(schedule, weight_decay=t.weight_decay)
+    else:
+        raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {t.optimizer!r}")
+    if t.mixed_precision == "mixed_float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)  # float16 gradients need loss scaling
+    return opt
+
+
+def get_strategy(name: str) -> tf.distribute.Strategy:
+    """`auto`: MirroredStrategy over several local GPUs, else the default strategy."""
+    if name == "auto":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "default":
+        return tf.distribute.get_strategy()
+    raise ValueError(f"train.strategy must be auto, mirrored, multiworker or default, got {name!r}")
+
+
+def _sync_batch_norm(model: keras.Model, strategy) -> None:
+    """Under several replicas, BatchNorm statistics are all-reduced so a step sees the
+    statistics of the global batch, as on one device."""
+    if strategy.num_replicas_in_sync > 1:
+        for layer in model._flatten_layers(include_self=False, recursive=True):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.synchronized = True
+
+
+# ----------------------------------------------------------------------------- models
+def check_run_record(config, workdir: str, fold: int) -> None:
+    """Refuses a workdir trained on another fold or class set (before any work)."""
+    path = os.path.join(workdir, RUN_FILE)
+    record = {"fold": fold, "fold_set": config.data.fold_set,
+              "class_names": list(classes.MERGED_NAMES), "model": config.model.to_dict()}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        for key in ("fold", "fold_set", "class_names", "model"):
+            if old.get(key) != json.loads(json.dumps(record[key])):
+                raise ValueError(
+                    f"{path}: this workdir was trained with {key}={old.get(key)!r}, "
+                    f"but this run asks for {key}={record[key]!r}; use another --workdir")
+        return
+    write_json_atomic(path, {**record, "config": config.to_dict()})
+
+
+def restore_stage(config, workdir: str, stage: int, strategy=None) -> keras.Model:
+    """A finished stage (and the stages before it) rebuilt and restored, frozen."""
+    previous = None
+    needed = popnet.stages_needed(config, stage)
+    for s in needed:
+        model = popnet.build_stage(config, s, previous=previous)
+        popnet.build_variables(model, s, config.data.crop_size)
+        latest = tf.train.latest_checkpoint(checkpoint_dir(workdir, s))
+        if latest is None:
+            raise FileNotFoundError(f"{checkpoint_dir(workdir, s)}: no checkpoint of stage {s}")
+        tf.train.Checkpoint(model=model).restore(latest).expect_partial().assert_existing_objects_matched()
+        previous = model
+    return previous
+
+
+# ----------------------------------------------------------------------------- steps
+def _stage1_loss(model, batch, global_batch):
+    out = model(batch["image"], training=True)
+    per_sample = losses.mean_cross_entropy(batch["mask"], out["logits"])
+    loss = tf.reduce_sum(per_sample) / global_batch
+    return loss, {"loss": loss}
+
+
+def _oneshot_loss(model, batch, global_batch, beta, use_dynamic):
+    out = model(batch, training=True, use_dynamic=use_dynamic)
+    parts = losses.dual_metric_loss(batch["query_mask"], out["agm_logits"], out["ncm_logits"], beta)
+    scaled = {k: tf.reduce_sum(v) / global_batch for k, v in parts.items()}
+    return scaled["total"], {"loss": scaled["total"], "agm_loss": scaled["agm"], "ncm_loss": scaled["ncm"]}
+
+
+def make_train_step(model, optimizer, strategy, stage, global_batch, beta, use_dynamic, jit_compile):
+    """A distributed `tf.function` training step returning the summed losses."""
+
+    def replica_step(batch):
+        with tf.GradientTape() as tape:
+            if stage == 1:
+                loss, logs = _stage1_loss(model, batch, global_batch)
+            else:
+                loss, logs = _oneshot_loss(model, batch, global_batch, beta, use_dynamic)
+            scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
+        variables = model.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        optimizer.apply(grads, variables)
+        return logs
+
+    @tf.function(jit_compile=jit_compile)
+    def step(batch):
+        logs = strategy.run(replica_step, args=(batch,))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in logs.items()}
+
+    return step
+
+
+class _Preempted(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- training
+def train_stage(config, workdir: str, stage: int, fold: int, data_dir: str,
+                resume: bool = False, previous=None) -> dict:
+    """Trains one stage to the end (or resumes it), checkpointing every epoch.
+    Returns the stage's evaluation summary, also written to stage<N>/result.json."""
+    t = config.train
+    strategy = get_strategy(t.strategy)
+    epochs = t.stage1_epochs if stage == 1 else t.epochs
+    total_steps = epochs * t.steps_per_epoch
+    global_batch = t.batch_size
+    keras.utils.set_random_seed(config.seed + stage)
+
+    with strategy.scope():
+        model = popnet.build_stage(config, stage, previous=previous)
+        popnet.build_variables(model, stage, config.data.crop_size)
+        _sync_batch_norm(model, strategy)
+        optimizer = make_optimizer(config, total_steps)
+        optimizer.build(model.trainable_variables)
+        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
+        beta = tf.Variable(1.0, dtype=tf.float32, trainable=False, name="beta")
+        use_dynamic = tf.Variable(False, dtype=tf.bool, trainable=False, name="use_dynamic")
+
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var,
+                               step_in_epoch=step_var, beta=beta)
+    manager = tf.train.CheckpointManager(ckpt, checkpoint_dir(workdir, stage),
+                                         max_to_keep=t.checkpoints_to_keep)
+    if manager.latest_checkpoint:
+        if not resume:
+            raise ValueError(
+                f"{checkpoint_dir(workdir, stage)} holds an unfinished stage-{stage} run; "
+                "pass --resume to continue it, or choose a new --workdir")
+        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        logging.info("Resuming stage %d from %s (epoch %d, step %d).", stage,
+                     manager.latest_checkpoint, int(epoch_var.numpy()), int(step_var.numpy()))
+
+    callbacks = keras.callbacks.CallbackList(
+        [BetaSchedule(beta, epochs, t.beta_schedule, t.beta_constant),
+         PrototypeWarmup(use_dynamic, t.prototype_warmup, config.model.dynamic_prototypes)],
+        model=model)
+    step_fn = make_train_step(model, optimizer, strategy, stage, global_batch, beta,
+                              use_dynamic, t.jit_compile)
+    writer = tf.summary.create_file_writer(tensorboard_dir(workdir, stage))
+
+    preempted = {"flag": False}
+    old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True)) \
+        if _is_main_thread() else None
+    try:
+        start_epoch = int(epoch_var.numpy())
+        for epoch in range(start_epoch, epochs):
+            callbacks.on_epoch_begin(epoch)
+            skip = int(step_var.numpy()) if epoch == start_epoch else 0
+            data = epoch_dataset(config, data_dir, stage, fold, epoch).skip(skip)
+            dist = strategy.experimental_distribute_dataset(data)
+            bar = keras.utils.Progbar(t.steps_per_epoch, stateful_metrics=["beta"],
+                                      unit_name="step")
+            logging.info("Stage %d epoch %d/%d (beta %.3f, dynamic prototypes %s)", stage,
+                         epoch + 1, epochs, float(beta.numpy()), bool(use_dynamic.numpy()))
+            for i, batch in enumerate(dist, start=skip):
+                logs = {k: float(v) for k, v in step_fn(batch).items()}
+                if not np.isfinite(logs["loss"]):
+                    raise FloatingPointError(
+                        f"stage {stage}: non-finite loss {logs['loss']} at epoch {epoch + 1} step "
+                        f"{i + 1}; the last good checkpoint stays latest: {manager.latest_checkpoint}")
+                step_var.assign(i + 1)
+                global_step = epoch * t.steps_per_epoch + i
+                if global_step % t.log_every == 0:
+                    _log_scalars(writer, logs, global_step, beta, optimizer)
+                bar.update(i + 1, values=[*logs.items(), ("beta", float(beta.numpy()))])
+                if preempted["flag"]:
+                    manager.save(checkpoint_number=global_step + 1)
+                    raise _Preempted(f"SIGTERM: stage {stage} checkpointed at epoch {epoch + 1} "
+                                     f"step {i + 1}; continue with --resume")
+            epoch_var.assign(epoch + 1)
+            step_var.assign(0)
+            manager.save(checkpoint_number=(epoch + 1) * t.steps_per_epoch)
+            if t.validate_every and ((epoch + 1) % t.validate_every == 0 or epoch + 1 == epochs):
+                val = evaluate_stage(model, config, data_dir, stage, fold,
+                                     max_queries=config.eval.val_queries, progress=False,
+                                     num_examples=config.eval.num_logged_examples)
+                _log_validation(writer, val, stage, epoch + 1)
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+        writer.flush()
+
+    summary = evaluate_stage(model, config, data_dir, stage, fold,
+                             max_queries=config.eval.max_queries, progress=True)
+    write_json_atomic(os.path.join(stage_dir(workdir, stage), RESULT_FILE),
+                      {"stage": stage, "fold": fold, "summary": summary,
+                       "checkpoint": manager.latest_checkpoint})
+    return summary
+
+
+def _is_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def evaluate_stage(model, config, data_dir, stage, fold, max_queries=None, progress=True,
+                   num_examples=0) -> dict:
+    """Stage 1: foreground IoU; stages 2/3: the k-way §8 summary."""
+    if stage == 1:
+        return eval_lib.evaluate_foreground(model, data_dir=data_dir, eval_size=config.data.eval_size,
+                                            max_queries=max_queries, progress=progress)
+    return eval_lib.evaluate_kway(model, data_dir=data_dir, stage=stage, fold=fold,
+                                  fold_set=config.data.fold_set, eval_size=config.data.eval_size,
+                                  head=config.eval.head, max_queries=max_queries,
+                                  progress=progress, return_examples=num_examples)
+
+
+def _log_scalars(writer, logs, step, beta, optimizer):
+    with writer.as_default(step=step):
+        for key, value in logs.items():
+            tf.summary.scalar(f"train/{key}", value)
+        tf.summary.scalar("train/beta", beta)
+        lr = optimizer.learning_rate
+        tf.summary.scalar("train/learning_rate", lr() if callable(lr) else lr)
+
+
+def _log_validation(writer, summary, stage, epoch):
+    with writer.as_default(step=epoch):
+        for key in ("novel_miou", "base_miou", "human_miou", "overall_acc", "foreground_iou"):
+            if key in summary and summary[key] is not None and np.isfinite(summary[key]):
+                tf.summary.scalar(f"val/{key}", summary[key])
+        examples = summary.pop("examples", None)
+        if examples:
+            from popnet_tf.data import show  # colours live with the data viewer
+            rows = [show.episode_panel(e, stage) for e in examples]
+            tf.summary.image("val/episodes", np.stack(rows), max_outputs=len(rows))
+    writer.flush()
+
+
+def train(config, workdir: str, stage: int, fold: int, resume: bool = False) -> dict:
+    """Trains `stage` and every stage it needs that the workdir lacks, in order
+    (SPEC §7: 1 → 2 → 3), and returns the last stage's evaluation summary."""
+    if stage not in (1, 2, 3):
+        raise ValueError(f"--stage must be 1, 2 or 3, got {stage!r}")
+    classes.novel_ids(3, fold, config.data.fold_set)  # validates fold and fold set
+    os.makedirs(workdir, exist_ok=True)
+    check_run_record(config, workdir, fold)
+    _configure_runtime(config)
+    data_dir = ensure_dataset(config)
+    previous, summary = None, None
+    for s in popnet.stages_needed(config, stage):
+        if stage_finished(workdir, s):
+            if s != stage:
+                logging.info("Stage %d found finished in %s: restoring it.", s, workdir)
+                previous = restore_stage(config, workdir, s)
+                continue
+            logging.info("Stage %d is already trained in %s: evaluating it.", s, workdir)
+            model = restore_stage(config, workdir, s)
+            return evaluate_stage(model, config, data_dir, s, fold, config.eval.max_queries)
+        if s != stage:
+            logging.info("Stage %d is missing in %s: training it first.", s, workdir)
+        start = time.time()
+        summary = train_stage(config, workdir, s, fold, data_dir, resume=resume, previous=previous)
+        logging.info("Stage %d done in %.0f s: %s", s, time.time() - start, _short(summary))
+        if s != stage:
+            previous = restore_stage(config, workdir, s)
+    return summary
+
+
+def _short(summary: dict) -> str:
+    keys = ("foreground_iou", "novel_miou", "base_miou", "human_miou", "overall_acc")
+    return ", ".join(f"{k} {summary[k]:.3f}" for k in keys if k in summary)
+
+
+def _configure_runtime(config) -> None:
+    """Precision policy and determinism, set once before any model is built."""
+    keras.mixed_precision.set_global_policy(config.train.mixed_precision)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def format_summary(summary: dict, stage: int, fold: int) -> str:
+    title = f"POPNet stage {stage} fold {fold}"
+    if stage == 1:
+        return (f"| {title} | foreground IoU | MIoU | overall acc |\n|---|---|---|---|\n"
+                f"| | {100 * summary['foreground_iou']:.1f} | {100 * summary['miou']:.1f} | "
+                f"{100 * summary['overall_acc']:.1f} |\n")
+    return metrics.format_table(summary, f"{title} ({summary.get('num_pairs', '?')} pairs, "
+                                         f"{summary.get('head', '')} head)")
