@@ -1,0 +1,52 @@
+"""SPEC §8 metrics against confusion matrices computed by hand."""
+
+import math
+
+import numpy as np
+
+from popnet_tf import metrics
+
+
+def test_confusion_matrix_skips_ignore():
+    labels = np.array([[0, 1, 2, 255]])
+    preds = np.array([[0, 2, 2, 1]])
+    cm = metrics.ConfusionMatrix(3)
+    cm.update(labels, preds)
+    cm.update(labels, preds)
+    np.testing.assert_array_equal(cm.result(), [[2, 0, 0], [0, 0, 2], [0, 0, 2]])
+
+
+def test_kway_summary_by_hand():
+    # rows truth, cols prediction; class 3 absent from truth and prediction.
+    m = np.array([[8, 1, 1, 0],
+                  [2, 3, 0, 0],
+                  [0, 0, 5, 0],
+                  [0, 0, 0, 0]])
+    s = metrics.kway_summary(m, novel=(2,), class_names=["bg", "a", "b", "c"])
+    iou_bg = 8 / (8 + 2 + 2)       # TP / (TP + FP + FN)
+    iou_a = 3 / (3 + 1 + 2)
+    iou_b = 5 / (5 + 1 + 0)
+    assert math.isclose(s["human_miou"], (iou_bg + iou_a + iou_b) / 3)
+    assert math.isclose(s["novel_miou"], iou_b)
+    assert math.isclose(s["base_miou"], iou_a)         # class 3 has no pixels: left out
+    assert math.isclose(s["overall_acc"], 16 / 20)
+    assert s["per_class_iou"]["c"] is None
+
+
+def test_oneway_background_averaging_and_bi_iou():
+    # class 1: fg IoU 2/4, bg IoU 5/7; class 2: fg IoU 1/1, bg IoU 3/3.
+    m1 = np.array([[5, 1], [1, 2]])
+    m2 = np.array([[3, 0], [0, 1]])
+    s = metrics.oneway_summary({1: m1, 2: m2}, novel=(2,), num_classes=3)
+    bg = (5 / 7 + 3 / 3) / 2
+    assert math.isclose(s["per_class_iou"]["0"], bg)
+    assert math.isclose(s["human_miou"], (bg + 2 / 4 + 1.0) / 3)
+    assert math.isclose(s["novel_miou"], 1.0)
+    total = m1 + m2                 # [[8,1],[1,3]]
+    assert math.isclose(s["bi_iou"], (8 / 10 + 3 / 5) / 2)
+
+
+def test_format_table_percent():
+    s = {"novel_miou": 0.241, "human_miou": 0.606, "per_class_iou": {"bg": 0.9}}
+    table = metrics.format_table(s, "POPNet")
+    assert "24.1" in table and "60.6" in table and "| bg | 90.0 |" in table
