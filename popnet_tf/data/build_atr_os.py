@@ -1,0 +1,889 @@
+"""Build the ATR-OS dataset (SPEC §2, §5) from an ATR-layout folder.
+
+Input: any folder in the ATR layout, the real ATR download or the output of
+`popnet_tf.data.synth`:
+
+    ROOT/JPEGImages/<id>.jpg            RGB photo
+    ROOT/SegmentationClassAug/<id>.png  8-bit single-channel mask, raw ATR ids 0-17,
+                                        255 = ignore
+
+Output: `OUT/<split>-NNNNN-of-MMMMM.tfrecord` for the splits q_train, s_train,
+q_test and s_test, and `OUT/manifest.json` (docs/DESIGN.md). Each example holds
+the JPEG, a PNG of the **merged** ids 0-11 (255 kept) and the merged ids present.
+
+Rules (SPEC §5):
+- With id lists (`train_list`/`test_list`, or `split_lists="official"` for the
+  authors' lists in `popnet_tf/atr_os_official/`): q_train = the first
+  `num_query_train` usable ids of the train list, s_train = the rest; q_test = the
+  first `num_test_query` usable ids of the test list, s_test = the next
+  `num_test_support`. Listed ids missing on disk are rejected with a reason.
+- Without lists: the sorted usable ids are shuffled with `seed`; the first
+  `num_test` form the test list, the others the train list (in that shuffled
+  order), then the same rule.
+- Ten test supports are chosen from s_test by a greedy set cover of the 11
+  foreground classes (most new classes first, ties broken by more classes, then
+  by id), filled up to ten with the images holding most classes.
+
+Bad inputs (truncated or unreadable image, non-image file, image without mask
+or mask without image, mask of another size, mask that is not single-channel,
+label values outside 0-17 and 255) are skipped, listed in the manifest under
+"rejected" with the file and the reason, and counted in the log at the end.
+
+Images are read in their stored pixel grid: EXIF orientation is **not**
+applied, because ATR masks are aligned to the stored pixels (TensorFlow's
+`decode_jpeg` ignores EXIF as well, so training sees the same grid). A valid
+baseline RGB JPEG is stored byte for byte; anything else (grayscale, CMYK,
+progressive, PNG or palette data in a .jpg, alpha) is re-encoded as RGB JPEG,
+quality 95.
+
+The output appears atomically: the build writes into the sibling folder
+`OUT.tmp-<pid>` and renames it into place when complete; a previous dataset at
+OUT is replaced only then. Temp folders of killed builds are removed (or, for a
+build killed while swapping, the previous dataset restored) by the next build.
+The same input and flags give byte-identical shards whatever the number of
+worker processes.
+
+Example:
+    $ python -m popnet_tf.data.build_atr_os --atr_root /data/ATR --out /data/atr_os
+    $ python -m popnet_tf.data.build_atr_os --atr_root /data/ATR --out /data/atr_os_official \\
+          --split_lists=official
+
+    >>> from popnet_tf.data import build_atr_os
+    >>> manifest = build_atr_os.build("/tmp/synth_atr", "/tmp/atr_os",
+    ...                               num_query_train=50, num_test_query=20,
+    ...                               num_test_support=20)
+    >>> manifest["splits"]["q_train"]["count"]
+    50
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib.resources
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import time
+from typing import NamedTuple, Sequence
+
+import numpy as np
+from absl import logging
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from popnet_tf import classes
+
+# TensorFlow and Keras are imported inside the functions that need them: worker
+# processes are started with "spawn" and import this module, and they only need
+# PIL and NumPy (importing TensorFlow there would cost seconds and memory each).
+
+IMAGE_DIR = "JPEGImages"
+MASK_DIR = "SegmentationClassAug"
+IMAGE_SUFFIXES = (".jpg", ".jpeg")
+MASK_SUFFIX = ".png"
+
+NUM_TEST_SUPPORTS = 10  # SPEC §5: ten fixed supports of S_test.
+JPEG_QUALITY = 95  # Re-encoding quality for images that are not baseline RGB JPEG.
+MAX_SHARD_EXAMPLES = 1000
+MAX_SHARD_BYTES = 100 * 2**20
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+OFFICIAL = "official"
+_OFFICIAL_FILES = ("atr_os_official/meta_train_id.txt", "atr_os_official/meta_test_id.txt")
+_STAGING_NAME = "staging.bin"
+
+# Kinds of rejection: the first words of each reason, counted in the summary.
+MISSING_IMAGE = "missing image"
+MISSING_MASK = "missing mask"
+NOT_AN_IMAGE = "not an image"
+TRUNCATED_IMAGE = "truncated image"
+UNREADABLE_IMAGE = "unreadable image"
+UNREADABLE_MASK = "unreadable mask"
+MASK_NOT_PNG = "mask not PNG"
+MASK_NOT_SINGLE_CHANNEL = "mask not single-channel"
+MASK_SIZE_MISMATCH = "mask size mismatch"
+LABEL_OUT_OF_RANGE = "label out of range"
+UNEXPECTED_FILE = "unexpected file"
+DUPLICATE_ID = "duplicate id"
+
+_FOREGROUND = frozenset(range(1, classes.NUM_CLASSES))
+
+
+class DatasetError(ValueError):
+    """The input cannot make the dataset asked for (too few images, bad lists, a
+    non-dataset folder at OUT...). The message says what and what to do."""
+
+
+class _Encoded(NamedTuple):
+    """A usable input, ready for features.make_example."""
+    source_id: str
+    image_jpeg: bytes
+    mask_png: bytes
+    height: int
+    width: int
+    classes: tuple[int, ...]  # merged ids present, 0 included, 255 excluded
+
+
+class _Rejection(NamedTuple):
+    source_id: str
+    path: str  # relative to the ATR root
+    kind: str
+    detail: str
+
+    def as_manifest(self) -> dict:
+        return {"id": self.source_id, "path": self.path,
+                "reason": f"{self.kind}: {self.detail}"}
+
+
+class _Skip(Exception):
+    """Raised inside the worker for an input to skip; becomes a _Rejection."""
+
+    def __init__(self, kind: str, path: str, detail: str):
+        super().__init__(f"{kind}: {path}: {detail}")
+        self.kind, self.path, self.detail = kind, path, detail
+
+
+class _Task(NamedTuple):
+    source_id: str
+    root: str
+    image: str | None  # paths relative to root; None when the file is absent
+    mask: str | None
+
+
+# --------------------------------------------------------------------------
+# Worker side: decode, validate, merge, encode. Pure PIL/NumPy.
+
+
+def _open_fully(data: bytes, path: str, *, is_mask: bool) -> Image.Image:
+    """Opens and fully decodes an image, so truncation is caught here and not
+    later in training. LOAD_TRUNCATED_IMAGES is held off meanwhile: PIL then
+    raises on a short file instead of padding it with grey."""
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except UnidentifiedImageError:
+        kind = UNREADABLE_MASK if is_mask else NOT_AN_IMAGE
+        raise _Skip(kind, path, "not an image file (PIL cannot identify it)") from None
+    except Exception as err:  # pylint: disable=broad-except
+        # PIL reports truncation and corrupt streams as OSError, but malformed
+        # headers surface as SyntaxError, ValueError, EOFError, struct.error or
+        # DecompressionBombError depending on the plugin: any of them means
+        # this file cannot be used.
+        if is_mask:
+            kind = UNREADABLE_MASK
+        elif isinstance(err, OSError) and "truncated" in str(err).lower():
+            kind = TRUNCATED_IMAGE
+        else:
+            kind = UNREADABLE_IMAGE
+        raise _Skip(kind, path, f"{type(err).__name__}: {err}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    return img
+
+
+def _image_jpeg(data: bytes, img: Image.Image, path: str) -> bytes:
+    """The original bytes for a baseline RGB JPEG; otherwise RGB JPEG, quality 95."""
+    progressive = "progressive" in img.info or "progression" in img.info
+    if img.format == "JPEG" and img.mode == "RGB" and not progressive:
+        return data
+    try:
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+            # Alpha is dropped: go through RGBA so palette transparency is
+            # resolved by PIL rather than warned about.
+            img = img.convert("RGBA")
+        rgb = img.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise _Skip(UNREADABLE_IMAGE, path,
+                    f"cannot convert mode {img.mode!r} to RGB ({err})") from None
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def _merged_mask(img_size: tuple[int, int], mask: Image.Image, path: str,
+                 image_path: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Validates a raw ATR mask and returns (merged ids [H, W] uint8, classes)."""
+    if mask.format != "PNG":
+        raise _Skip(MASK_NOT_PNG, path, f"mask is {mask.format} data; save masks as "
+                    "lossless 8-bit PNG")
+    if mask.mode not in ("L", "P"):
+        raise _Skip(MASK_NOT_SINGLE_CHANNEL, path,
+                    f"mask has mode {mask.mode!r} ({len(mask.getbands())} channel(s)); "
+                    "expected an 8-bit single-channel ('L') or palette ('P') PNG "
+                    "whose values are ATR ids")
+    if mask.size != img_size:
+        raise _Skip(MASK_SIZE_MISMATCH, path,
+                    f"mask is {mask.size[1]}x{mask.size[0]} (rows x cols) but "
+                    f"{image_path} is {img_size[1]}x{img_size[0]}")
+    raw = np.asarray(mask)  # [H, W] uint8: palette masks give their index values.
+    counts = np.bincount(raw.ravel(), minlength=256)
+    present = np.flatnonzero(counts)
+    bad = [int(v) for v in present
+           if v >= classes.NUM_RAW_CLASSES and v != classes.IGNORE_LABEL]
+    if bad:
+        shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+        raise _Skip(LABEL_OUT_OF_RANGE, path,
+                    f"label values {shown} outside 0-{classes.NUM_RAW_CLASSES - 1} "
+                    f"(raw ATR ids; {classes.IGNORE_LABEL} = ignore)")
+    table = classes.RAW_TO_MERGED_TABLE
+    merged = table[raw]  # [H, W] uint8, 255 stays 255.
+    merged_present = sorted({int(table[v]) for v in present} - {classes.IGNORE_LABEL})
+    return merged, tuple(merged_present)
+
+
+def _process(task: _Task) -> _Encoded | _Rejection:
+    """One input id -> its encoded example or the reason to skip it."""
+    sid = task.source_id
+    try:
+        if task.image is None:
+            raise _Skip(MISSING_IMAGE, task.mask or f"{IMAGE_DIR}/{sid}.jpg",
+                        f"no image {IMAGE_DIR}/{sid}.jpg" +
+                        (" for this mask" if task.mask else
+                         f" and no mask {MASK_DIR}/{sid}{MASK_SUFFIX}"))
+        if task.mask is None:
+            raise _Skip(MISSING_MASK, task.image,
+                        f"no mask {MASK_DIR}/{sid}{MASK_SUFFIX} for this image")
+        with open(os.path.join(task.root, task.image), "rb") as f:
+            image_data = f.read()
+        image = _open_fully(image_data, task.image, is_mask=False)
+        with open(os.path.join(task.root, task.mask), "rb") as f:
+            mask = _open_fully(f.read(), task.mask, is_mask=True)
+        merged, present = _merged_mask(image.size, mask, task.mask, task.image)
+        jpeg = _image_jpeg(image_data, image, task.image)
+    except _Skip as skip:
+        return _Rejection(sid, skip.path, skip.kind, f"{skip.path}: {skip.detail}")
+    buf = io.BytesIO()
+    Image.fromarray(merged).save(buf, format="PNG")
+    width, height = image.size
+    return _Encoded(sid, jpeg, buf.getvalue(), height, width, present)
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C is handled by the parent, which terminates the pool; workers
+    # printing their own KeyboardInterrupt tracebacks would only add noise.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# --------------------------------------------------------------------------
+# Inputs: which ids, which files.
+
+
+def _scan(root: str) -> tuple[dict[str, str], dict[str, str], list[_Rejection]]:
+    """Image and mask files of an ATR folder: ({id: rel path}, {id: rel path}, stray)."""
+    images, masks, stray = {}, {}, []
+    seen: dict[tuple[str, str], str] = {}
+    for sub, suffixes, found in ((IMAGE_DIR, IMAGE_SUFFIXES, images),
+                                 (MASK_DIR, (MASK_SUFFIX,), masks)):
+        folder = os.path.join(root, sub)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            rel = f"{sub}/{name}"
+            if name.startswith(".") or not os.path.isfile(os.path.join(folder, name)):
+                continue  # hidden files (.DS_Store) and folders are not inputs
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() not in suffixes:
+                stray.append(_Rejection(stem, rel, UNEXPECTED_FILE,
+                                        f"{rel}: expected <id>{suffixes[0]} in {sub}/"))
+                continue
+            if (sub, stem) in seen:
+                stray.append(_Rejection(stem, rel, DUPLICATE_ID,
+                                        f"{rel}: {seen[(sub, stem)]} has the same id; "
+                                        "only that one is used"))
+                continue
+            seen[(sub, stem)] = rel
+            found[stem] = rel
+    return images, masks, stray
+
+
+def _read_list(path: str, what: str) -> list[str]:
+    """Ids of a list file, one per line, blank lines skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as err:
+        raise DatasetError(f"{what} {path}: cannot read ({err})") from None
+    return _check_ids([line.strip() for line in lines if line.strip()], f"{what} {path}")
+
+
+def _check_ids(ids: Sequence[str], where: str) -> list[str]:
+    ids = list(ids)
+    for i, sid in enumerate(ids):
+        if "/" in sid or "\\" in sid or sid.startswith("."):
+            raise DatasetError(f"{where}: entry {i + 1} {sid!r} is not an ATR id "
+                               "(a file stem such as 'fash_97', without folder or suffix)")
+    dupes = [sid for sid, n in collections.Counter(ids).items() if n > 1]
+    if dupes:
+        raise DatasetError(f"{where}: ids listed more than once: {dupes[:5]}; "
+                           "remove the duplicates")
+    if not ids:
+        raise DatasetError(f"{where}: the list is empty")
+    return ids
+
+
+def official_lists() -> tuple[list[str], list[str]]:
+    """The authors' released ATR-OS train and test id lists (SPEC §5;
+    15000 and 2706 ids, see popnet_tf/atr_os_official/README.md).
+
+    Example:
+        >>> train_ids, test_ids = official_lists()
+        >>> len(train_ids), len(test_ids)
+        (15000, 2706)
+    """
+    package = importlib.resources.files("popnet_tf")
+    out = []
+    for rel in _OFFICIAL_FILES:
+        text = package.joinpath(rel).read_text(encoding="utf-8")
+        out.append(_check_ids([s.strip() for s in text.splitlines() if s.strip()],
+                              f"popnet_tf/{rel}"))
+    return out[0], out[1]
+
+
+# --------------------------------------------------------------------------
+# Output folder: atomic replace and clean-up of killed builds.
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _clean_stale(out_dir: str) -> None:
+    """Removes `OUT.tmp-<pid>` folders of builds that died, and puts back an
+    `OUT.old-<pid>` whose build died between moving it aside and moving the new
+    dataset in."""
+    parent, base = os.path.split(out_dir)
+    pattern = re.compile(re.escape(base) + r"\.(tmp|old)-(\d+)$")
+    for name in sorted(os.listdir(parent)):
+        match = pattern.match(name)
+        if not match:
+            continue
+        pid = int(match.group(2))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        path = os.path.join(parent, name)
+        if match.group(1) == "old" and not os.path.exists(out_dir):
+            logging.warning("Restoring %s from %s, left by a build that was killed "
+                            "while replacing it.", out_dir, path)
+            os.replace(path, out_dir)
+        else:
+            logging.info("Removing %s, left by a killed build (pid %d).", path, pid)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_out_dir(out_dir: str) -> None:
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise DatasetError(f"--out {out_dir} exists and is not a folder; choose another path")
+    entries = os.listdir(out_dir)
+    if entries and MANIFEST_NAME not in entries:
+        raise DatasetError(
+            f"--out {out_dir} exists, is not empty and holds no {MANIFEST_NAME}, so it "
+            "is not an ATR-OS dataset; it will not be replaced. Choose another --out "
+            "or remove the folder.")
+
+
+def _swap_in(tmp_dir: str, out_dir: str) -> None:
+    """Moves the finished dataset into place, replacing a previous one only now."""
+    if os.path.exists(out_dir):
+        old = f"{out_dir}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+        os.replace(tmp_dir, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, out_dir)
+    _fsync_dir(os.path.dirname(out_dir))
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory; the rename still happened
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------
+# Splits and test supports.
+
+
+def select_test_supports(class_sets: dict[str, Sequence[int]],
+                         num: int = NUM_TEST_SUPPORTS) -> tuple[list[str], list[int]]:
+    """Picks `num` support ids covering the 11 foreground classes (SPEC §5).
+
+    Greedy set cover: repeatedly the image adding most uncovered foreground
+    classes, ties broken by more foreground classes, then the smaller id; then
+    filled to `num` with the images holding most foreground classes (then id).
+    Greedy covers every class that any `num` images can: after a first pick of
+    at least two classes each pick adds at least one.
+
+    Args:
+        class_sets: {id: merged class ids present} of the candidate images (S_test).
+        num: how many supports.
+    Returns:
+        (ids in pick order, foreground ids that the picks do not cover).
+
+    Example:
+        >>> select_test_supports({"a": [0, 1, 2], "b": [0, 2, 3]}, num=2)
+        (['a', 'b'], [4, 5, 6, 7, 8, 9, 10, 11])
+    """
+    fg = {sid: frozenset(c) & _FOREGROUND for sid, c in class_sets.items()}
+    order = sorted(fg)  # id order, so max() below keeps the smallest id on ties
+    chosen: list[str] = []
+    covered: set[int] = set()
+    while len(chosen) < num and covered != _FOREGROUND:
+        best, best_key = None, (0, 0)
+        for sid in order:
+            if sid in chosen:
+                continue
+            key = (len(fg[sid] - covered), len(fg[sid]))
+            if key[0] > 0 and key > best_key:
+                best, best_key = sid, key
+        if best is None:
+            break  # nothing left adds a class
+        chosen.append(best)
+        covered |= fg[best]
+    rest = sorted((sid for sid in order if sid not in chosen), key=lambda s: (-len(fg[s]), s))
+    chosen += rest[:num - len(chosen)]
+    return chosen, sorted(_FOREGROUND - covered)
+
+
+# --------------------------------------------------------------------------
+# Writing.
+
+
+def _num_shards(count: int, nbytes: int, requested: int | None) -> int:
+    if requested is not None:
+        return max(1, min(requested, count))
+    return max(1, min(count, max(math.ceil(count / MAX_SHARD_EXAMPLES),
+                                 math.ceil(nbytes / MAX_SHARD_BYTES))))
+
+
+def _write_shard(path: str, records) -> str:
+    """Writes serialized examples to one TFRecord file; returns its sha256."""
+    import tensorflow as tf
+
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _progbar(target: int, enabled: bool, unit: str):
+    if not enabled or target == 0:
+        return None
+    import keras
+
+    return keras.utils.Progbar(target, unit_name=unit)
+
+
+# --------------------------------------------------------------------------
+# The build.
+
+
+def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
+          test_list: str | None = None, split_lists: str | None = None,
+          num_test: int | None = None, num_query_train: int = 8000,
+          num_test_query: int = 500, num_test_support: int = 500,
+          num_shards: int | None = None, seed: int = 0,
+          num_workers: int | None = None, progress: bool = True) -> dict:
+    """Builds the ATR-OS dataset from an ATR-layout folder; returns the manifest.
+
+    Args:
+        atr_root: folder with JPEGImages/<id>.jpg and SegmentationClassAug/<id>.png.
+        out_dir: dataset folder to create (or replace, if it holds a dataset).
+        train_list, test_list: files of ids, one per line, used in list order.
+            Give both or neither.
+        split_lists: "official" for the authors' lists packaged in
+            popnet_tf/atr_os_official/ (instead of train_list/test_list).
+        num_test: without lists, how many images are held out for test
+            (default num_test_query + num_test_support).
+        num_query_train: size of q_train; s_train is the rest of the train ids.
+        num_test_query, num_test_support: sizes of q_test and s_test.
+        num_shards: shards per split (capped at the split's size); default: up
+            to 1000 examples and about 100 MB a shard.
+        seed: permutation seed of the held-out split (unused with lists).
+        num_workers: decoding processes; 0 decodes in this process; default
+            all available cores.
+        progress: show a progress bar.
+    Returns:
+        The manifest dict, also written to out_dir/manifest.json.
+    Raises:
+        DatasetError: unusable input (too few usable images for the numbers
+            asked, bad list, non-dataset folder at out_dir...).
+
+    Example:
+        >>> m = build("/tmp/synth_atr", "/tmp/atr_os", num_query_train=50,
+        ...           num_test_query=20, num_test_support=20, num_workers=0)
+        >>> len(m["test_supports"]), m["splits"]["s_train"]["count"] > 0
+        (10, True)
+    """
+    start = time.time()
+    _check_numbers(num_query_train, num_test_query, num_test_support, num_test, num_shards)
+    atr_root = os.path.abspath(atr_root)
+    out_dir = os.path.abspath(out_dir)
+    if not os.path.isdir(os.path.join(atr_root, IMAGE_DIR)):
+        raise DatasetError(f"--atr_root {atr_root}: no {IMAGE_DIR}/ folder; expected "
+                           f"ROOT/{IMAGE_DIR}/<id>.jpg and ROOT/{MASK_DIR}/<id>.png")
+    if split_lists in ("", "none"):
+        split_lists = None
+    lists = _resolve_lists(train_list, test_list, split_lists)
+    num_test_eff = None
+    if lists is None:
+        num_test_eff = num_test if num_test is not None else num_test_query + num_test_support
+        if num_test_eff < num_test_query + num_test_support:
+            raise DatasetError(f"num_test={num_test_eff} is smaller than num_test_query + "
+                               f"num_test_support = {num_test_query + num_test_support}")
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    _clean_stale(out_dir)
+    _check_out_dir(out_dir)
+
+    images, masks, stray = _scan(atr_root)
+    if lists is None:
+        ids = sorted(set(images) | set(masks))
+        needed = num_test_eff + num_query_train + 1
+        if len(ids) < needed:
+            raise DatasetError(_too_few_msg(atr_root, len(ids), len(ids), needed,
+                                            num_test_eff, num_query_train))
+        tasks = [_Task(i, atr_root, images.get(i), masks.get(i)) for i in ids]
+        prior = stray
+    else:
+        train_ids, test_ids = lists[0], lists[1]
+        overlap = sorted(set(train_ids) & set(test_ids))
+        if overlap:
+            raise DatasetError(f"ids in both the train and the test list: {overlap[:5]} "
+                               f"({len(overlap)} in all); a test image must not be trained on")
+        _precheck_list("train", len(train_ids), num_query_train + 1, lists[2])
+        _precheck_list("test", len(test_ids), num_test_query + num_test_support, lists[3])
+        tasks = [_Task(i, atr_root, images.get(i), masks.get(i))
+                 for i in train_ids + test_ids]
+        prior = []  # stray files beside unlisted ids are not inputs of this build
+
+    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    try:
+        staged, rejected = _process_all(tasks, os.path.join(tmp_dir, _STAGING_NAME),
+                                        num_workers, progress)
+        rejected = prior + rejected
+        num_inputs = len(tasks) + len(prior)
+        _log_skipped(rejected, num_inputs)
+        splits = _make_splits(staged, lists, tasks, num_test_eff, num_query_train,
+                              num_test_query, num_test_support, seed, atr_root)
+        supports, missing = select_test_supports(
+            {sid: staged[sid][2] for sid in splits["s_test"]})
+        if missing:
+            logging.warning(
+                "The %d test supports do not cover the classes %s: s_test (%d images) "
+                "has no image of them. Recorded in the manifest under "
+                "'test_supports_missing_classes'.", NUM_TEST_SUPPORTS,
+                [classes.MERGED_NAMES[c] for c in missing], len(splits["s_test"]))
+        split_manifest = _write_splits(tmp_dir, splits, staged, num_shards, progress)
+        os.remove(os.path.join(tmp_dir, _STAGING_NAME))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "class_names": list(classes.MERGED_NAMES),
+            "splits": split_manifest,
+            "test_supports": supports,
+            "test_supports_missing_classes": [classes.MERGED_NAMES[c] for c in missing],
+            "folds": {name: {str(fold): list(names) for fold, names in folds.items()}
+                      for name, folds in classes.FOLDS.items()},
+            "rejected": [r.as_manifest() for r in rejected],
+            "source": {
+                "atr_root": atr_root,
+                "train_list": lists[2] if lists else None,
+                "test_list": lists[3] if lists else None,
+                "split_lists": split_lists,
+                "num_test": num_test_eff,
+                "seed": seed,
+                "num_query_train": num_query_train,
+                "num_test_query": num_test_query,
+                "num_test_support": num_test_support,
+                "num_shards": num_shards,
+            },
+        }
+        manifest_path = os.path.join(tmp_dir, MANIFEST_NAME)
+        with open(manifest_path, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp_dir)
+        _swap_in(tmp_dir, out_dir)
+    except BaseException:
+        # Exceptions and Ctrl-C: leave OUT as it was. (A SIGKILL cannot be
+        # caught; the next build removes the temp folder.)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    counts = ", ".join(f"{s} {len(splits[s])}" for s in splits)
+    logging.info("Wrote ATR-OS to %s in %.1f s: %s; test supports %s.", out_dir,
+                 time.time() - start, counts, supports)
+    return manifest
+
+
+def _check_numbers(num_query_train, num_test_query, num_test_support, num_test, num_shards):
+    for name, value in (("num_query_train", num_query_train),
+                        ("num_test_query", num_test_query)):
+        if value < 1:
+            raise DatasetError(f"{name} must be at least 1, got {value}")
+    if num_test_support < NUM_TEST_SUPPORTS:
+        raise DatasetError(f"num_test_support must be at least {NUM_TEST_SUPPORTS} (the "
+                           f"fixed test supports are drawn from s_test), got {num_test_support}")
+    if num_test is not None and num_test < 1:
+        raise DatasetError(f"num_test must be positive, got {num_test}")
+    if num_shards is not None and num_shards < 1:
+        raise DatasetError(f"num_shards must be at least 1, got {num_shards}")
+
+
+def _resolve_lists(train_list, test_list, split_lists):
+    """None, or (train ids, test ids, train list source, test list source)."""
+    if split_lists not in (None, "", "none", OFFICIAL):
+        raise DatasetError(f"split_lists must be {OFFICIAL!r} or None, got {split_lists!r}")
+    if split_lists == OFFICIAL:
+        if train_list or test_list:
+            raise DatasetError("give either split_lists='official' or train_list/test_list, "
+                               "not both")
+        train_ids, test_ids = official_lists()
+        return train_ids, test_ids, f"popnet_tf/{_OFFICIAL_FILES[0]}", \
+            f"popnet_tf/{_OFFICIAL_FILES[1]}"
+    if bool(train_list) != bool(test_list):
+        raise DatasetError("give both train_list and test_list, or neither (then a "
+                           "seeded held-out split is made)")
+    if not train_list:
+        return None
+    train_path, test_path = os.path.abspath(train_list), os.path.abspath(test_list)
+    return (_read_list(train_path, "train list"), _read_list(test_path, "test list"),
+            train_path, test_path)
+
+
+def _precheck_list(which: str, listed: int, needed: int, source: str) -> None:
+    if listed < needed:
+        asked = ("num_query_train + 1 (at least one support)" if which == "train"
+                 else "num_test_query + num_test_support")
+        raise DatasetError(f"{which} list {source} has {listed} ids but {asked} = {needed} "
+                           f"are needed; lower the numbers or use a longer list")
+
+
+def _too_few_msg(root, usable, found, needed, num_test, num_query_train) -> str:
+    return (f"{root}: {usable} usable images ({found} inputs found, {found - usable} "
+            f"rejected, see the log) but the split asks for {needed}: num_test={num_test} "
+            f"test images + num_query_train={num_query_train} training queries + at least "
+            "1 training support. Lower the numbers or add images.")
+
+
+def _process_all(tasks, staging_path, num_workers, progress):
+    """Decodes every task (in worker processes), stores each usable example
+    serialized in a staging file. Returns ({id: (offset, length, classes)},
+    rejections), both in task order whatever the worker count."""
+    from popnet_tf.data import features
+
+    if num_workers is None:
+        num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+    num_workers = max(0, min(num_workers, len(tasks)))
+    staged: dict[str, tuple[int, int, tuple[int, ...]]] = {}
+    rejected: list[_Rejection] = []
+    bar = _progbar(len(tasks), progress, "image")
+    pool = None
+    if num_workers > 0:
+        # "spawn": the parent has TensorFlow loaded (threads), and forking a
+        # multi-threaded process can deadlock. Workers need only PIL and NumPy.
+        pool = multiprocessing.get_context("spawn").Pool(num_workers, initializer=_ignore_sigint)
+    try:
+        chunksize = max(1, min(32, len(tasks) // (8 * max(1, num_workers))))
+        # imap keeps task order, so the staging file and every shard come out
+        # the same whatever the number of workers.
+        results = pool.imap(_process, tasks, chunksize) if pool else map(_process, tasks)
+        with open(staging_path, "wb") as staging:
+            for i, result in enumerate(results):
+                if isinstance(result, _Rejection):
+                    rejected.append(result)
+                else:
+                    record = features.make_example(
+                        result.image_jpeg, result.mask_png, source_id=result.source_id,
+                        height=result.height, width=result.width,
+                        classes=result.classes).SerializeToString()
+                    staged[result.source_id] = (staging.tell(), len(record), result.classes)
+                    staging.write(record)
+                if bar is not None:
+                    bar.update(i + 1)
+        if pool:
+            pool.close()
+            pool.join()
+    finally:
+        if pool:
+            pool.terminate()
+    return staged, rejected
+
+
+def _log_skipped(rejected: list[_Rejection], num_inputs: int) -> None:
+    if not rejected:
+        logging.info("All %d inputs usable.", num_inputs)
+        return
+    kinds = collections.Counter(r.kind for r in rejected)
+    summary = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+    logging.warning("skipped %d of %d inputs: %s (each listed with its reason in "
+                    "the manifest's 'rejected').", len(rejected), num_inputs, summary)
+    for r in rejected[:20]:
+        logging.info("  skipped %s: %s: %s", r.source_id, r.kind, r.detail)
+
+
+def _make_splits(staged, lists, tasks, num_test, num_query_train, num_test_query,
+                 num_test_support, seed, atr_root) -> dict[str, list[str]]:
+    """{split: ids in file order} by the rules of SPEC §5 (module docstring)."""
+    if lists is None:
+        usable = sorted(staged)
+        needed = num_test + num_query_train + 1
+        if len(usable) < needed:
+            raise DatasetError(_too_few_msg(atr_root, len(usable), len(tasks), needed,
+                                            num_test, num_query_train))
+        order = np.random.default_rng(seed).permutation(len(usable))
+        shuffled = [usable[i] for i in order]
+        test_ids, train_ids = shuffled[:num_test], shuffled[num_test:]
+    else:
+        train_ids = [i for i in lists[0] if i in staged]
+        test_ids = [i for i in lists[1] if i in staged]
+        for which, ids, listed, needed, source in (
+                ("train", train_ids, lists[0], num_query_train + 1, lists[2]),
+                ("test", test_ids, lists[1], num_test_query + num_test_support, lists[3])):
+            if len(ids) < needed:
+                raise DatasetError(
+                    f"{which} list {source}: {len(ids)} usable images ({len(listed)} "
+                    f"listed, {len(listed) - len(ids)} rejected, see the log) but "
+                    f"{needed} are needed ("
+                    + ("num_query_train + at least 1 support" if which == "train"
+                       else "num_test_query + num_test_support")
+                    + "). Lower the numbers or provide the missing images.")
+    q_train, s_train = train_ids[:num_query_train], train_ids[num_query_train:]
+    q_test = test_ids[:num_test_query]
+    s_test = test_ids[num_test_query:num_test_query + num_test_support]
+    unused = len(test_ids) - len(q_test) - len(s_test)
+    if unused:
+        logging.info("%d usable test images beyond num_test_query + num_test_support "
+                     "are not used.", unused)
+    return {"q_train": q_train, "s_train": s_train, "q_test": q_test, "s_test": s_test}
+
+
+def _write_splits(tmp_dir, splits, staged, num_shards, progress) -> dict:
+    """Writes each split's shards from the staging file; returns the manifest's
+    "splits" entry (count, images per class, sha256 per shard)."""
+    from popnet_tf.data import features
+
+    total = sum(len(ids) for ids in splits.values())
+    bar = _progbar(total, progress, "example")
+    done = 0
+    out = {}
+    with open(os.path.join(tmp_dir, _STAGING_NAME), "rb") as staging:
+
+        def records(ids):
+            nonlocal done
+            for sid in ids:
+                offset, length, _ = staged[sid]
+                staging.seek(offset)
+                yield staging.read(length)
+                done += 1
+                if bar is not None:
+                    bar.update(done)
+
+        for split, ids in splits.items():
+            nbytes = sum(staged[sid][1] for sid in ids)
+            n = _num_shards(len(ids), nbytes, num_shards)
+            per_class = collections.Counter(c for sid in ids for c in staged[sid][2])
+            shards = {}
+            for k in range(n):
+                name = features.shard_name(split, k, n)
+                # Contiguous slices: reading shards in name order gives list order.
+                part = ids[k * len(ids) // n:(k + 1) * len(ids) // n]
+                shards[name] = _write_shard(os.path.join(tmp_dir, name), records(part))
+            out[split] = {
+                "count": len(ids),
+                "per_class": {name: per_class.get(c, 0)
+                              for c, name in enumerate(classes.MERGED_NAMES)},
+                "shards": shards,
+            }
+    return out
+
+
+# --------------------------------------------------------------------------
+# CLI.
+
+
+def _define_flags():
+    # Defined only when run as a script: worker processes import this module
+    # (spawn) and must not register the flags a second time.
+    from absl import flags
+
+    flags.DEFINE_string("atr_root", None, "ATR-layout folder: JPEGImages/<id>.jpg and "
+                        "SegmentationClassAug/<id>.png (raw ATR ids 0-17, 255 ignore).")
+    flags.DEFINE_string("out", None, "Dataset folder to write (atomically). An existing "
+                        "ATR-OS dataset there is replaced once the new one is complete.")
+    flags.DEFINE_string("train_list", None, "File of training ids, one per line: the "
+                        "first --num_query_train usable ones form q_train, the rest s_train.")
+    flags.DEFINE_string("test_list", None, "File of test ids, one per line: the first "
+                        "--num_test_query usable ones form q_test, the next "
+                        "--num_test_support s_test.")
+    flags.DEFINE_enum("split_lists", None, [OFFICIAL], "'official': use the authors' "
+                      "released lists (popnet_tf/atr_os_official/) instead of "
+                      "--train_list/--test_list.")
+    flags.DEFINE_integer("num_test", None, "Without lists: images held out for test "
+                         "(default --num_test_query + --num_test_support).")
+    flags.DEFINE_integer("num_query_train", 8000, "Size of q_train (SPEC §5: 8000).")
+    flags.DEFINE_integer("num_test_query", 500, "Size of q_test (SPEC §5: 500).")
+    flags.DEFINE_integer("num_test_support", 500, "Size of s_test (SPEC §5: 500); the "
+                         f"{NUM_TEST_SUPPORTS} fixed test supports come from it.")
+    flags.DEFINE_integer("num_shards", None, "Shards per split (default: up to 1000 "
+                         "examples and ~100 MB a shard).")
+    flags.DEFINE_integer("seed", 0, "Seed of the held-out split when no lists are given.")
+    flags.DEFINE_integer("num_workers", None, "Decoding processes (default: all cores; "
+                         "0: decode in the main process).")
+    flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+    flags.mark_flags_as_required(["atr_root", "out"])
+    return flags.FLAGS
+
+
+def main(argv):
+    from absl import flags
+
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments: {argv[1:]}")
+    FLAGS = flags.FLAGS
+    try:
+        build(FLAGS.atr_root, FLAGS.out, train_list=FLAGS.train_list,
+              test_list=FLAGS.test_list, split_lists=FLAGS.split_lists,
+              num_test=FLAGS.num_test, num_query_train=FLAGS.num_query_train,
+              num_test_query=FLAGS.num_test_query, num_test_support=FLAGS.num_test_support,
+              num_shards=FLAGS.num_shards, seed=FLAGS.seed, num_workers=FLAGS.num_workers,
+              progress=FLAGS.progress)
+    except DatasetError as err:
+        logging.error("%s", err)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
