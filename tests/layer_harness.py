@@ -16,7 +16,10 @@ def run_layer_test(layer_cls, init_kwargs, inputs, expected_output_shape=None,
                    atol=1e-5):
     """Checks the Keras layer contract and returns the layer's output.
 
-    `inputs` is one array or a list of arrays, passed positionally to `call`.
+    `inputs` is one array or a list of arrays, passed positionally to `call`. An
+    element may itself be a list of arrays (a layer whose `call` takes a list, e.g.
+    `KnowledgeInfusion`): pass `inputs=[[a, b]]`. Outputs may be a tensor, a
+    tuple/list or a dict of tensors.
     """
     call_kwargs = call_kwargs or {}
     args = inputs if isinstance(inputs, (list, tuple)) else [inputs]
@@ -41,7 +44,7 @@ def run_layer_test(layer_cls, init_kwargs, inputs, expected_output_shape=None,
     _assert_close(clone(*args, **call_kwargs), output, atol)
 
     # .keras save round trip inside a functional wrapper.
-    keras_inputs = [keras.Input(shape=np.shape(a)[1:], dtype=str(np.asarray(a).dtype)) for a in args]
+    keras_inputs = [_symbolic_input(a) for a in args]
     wrapper = keras.Model(keras_inputs, layer(*keras_inputs, **call_kwargs))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "layer.keras")
@@ -49,6 +52,13 @@ def run_layer_test(layer_cls, init_kwargs, inputs, expected_output_shape=None,
         reloaded = keras.models.load_model(path, custom_objects={layer_cls.__name__: layer_cls})
     _assert_close(reloaded(args if len(args) > 1 else args[0]), output, atol)
     return output
+
+
+def _symbolic_input(a):
+    """keras.Input matching an array, or a list of them for a list argument."""
+    if isinstance(a, (list, tuple)):
+        return [_symbolic_input(x) for x in a]
+    return keras.Input(shape=np.shape(a)[1:], dtype=str(np.asarray(a).dtype))
 
 
 def _assert_close(a, b, atol):
