@@ -8,7 +8,8 @@ is a functional `keras.Model` that maps a PREPROCESSED image (float in [-1, 1],
     {"low":  [B, ceil(H/4),  ceil(W/4),  C_low],   # decoder skip features
      "high": [B, ceil(H/16), ceil(W/16), C_high]}  # fed to ASPP
 
-for any H, W (dynamic shapes, sizes not divisible by 16 included). Strided
+for any H, W (dynamic shapes, sizes not divisible by 16 included; "mobilenet_v2"
+rounds odd sizes down instead). Strided
 convolutions pad explicitly and symmetrically (TF DeepLab's `fixed_padding`), so a
 feature at index i sits over input pixel stride * i for every input size ("aligned").
 
@@ -72,14 +73,13 @@ def build_backbone(name, *, input_shape=(None, None, 3), weights=None, **kwargs)
             arguments. Nothing is downloaded.
         **kwargs: per backbone: "xception": `middle_blocks=16`; "small":
             `widths=(16, 32, 64, 128)`, `blocks=(1, 1, 1)`; "mobilenet_v2":
-            `alpha=0.35`. All accept `name` (the model's name) and "xception" and
-            "small" accept `dtype` (a dtype policy for their layers; by default the
-            global policy).
+            `alpha=0.35`. All accept `dtype` (a dtype policy for their layers; by
+            default the global policy).
 
     Returns:
         A functional `keras.Model` mapping `[B, H, W, 3]` floats in [-1, 1] to
         `{"low": [B, ceil(H/4), ceil(W/4), C_low],
-          "high": [B, ceil(H/16), ceil(W/16), C_high]}`.
+          "high": [B, ceil(H/16), ceil(W/16), C_high]}` (floor for "mobilenet_v2").
 
     Raises:
         ValueError: unknown name or arguments, or a weight file that does not fit.
@@ -272,8 +272,7 @@ def _xception_block(x, depths, stride, rate, skip, name, dtype):
     return residual, second
 
 
-def _build_xception(input_shape, *, middle_blocks=16, name="aligned_xception",
-                    dtype=None):
+def _build_xception(input_shape, *, middle_blocks=16, dtype=None):
     """Aligned Xception-65 at output stride 16 (DeepLab v3+)."""
     if middle_blocks < 1:
         raise ValueError(f"xception: middle_blocks must be >= 1, got {middle_blocks}.")
@@ -296,7 +295,7 @@ def _build_xception(input_shape, *, middle_blocks=16, name="aligned_xception",
     for i, (depths, stride, skip) in enumerate(_XCEPTION_EXIT_FLOW):
         x, _ = _xception_block(x, depths, stride, 1 if i == 0 else 2, skip,
                                f"exit_block{i + 1}", dtype)
-    return keras.Model(image, {"low": low, "high": x}, name=name)
+    return keras.Model(image, {"low": low, "high": x}, name="aligned_xception")
 
 
 # --------------------------------------------------------------------------------------
@@ -311,8 +310,7 @@ def _basic_block(x, filters, name, dtype):
     return keras.layers.ReLU(name=f"{name}_relu", **kw)(y)
 
 
-def _build_small(input_shape, *, widths=(16, 32, 64, 128), blocks=(1, 1, 1),
-                 name="small_backbone", dtype=None):
+def _build_small(input_shape, *, widths=(16, 32, 64, 128), blocks=(1, 1, 1), dtype=None):
     """Compact ResNet-style backbone of regular 3x3 convs for CPU runs.
 
     stem: conv s2 (widths[0]), conv s2 (widths[1]) -> blocks[0] basic blocks = "low"
@@ -336,21 +334,30 @@ def _build_small(input_shape, *, widths=(16, 32, 64, 128), blocks=(1, 1, 1),
         x = _conv_bn_relu(x, widths[stage], 2, f"stage{stage}_down", dtype)
         for j in range(blocks[stage - 1]):
             x = _basic_block(x, widths[stage], f"stage{stage}_block{j + 1}", dtype)
-    return keras.Model(image, {"low": low, "high": x}, name=name)
+    return keras.Model(image, {"low": low, "high": x}, name="small_backbone")
 
 
 # --------------------------------------------------------------------------------------
 # MobileNetV2 from keras.applications.
 
-def _build_mobilenet_v2(input_shape, *, alpha=0.35, name="mobilenet_v2_backbone"):
+def _build_mobilenet_v2(input_shape, *, alpha=0.35, dtype=None):
     """keras.applications.MobileNetV2 (weights=None) cut at stride 4 and 16.
 
     "low" = block_2_add (stride 4), "high" = block_12_add (last stride-16 block);
     layers after block 12 are not part of the returned model. Its padding follows
-    the input size, so it is not "aligned" like the other two backbones.
+    the input size, so it is not "aligned" like the other two, and for odd sizes its
+    features are floor(H / stride) rather than ceil(H / stride).
     """
-    base = keras.applications.MobileNetV2(
-        input_shape=input_shape, alpha=alpha, include_top=False, weights=None)
+    # keras.applications takes no dtype: its layers follow the global policy, so set
+    # it for the duration of the build.
+    previous = keras.config.dtype_policy()
+    if dtype is not None:
+        keras.config.set_dtype_policy(dtype)
+    try:
+        base = keras.applications.MobileNetV2(
+            input_shape=input_shape, alpha=alpha, include_top=False, weights=None)
+    finally:
+        keras.config.set_dtype_policy(previous)
     # keras.applications uses BN momentum 0.999, tuned for long ImageNet runs; with
     # 0.99 the moving statistics follow a short from-scratch run.
     for layer in base.layers:
@@ -358,4 +365,4 @@ def _build_mobilenet_v2(input_shape, *, alpha=0.35, name="mobilenet_v2_backbone"
             layer.momentum = 0.99
     return keras.Model(base.input, {"low": base.get_layer("block_2_add").output,
                                     "high": base.get_layer("block_12_add").output},
-                       name=name)
+                       name="mobilenet_v2_backbone")
