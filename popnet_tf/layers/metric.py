@@ -1,0 +1,260 @@
+"""Dual-metric learning: cosine distance maps, AGM (Eq. 3) and NCM (Eq. 4), SPEC §6.
+
+Every class is a channel of a `[B, h, w, C]` tensor; which classes a support holds is
+the presence mask `[B, C]`. Channel 0 is background: it has no prototype and its logit
+is built from the foreground channels. Classes absent from the support get the logit
+`MASKED_LOGIT`, so softmax gives them probability 0 and means run over present classes.
+Distance maps and logits are float32 even under mixed precision (STYLE numerics).
+
+Example:
+    >>> maps = cosine_similarity(query_features, p_hat)            # [B, h, w, C]
+    >>> ncm_logits = NearestCentroid()(maps, presence)              # [B, h, w, C]
+    >>> agm_logits = AttentionGuidance(256)(query_features, maps, presence)
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+# Logit of a class absent from the support: exp(-1e4 - max) underflows to exactly 0 in
+# float32. Logits are cast to float32 before masking, so this is safe under float16
+# (whose largest finite value is 65504).
+MASKED_LOGIT = -1e4
+
+# Norms are clamped at sqrt(_EPSILON) so a zero prototype (an absent class) gives a
+# similarity of 0 and a finite gradient instead of 0/0.
+_EPSILON = 1e-12
+
+
+def cosine_similarity(features, prototypes):
+    """Cosine similarity of every pixel with every class prototype (distance maps, SPEC §6).
+
+        m_c(x, y) = <h(x, y), p_c> / (max(‖h(x, y)‖, ε) · max(‖p_c‖, ε))
+
+    Computed in float32 whatever the input dtype. A zero prototype gives 0.
+
+    Args:
+        features: `[B, h, w, K]` query features h^q.
+        prototypes: `[B, C, K]` prototypes p̂ (per sample).
+
+    Returns:
+        `[B, h, w, C]` float32 in [-1, 1].
+
+    Example:
+        >>> maps = cosine_similarity(tf.random.normal([2, 8, 8, 16]), tf.random.normal([2, 5, 16]))
+        >>> maps.shape  # TensorShape([2, 8, 8, 5])
+    """
+    # float32 even under mixed precision: similarities feed a temperature-scaled softmax.
+    features = tf.math.l2_normalize(tf.cast(features, tf.float32), axis=-1, epsilon=_EPSILON)
+    prototypes = tf.math.l2_normalize(tf.cast(prototypes, tf.float32), axis=-1, epsilon=_EPSILON)
+    return tf.einsum("bhwk,bck->bhwc", features, prototypes)
+
+
+@keras.saving.register_keras_serializable(package="popnet_tf")
+class CosineSimilarity(keras.layers.Layer):
+    """Layer form of `cosine_similarity` for functional models (no weights).
+
+    Call arguments: features `[B, h, w, K]`, prototypes `[B, C, K]`; returns `[B, h, w, C]`
+    float32. `dtype` defaults to "float32" so the inputs are not autocast to float16.
+
+    Example:
+        >>> maps = CosineSimilarity()(query_features, prototypes)  # [B, h, w, C]
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    def call(self, features, prototypes):
+        return cosine_similarity(features, prototypes)
+
+    def compute_output_shape(self, features_shape, prototypes_shape):
+        return tuple(features_shape[:3]) + (prototypes_shape[1],)
+
+    def compute_output_spec(self, features, prototypes):
+        return keras.KerasTensor(self.compute_output_shape(features.shape, prototypes.shape),
+                                 dtype="float32")
+
+
+def _mask_absent(logits, presence):
+    """Foreground logits `[B, h, w, C-1]` -> MASKED_LOGIT where presence `[B, C-1]` is 0."""
+    return tf.where(presence[:, None, None, :] > 0, logits, tf.constant(MASKED_LOGIT, tf.float32))
+
+
+@keras.saving.register_keras_serializable(package="popnet_tf")
+class AttentionGuidance(keras.layers.Layer):
+    """Attention Guidance Module, the parametric head of dual-metric learning (AGM, Eq. 3).
+
+    Each distance map attends the query features in a residual way,
+
+        r_c = m_c ⊙ h^q + h^q,
+
+    and a shared trunk (`hidden_convs` × (k×k conv + ReLU), identity by default) feeds
+    two 1×1 heads: φ gives the class logit and ω a background vote,
+
+        logit_c  = φ(r_c)                                for present c ≥ 1,
+        logit_bg = (1 / |C_s \\ bg|) Σ_{present c ≥ 1} ω(r_c),
+
+    so a softmax over [bg, c …] is Eq. 3. Absent classes get `MASKED_LOGIT`. With no
+    foreground class present the background logit is 0 (it is then the only class).
+
+    With `hidden_convs = 0` φ and ω are affine, so φ(r_c) = (1 + m_c)·(W_φ h^q) + b_φ:
+    one 1×1 product over h^q serves every class instead of building `[B, C, h, w, K]`
+    (C times less memory; same weights, same result). With `hidden_convs > 0` the
+    r_c are stacked as `[B·(C−1), h, w, K]` and go through the trunk.
+
+    Args:
+        dim: int, K, the feature size (input and trunk width).
+        hidden_convs: int, conv + ReLU layers of the shared trunk before φ and ω.
+        kernel_size: int, kernel size of the trunk's convolutions.
+        **kwargs: passed to `keras.layers.Layer` (the convolutions follow the dtype
+            policy; the logits are cast to float32 before masking).
+
+    Call arguments:
+        features: `[B, h, w, K]` query features h^q.
+        maps: `[B, h, w, C]` distance maps (channel 0, background, is not used).
+        presence: `[B, C]` 1 where the support holds class c.
+
+    Returns:
+        logits `[B, h, w, C]` float32.
+
+    Example:
+        >>> agm = AttentionGuidance(dim=256)
+        >>> logits = agm(query_features, maps, presence)  # [B, h, w, C]
+    """
+
+    def __init__(self, dim, hidden_convs=0, kernel_size=3, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = dim
+        self.hidden_convs = hidden_convs
+        self.kernel_size = kernel_size
+
+    def build(self, features_shape=None, maps_shape=None, presence_shape=None):
+        if features_shape is not None and features_shape[-1] not in (None, self.dim):
+            raise ValueError(
+                f"popnet_tf/layers/metric.py: AttentionGuidance(dim={self.dim}) got features "
+                f"of shape {features_shape}; build it with dim equal to the feature size.")
+        trunk_shape = (None, None, None, self.dim)
+        self.trunk = []
+        for i in range(self.hidden_convs):
+            conv = keras.layers.Conv2D(self.dim, self.kernel_size, padding="same",
+                                       activation="relu", dtype=self.dtype_policy,
+                                       name=f"trunk_{i}")
+            conv.build(trunk_shape)
+            self.trunk.append(conv)
+        self.phi = keras.layers.Conv2D(1, 1, dtype=self.dtype_policy, name="phi")
+        self.omega = keras.layers.Conv2D(1, 1, dtype=self.dtype_policy, name="omega")
+        self.phi.build(trunk_shape)
+        self.omega.build(trunk_shape)
+
+    def call(self, features, maps, presence):
+        features = tf.cast(features, self.compute_dtype)  # [B, h, w, K]
+        fg_maps = tf.cast(maps[..., 1:], self.compute_dtype)  # [B, h, w, C-1]
+        presence = tf.cast(presence[:, 1:], tf.float32)  # [B, C-1]
+
+        if self.hidden_convs == 0:
+            # φ, ω affine: φ(m·h + h) = (1 + m)·(W h) + b; W h is computed once, [B, h, w, 1].
+            scale = 1.0 + fg_maps  # [B, h, w, C-1]
+
+            def affine(head):  # [B, h, w, C-1]
+                kernel = tf.cast(tf.reshape(head.kernel, [self.dim, 1]), self.compute_dtype)
+                bias = tf.cast(head.bias, self.compute_dtype)
+                return scale * tf.matmul(features, kernel) + bias  # W h: [B, h, w, 1]
+
+            phi, omega = affine(self.phi), affine(self.omega)
+        else:
+            shape = tf.shape(fg_maps)
+            batch, height, width, num_fg = shape[0], shape[1], shape[2], shape[3]
+            attended = fg_maps[..., None] * features[:, :, :, None, :] + features[:, :, :, None, :]
+            attended = tf.transpose(attended, [0, 3, 1, 2, 4])  # [B, C-1, h, w, K]
+            x = tf.reshape(attended, [batch * num_fg, height, width, self.dim])
+            for conv in self.trunk:
+                x = conv(x)
+
+            def per_class(head):  # [B·(C-1), h, w, 1] -> [B, h, w, C-1]
+                y = tf.reshape(head(x), [batch, num_fg, height, width])
+                return tf.transpose(y, [0, 2, 3, 1])
+
+            phi, omega = per_class(self.phi), per_class(self.omega)
+
+        # float32 before masking and averaging (MASKED_LOGIT overflows nothing there).
+        phi = tf.cast(phi, tf.float32)
+        omega = tf.cast(omega, tf.float32)
+        num_present = tf.reduce_sum(presence, axis=-1)[:, None, None]  # [B, 1, 1]
+        background = tf.math.divide_no_nan(
+            tf.reduce_sum(omega * presence[:, None, None, :], axis=-1), num_present)  # [B, h, w]
+        return tf.concat([background[..., None], _mask_absent(phi, presence)], axis=-1)
+
+    def compute_output_shape(self, features_shape, maps_shape, presence_shape):
+        return tuple(maps_shape)
+
+    def compute_output_spec(self, features, maps, presence):
+        return keras.KerasTensor(tuple(maps.shape), dtype="float32")
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim, "hidden_convs": self.hidden_convs,
+                "kernel_size": self.kernel_size}
+
+
+@keras.saving.register_keras_serializable(package="popnet_tf")
+class NearestCentroid(keras.layers.Layer):
+    """Nearest Centroid Module, the non-parametric head of dual-metric learning (NCM, Eq. 4).
+
+        logits = τ · [m_bg, m_1, …, m_{C−1}],
+        m_bg   = (1 / |C_s \\ bg|) Σ_{present c ≥ 1} (1 − m_c),
+
+    τ a learnable temperature (initialised at 10 as in the authors' code), so a softmax
+    over the logits is Eq. 4 with a temperature. Absent classes get `MASKED_LOGIT`. With
+    no foreground class present, m_bg = 1 (only background remains): logit_bg = τ.
+
+    Args:
+        initial_temperature: float, initial τ.
+        **kwargs: passed to `keras.layers.Layer`; `dtype` defaults to "float32".
+
+    Call arguments:
+        maps: `[B, h, w, C]` distance maps (channel 0 is not used).
+        presence: `[B, C]` 1 where the support holds class c.
+
+    Returns:
+        logits `[B, h, w, C]` float32.
+
+    Example:
+        >>> ncm = NearestCentroid(initial_temperature=10.0)
+        >>> logits = ncm(maps, presence)  # [B, h, w, C]
+    """
+
+    def __init__(self, initial_temperature=10.0, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.initial_temperature = initial_temperature
+
+    def build(self, maps_shape=None, presence_shape=None):
+        # autocast=False: τ is read in float32 under a mixed-precision policy too.
+        self.temperature = self.add_weight(
+            shape=(), initializer=keras.initializers.Constant(self.initial_temperature),
+            dtype="float32", trainable=True, autocast=False, name="temperature")
+
+    def call(self, maps, presence):
+        fg_maps = tf.cast(maps[..., 1:], tf.float32)  # [B, h, w, C-1]
+        presence = tf.cast(presence[:, 1:], tf.float32)  # [B, C-1]
+        num_present = tf.reduce_sum(presence, axis=-1)[:, None, None]  # [B, 1, 1]
+        reverse = tf.reduce_sum((1.0 - fg_maps) * presence[:, None, None, :], axis=-1)
+        background = tf.where(num_present > 0,
+                              tf.math.divide_no_nan(reverse, num_present), 1.0)  # [B, h, w]
+        temperature = tf.convert_to_tensor(self.temperature)
+        logits = temperature * tf.concat([background[..., None], fg_maps], axis=-1)
+        return tf.concat([logits[..., :1], _mask_absent(logits[..., 1:], presence)], axis=-1)
+
+    def compute_output_shape(self, maps_shape, presence_shape):
+        return tuple(maps_shape)
+
+    def compute_output_spec(self, maps, presence):
+        return keras.KerasTensor(tuple(maps.shape), dtype="float32")
+
+    def get_config(self):
+        return {**super().get_config(), "initial_temperature": self.initial_temperature}
+
+
+__all__ = ["MASKED_LOGIT", "AttentionGuidance", "CosineSimilarity", "NearestCentroid",
+           "cosine_similarity"]
