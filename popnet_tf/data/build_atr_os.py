@@ -566,8 +566,8 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
         ids = sorted(set(images) | set(masks))
         needed = num_test_eff + num_query_train + 1
         if len(ids) < needed:
-            raise DatasetError(_too_few_msg(atr_root, len(ids), len(ids), needed,
-                                            num_test_eff, num_query_train))
+            raise DatasetError(_too_few_msg(atr_root, len(ids), needed, num_test_eff,
+                                            num_query_train))
         tasks = [_Task(i, atr_root, images.get(i), masks.get(i)) for i in ids]
         prior = stray
     else:
@@ -598,7 +598,7 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
         if missing:
             logging.warning(
                 "The %d test supports do not cover the classes %s: s_test (%d images) "
-                "has no image of them. Recorded in the manifest under "
+                "holds too few images of them. Recorded in the manifest under "
                 "'test_supports_missing_classes'.", NUM_TEST_SUPPORTS,
                 [classes.MERGED_NAMES[c] for c in missing], len(splits["s_test"]))
         split_manifest = _write_splits(tmp_dir, splits, staged, num_shards, progress)
@@ -687,11 +687,13 @@ def _precheck_list(which: str, listed: int, needed: int, source: str) -> None:
                            f"are needed; lower the numbers or use a longer list")
 
 
-def _too_few_msg(root, usable, found, needed, num_test, num_query_train) -> str:
-    return (f"{root}: {usable} usable images ({found} inputs found, {found - usable} "
-            f"rejected, see the log) but the split asks for {needed}: num_test={num_test} "
-            f"test images + num_query_train={num_query_train} training queries + at least "
-            "1 training support. Lower the numbers or add images.")
+def _too_few_msg(root, found, needed, num_test, num_query_train, usable=None) -> str:
+    have = (f"{found} inputs found" if usable is None else
+            f"{usable} usable images ({found} inputs found, {found - usable} rejected, "
+            "see the log)")
+    return (f"{root}: {have} but the split asks for {needed}: num_test={num_test} test "
+            f"images + num_query_train={num_query_train} training queries + at least 1 "
+            "training support. Lower the numbers or add images.")
 
 
 def _process_all(tasks, staging_path, num_workers, progress):
@@ -744,7 +746,8 @@ def _log_skipped(rejected: list[_Rejection], num_inputs: int) -> None:
         logging.info("All %d inputs usable.", num_inputs)
         return
     kinds = collections.Counter(r.kind for r in rejected)
-    summary = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+    summary = ", ".join(f"{n} {kind}" for kind, n in
+                        sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
     logging.warning("skipped %d of %d inputs: %s (each listed with its reason in "
                     "the manifest's 'rejected').", len(rejected), num_inputs, summary)
     for r in rejected[:20]:
@@ -758,8 +761,8 @@ def _make_splits(staged, lists, tasks, num_test, num_query_train, num_test_query
         usable = sorted(staged)
         needed = num_test + num_query_train + 1
         if len(usable) < needed:
-            raise DatasetError(_too_few_msg(atr_root, len(usable), len(tasks), needed,
-                                            num_test, num_query_train))
+            raise DatasetError(_too_few_msg(atr_root, len(tasks), needed, num_test,
+                                            num_query_train, usable=len(usable)))
         order = np.random.default_rng(seed).permutation(len(usable))
         shuffled = [usable[i] for i in order]
         test_ids, train_ids = shuffled[:num_test], shuffled[num_test:]

@@ -1,0 +1,582 @@
+"""Tests of the ATR-OS builder (popnet_tf/data/build_atr_os.py, SPEC §2, §5).
+
+Expected values are written by hand or computed here with NumPy/hashlib from the
+input files, never by calling the builder a second way.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from popnet_tf.data import build_atr_os as b
+from popnet_tf.data import features
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# SPEC §2, written out by hand (not read from classes.py): raw ATR id -> merged id.
+HAND_MERGE = {0: 0, 1: 1, 2: 2, 3: 0, 4: 3, 5: 4, 6: 5, 7: 6, 8: 0, 9: 7, 10: 7,
+              11: 8, 12: 9, 13: 9, 14: 10, 15: 10, 16: 11, 17: 0, 255: 255}
+MERGED = ["background", "hat", "hair", "upper-clothes", "skirt", "pants", "dress",
+          "shoes", "face", "legs", "arms", "bag"]
+# One raw id for each merged foreground class 1..11 (SPEC §2 table).
+RAW_FOR_MERGED = {1: 1, 2: 2, 3: 4, 4: 5, 5: 6, 6: 7, 7: 10, 8: 11, 9: 13, 10: 14, 11: 16}
+
+SMALL = dict(num_query_train=6, num_test_query=4, num_test_support=10, progress=False,
+             num_workers=0)
+
+
+# ----------------------------------------------------------------------------
+# Writing ATR-layout inputs.
+
+
+def _jpeg(array, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _png(array_or_image) -> bytes:
+    img = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _put(root, sid, image_bytes=None, mask_bytes=None):
+    for sub, data, ext in (("JPEGImages", image_bytes, ".jpg"),
+                           ("SegmentationClassAug", mask_bytes, ".png")):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+        if data is not None:
+            with open(os.path.join(root, sub, sid + ext), "wb") as f:
+                f.write(data)
+
+
+def _photo(rng, h=24, w=16):
+    # Smooth content so that JPEG round trips stay close to the source.
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1),
+                     np.full_like(x, int(rng.integers(0, 255)))], -1)
+    return base.astype(np.uint8)
+
+
+def _mask_with(merged_ids, h=24, w=16):
+    """Raw mask holding exactly the given merged foreground classes (one band each)."""
+    m = np.zeros((h, w), np.uint8)
+    ids = sorted(merged_ids)
+    for k, c in enumerate(ids):
+        m[k * h // max(len(ids), 1):(k + 1) * h // max(len(ids), 1), : w // 2] = RAW_FOR_MERGED[c]
+    return m
+
+
+def _random_atr(root, n, seed=0, prefix="im", h=24, w=16):
+    """n image/mask pairs of random rectangles of raw ids 0-17."""
+    rng = np.random.default_rng(seed)
+    ids = []
+    for i in range(n):
+        m = np.zeros((h, w), np.uint8)
+        for _ in range(int(rng.integers(2, 7))):
+            y, x = int(rng.integers(0, h - 3)), int(rng.integers(0, w - 3))
+            m[y:y + int(rng.integers(2, 12)), x:x + int(rng.integers(2, 10))] = rng.integers(1, 18)
+        sid = f"{prefix}_{i:04d}"
+        _put(root, sid, _jpeg(_photo(rng, h, w)), _png(m))
+        ids.append(sid)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    """A few dozen synthetic people (popnet_tf.data.synth), or rectangles if synth
+    is not importable."""
+    root = str(tmp_path_factory.mktemp("synth"))
+    try:
+        from popnet_tf.data import synth
+    except ImportError:
+        return root, _random_atr(root, 36)
+    return root, synth.generate(root, 36, seed=3, progress=False)
+
+
+# ----------------------------------------------------------------------------
+# Reading the output independently of the builder.
+
+
+def _records(out, split):
+    files = sorted(glob.glob(os.path.join(out, f"{split}-*-of-*.tfrecord")))
+    return [r.numpy() for r in tf.data.TFRecordDataset(files)]
+
+
+def _decoded(out, split):
+    return [{k: v.numpy() for k, v in features.decode_example(r).items()}
+            for r in _records(out, split)]
+
+
+def _ids(out, split):
+    return [tf.train.Example.FromString(r).features.feature[features.SOURCE_ID]
+            .bytes_list.value[0].decode() for r in _records(out, split)]
+
+
+def _tree(path):
+    """{relative file name: sha256} of a folder."""
+    out = {}
+    for name in sorted(os.listdir(path)):
+        with open(os.path.join(path, name), "rb") as f:
+            out[name] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _siblings(out):
+    parent, base = os.path.split(out)
+    return sorted(n for n in os.listdir(parent) if n.startswith(base + "."))
+
+
+def _write_list(path, ids):
+    with open(path, "w") as f:
+        f.write("\n".join(ids) + "\n")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------
+# Content.
+
+
+def test_merge_table_applied_and_round_trip(tmp_path):
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    # Image 0 holds every raw id 0-17 and 255 as columns: column j = raw[j].
+    raw_values = np.array(list(range(18)) + [255], np.uint8)
+    mask = np.tile(np.repeat(raw_values, 2), (10, 1))  # [10, 38]
+    photo = _photo(np.random.default_rng(0), 10, 38)
+    source_jpeg = _jpeg(photo)
+    _put(root, "all_ids", source_jpeg, _png(mask))
+    _random_atr(root, 24, seed=1, h=10, w=38)
+    train = _write_list(tmp_path / "train.txt", ["all_ids"] + [f"im_{i:04d}" for i in range(10)])
+    test = _write_list(tmp_path / "test.txt", [f"im_{i:04d}" for i in range(10, 24)])
+    b.build(root, out, train_list=train, test_list=test, **SMALL)
+
+    first = _decoded(out, "q_train")[0]
+    assert first["source_id"] == b"all_ids"
+    expected = np.vectorize(HAND_MERGE.get)(mask).astype(np.uint8)
+    np.testing.assert_array_equal(first["mask"], expected)
+    # merged ids present, background included, 255 excluded:
+    # raw 0,3,8,17 -> 0; 1; 2; 4 -> 3; 5 -> 4; 6 -> 5; 7 -> 6; 9,10 -> 7; 11 -> 8; ...
+    np.testing.assert_array_equal(first["classes"], np.arange(12))
+    # A baseline RGB JPEG is stored byte for byte.
+    example = tf.train.Example.FromString(_records(out, "q_train")[0])
+    assert example.features.feature[features.IMAGE_ENCODED].bytes_list.value[0] == source_jpeg
+    assert first["image"].shape == (10, 38, 3)
+    pil = np.asarray(Image.open(io.BytesIO(source_jpeg)).convert("RGB"), np.int32)
+    # TF and PIL upsample chroma slightly differently: a few levels apart at most.
+    assert np.abs(first["image"].astype(np.int32) - pil).max() <= 4
+
+    # Every other stored mask is the hand merge of its source PNG.
+    for split in ("q_train", "s_train", "q_test", "s_test"):
+        for ex in _decoded(out, split):
+            sid = ex["source_id"].decode()
+            src = np.asarray(Image.open(os.path.join(root, "SegmentationClassAug", sid + ".png")))
+            np.testing.assert_array_equal(ex["mask"], np.vectorize(HAND_MERGE.get)(src))
+            present = sorted(set(np.unique(ex["mask"]).tolist()) - {255})
+            np.testing.assert_array_equal(ex["classes"], present)
+
+
+def test_list_order_rule_and_shards(tmp_path):
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    ids = _random_atr(root, 40, seed=2)
+    rng = np.random.default_rng(7)
+    train = [ids[i] for i in rng.permutation(20)]
+    test = [ids[20 + i] for i in rng.permutation(20)]
+    os.remove(os.path.join(root, "SegmentationClassAug", train[2] + ".png"))  # unusable
+    m = b.build(root, out, train_list=_write_list(tmp_path / "tr.txt", train),
+                test_list=_write_list(tmp_path / "te.txt", test), num_shards=2,
+                **{**SMALL, "num_query_train": 7, "num_test_query": 5, "num_test_support": 11})
+    usable_train = train[:2] + train[3:]
+    assert _ids(out, "q_train") == usable_train[:7]
+    assert _ids(out, "s_train") == usable_train[7:]
+    assert _ids(out, "q_test") == test[:5]
+    assert _ids(out, "s_test") == test[5:16]  # the last 4 test ids are not used
+    counts = {s: m["splits"][s]["count"] for s in m["splits"]}
+    assert counts == {"q_train": 7, "s_train": 12, "q_test": 5, "s_test": 11}
+    assert sorted(os.listdir(out)) == sorted(
+        ["manifest.json"] + [f"{s}-0000{k}-of-00002.tfrecord" for s in counts for k in (0, 1)])
+    # Contiguous shards: the first holds the first half of the list.
+    first = tf.data.TFRecordDataset(os.path.join(out, "s_train-00000-of-00002.tfrecord"))
+    assert [tf.train.Example.FromString(r.numpy()).features.feature[features.SOURCE_ID]
+            .bytes_list.value[0].decode() for r in first] == usable_train[7:13]
+    assert m["rejected"] == [{"id": train[2], "path": f"JPEGImages/{train[2]}.jpg",
+                              "reason": f"missing mask: JPEGImages/{train[2]}.jpg: no mask "
+                                        f"SegmentationClassAug/{train[2]}.png for this image"}]
+
+
+def test_held_out_split_without_lists(synth_root, tmp_path):
+    root, ids = synth_root
+    out_a, out_b, out_c = (str(tmp_path / n) for n in "abc")
+    kw = {**SMALL, "num_query_train": 10}
+    b.build(root, out_a, seed=0, **kw)
+    b.build(root, out_b, seed=0, **kw)
+    b.build(root, out_c, seed=1, num_test=16, **kw)
+    a = {s: _ids(out_a, s) for s in features.SPLITS}
+    assert {s: len(v) for s, v in a.items()} == {"q_train": 10, "s_train": 36 - 14 - 10,
+                                                  "q_test": 4, "s_test": 10}
+    assert sorted(sum(a.values(), [])) == sorted(ids)  # disjoint and complete
+    assert a == {s: _ids(out_b, s) for s in features.SPLITS}  # same seed, same split
+    c = {s: _ids(out_c, s) for s in features.SPLITS}
+    # num_test=16 holds out 16 of which 14 are used: 20 training images remain.
+    assert len(c["q_train"]) + len(c["s_train"]) == 20
+    assert sorted(sum(c.values(), [])) != sorted(ids) and len(sum(c.values(), [])) == 34
+    assert c["q_test"] != a["q_test"]
+
+
+def _official_ids():
+    folder = os.path.join(REPO, "popnet_tf", "atr_os_official")
+    with open(os.path.join(folder, "meta_train_id.txt")) as f:
+        train = f.read().split()
+    with open(os.path.join(folder, "meta_test_id.txt")) as f:
+        test = f.read().split()
+    return train, test
+
+
+def test_official_lists_with_missing_ids(tmp_path):
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    train, test = _official_ids()
+    assert (len(train), len(test)) == (15000, 2706)
+    train_here = [train[i] for i in (9000, 3, 14999, 500, 42)]  # deliberately not sorted
+    test_here = [test[i] for i in (2705, 0, 7, 100, 1000, 1500, 2000, 2500, 11, 12, 13, 14)]
+    rng = np.random.default_rng(0)
+    for sid in train_here + test_here:
+        _put(root, sid, _jpeg(_photo(rng)), _png(_mask_with({1, 2, 3})))
+    m = b.build(root, out, split_lists="official",
+                **{**SMALL, "num_query_train": 2, "num_test_query": 1})
+    by_position = lambda ids, full: sorted(ids, key=full.index)  # noqa: E731
+    assert _ids(out, "q_train") == by_position(train_here, train)[:2]
+    assert _ids(out, "s_train") == by_position(train_here, train)[2:]
+    assert _ids(out, "q_test") == by_position(test_here, test)[:1]
+    assert _ids(out, "s_test") == by_position(test_here, test)[1:11]
+    assert len(m["rejected"]) == 15000 - 5 + 2706 - 12
+    missing = next(r for r in m["rejected"] if r["id"] == train[0])
+    assert missing["path"] == f"JPEGImages/{train[0]}.jpg"
+    assert missing["reason"].startswith("missing image:")
+    assert m["source"]["split_lists"] == "official"
+
+
+def test_cli_official_lists(tmp_path):
+    """The CLI front door with --split_lists=official."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    train, test = _official_ids()
+    rng = np.random.default_rng(1)
+    for sid in train[:3] + test[:11]:
+        _put(root, sid, _jpeg(_photo(rng)), _png(_mask_with({2, 8})))
+    proc = subprocess.run(
+        [sys.executable, "-m", "popnet_tf.data.build_atr_os", f"--atr_root={root}",
+         f"--out={out}", "--split_lists=official", "--num_query_train=1",
+         "--num_test_query=1", "--num_test_support=10", "--num_workers=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _ids(out, "q_train") == train[:1] and _ids(out, "s_train") == train[1:3]
+    assert f"skipped {15000 - 3 + 2706 - 11} of {15000 + 2706} inputs" in proc.stderr
+    assert f"{15000 - 3 + 2706 - 11} missing image" in proc.stderr
+
+
+# ----------------------------------------------------------------------------
+# The ten test supports.
+
+
+def test_test_supports_greedy_cover(tmp_path):
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    supports = {  # id: merged foreground classes
+        "s01": {1, 2, 3, 4, 5}, "s02": {4, 5, 6, 7}, "s03": {6, 7, 8}, "s04": {8, 9, 10},
+        "s05": {11}, "s06": {1, 2}, "s07": {9, 10, 11}, "s08": {2, 3}, "s09": set(),
+        "s10": {1}, "s11": {3}, "s12": {5, 6, 7, 8, 9, 10},
+    }
+    rng = np.random.default_rng(3)
+    for sid, cls in supports.items():
+        _put(root, sid, _jpeg(_photo(rng)), _png(_mask_with(cls)))
+    queries = _random_atr(root, 9, seed=4, prefix="q")
+    b.build(root, out, train_list=_write_list(tmp_path / "tr.txt", queries[:7]),
+            test_list=_write_list(tmp_path / "te.txt", queries[7:] + sorted(supports)),
+            **{**SMALL, "num_query_train": 5, "num_test_query": 2, "num_test_support": 12})
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    # By hand: s12 adds 6 classes; then s01 adds {1,2,3,4}; then for {11} s07 (3
+    # classes) beats s05 (1); fill by class count then id: s02 (4), s03, s04 (3),
+    # s06, s08 (2), s05, s10 (1).
+    assert m["test_supports"] == ["s12", "s01", "s07", "s02", "s03", "s04", "s06", "s08",
+                                  "s05", "s10"]
+    assert m["test_supports_missing_classes"] == []
+
+
+def test_test_supports_missing_class_recorded(tmp_path, caplog):
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    rng = np.random.default_rng(5)
+    names = [f"t{i:02d}" for i in range(12)]
+    for i, sid in enumerate(names):  # no image holds bag (11) or face (8)
+        _put(root, sid, _jpeg(_photo(rng)), _png(_mask_with({1 + i % 7, 9, 10})))
+    queries = _random_atr(root, 7, seed=6, prefix="q")
+    with caplog.at_level(logging.WARNING):
+        m = b.build(root, out, train_list=_write_list(tmp_path / "tr.txt", queries[:6]),
+                    test_list=_write_list(tmp_path / "te.txt", queries[6:] + names),
+                    **{**SMALL, "num_query_train": 5, "num_test_query": 1,
+                       "num_test_support": 12})
+    assert m["test_supports_missing_classes"] == ["face", "bag"]
+    assert len(m["test_supports"]) == 10 and set(m["test_supports"]) <= set(names)
+    assert "do not cover the classes ['face', 'bag']" in caplog.text
+
+
+# ----------------------------------------------------------------------------
+# Manifest.
+
+
+def test_manifest_content_and_checksums(synth_root, tmp_path):
+    root, ids = synth_root
+    out = str(tmp_path / "out")
+    m = b.build(root, out, **{**SMALL, "num_query_train": 10}, num_shards=3)
+    with open(os.path.join(out, "manifest.json")) as f:
+        assert json.load(f) == m
+    assert m["format_version"] == 1
+    assert m["class_names"] == MERGED
+    assert m["folds"] == {"paper": {"1": ["pants", "legs", "shoes"], "2": ["hair", "face", "hat"]},
+                          "journal": {"1": ["skirt", "pants", "dress"],
+                                      "2": ["hat", "upper-clothes", "bag"]}}
+    files = _tree(out)
+    shard_files = {name for name in files if name.endswith(".tfrecord")}
+    listed = {}
+    for split in features.SPLITS:
+        entry = m["splits"][split]
+        listed.update(entry["shards"])
+        decoded = _decoded(out, split)
+        assert entry["count"] == len(decoded)
+        per_class = np.zeros(12, int)
+        for ex in decoded:
+            per_class[sorted(set(np.unique(ex["mask"]).tolist()) - {255})] += 1
+        assert entry["per_class"] == dict(zip(MERGED, per_class.tolist()))
+    assert set(listed) == shard_files
+    assert all(files[name] == sha for name, sha in listed.items())
+    assert len(m["test_supports"]) == 10 and set(m["test_supports"]) <= set(_ids(out, "s_test"))
+    assert m["rejected"] == []
+    assert m["source"]["atr_root"] == os.path.abspath(root)
+    assert m["source"]["seed"] == 0 and m["source"]["num_test"] == 14
+    assert m["source"]["train_list"] is None
+
+
+# ----------------------------------------------------------------------------
+# Bad inputs.
+
+
+def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    good = _random_atr(root, 20, seed=8)
+    rng = np.random.default_rng(9)
+    photo, mask = _photo(rng), _mask_with({1, 3})
+    bad = {
+        "truncated": (_jpeg(photo)[:-40], _png(mask)),
+        "text": (b"this is not a JPEG\n", _png(mask)),
+        "rgb_mask": (_jpeg(photo), _png(np.stack([mask] * 3, -1))),
+        "wrong_size": (_jpeg(photo), _png(mask[:20])),
+        "label40": (_jpeg(photo), _png(np.where(mask > 0, 40, 0).astype(np.uint8))),
+        "no_mask": (_jpeg(photo), None),
+        "no_image": (None, _png(mask)),
+    }
+    for sid, (img, msk) in bad.items():
+        _put(root, sid, img, msk)
+    # Accepted oddities: re-encoded as RGB JPEG (or, for a palette mask, read as indices).
+    gray = photo[..., 0]
+    odd = {
+        "gray": _jpeg(gray),
+        "png_in_jpg": _png(photo),
+        "palette": _png(Image.fromarray(photo).convert("P", palette=Image.ADAPTIVE, colors=8)),
+        "progressive": _jpeg(photo, progressive=True),
+        "rgba": _png(np.dstack([photo, np.full(photo.shape[:2], 128, np.uint8)])),
+    }
+    buf = io.BytesIO()
+    Image.fromarray(photo).convert("CMYK").save(buf, format="JPEG", quality=95)
+    odd["cmyk"] = buf.getvalue()
+    for sid, data in odd.items():
+        _put(root, sid, data, _png(mask))
+    palette_mask = Image.fromarray(mask, mode="L").convert("P")  # indices == raw ids
+    _put(root, "palette_mask", _jpeg(photo), _png(palette_mask))
+    with caplog.at_level(logging.INFO):
+        m = b.build(root, out, **{**SMALL, "num_test_query": 1, "num_test_support": 10,
+                                  "num_query_train": 5, "num_test": 11})
+    reasons = {r["id"]: (r["path"], r["reason"]) for r in m["rejected"]}
+    assert sorted(reasons) == sorted(bad)
+    assert reasons["truncated"][0] == "JPEGImages/truncated.jpg"
+    assert reasons["truncated"][1].startswith("truncated image: JPEGImages/truncated.jpg:")
+    assert reasons["text"][1].startswith("not an image: JPEGImages/text.jpg:")
+    assert reasons["rgb_mask"][1].startswith(
+        "mask not single-channel: SegmentationClassAug/rgb_mask.png: mask has mode 'RGB'")
+    assert reasons["wrong_size"][1] == (
+        "mask size mismatch: SegmentationClassAug/wrong_size.png: mask is 20x16 (rows x "
+        "cols) but JPEGImages/wrong_size.jpg is 24x16")
+    assert reasons["label40"][1].startswith(
+        "label out of range: SegmentationClassAug/label40.png: label values 40 outside 0-17")
+    assert reasons["no_mask"] == ("JPEGImages/no_mask.jpg", "missing mask: JPEGImages/no_mask.jpg: "
+                                  "no mask SegmentationClassAug/no_mask.png for this image")
+    assert reasons["no_image"][0] == "SegmentationClassAug/no_image.png"
+    assert reasons["no_image"][1].startswith("missing image:")
+    total = len(good) + len(bad) + len(odd) + 1
+    assert (f"skipped 7 of {total} inputs: 1 label out of range, 1 mask not single-channel, "
+            "1 mask size mismatch, 1 missing image, 1 missing mask, 1 not an image, "
+            "1 truncated image") in caplog.text
+
+    # The accepted oddities are stored as 3-channel JPEGs close to their source.
+    stored = {}
+    for split in features.SPLITS:
+        for raw in _records(out, split):
+            ex = tf.train.Example.FromString(raw)
+            sid = ex.features.feature[features.SOURCE_ID].bytes_list.value[0].decode()
+            stored[sid] = (ex.features.feature[features.IMAGE_ENCODED].bytes_list.value[0],
+                           {k: v.numpy() for k, v in features.decode_example(raw).items()})
+    assert set(stored) == set(good) | set(odd) | {"palette_mask"}
+    for sid in odd:
+        data, ex = stored[sid]
+        img = Image.open(io.BytesIO(data))
+        assert (img.format, img.mode) == ("JPEG", "RGB"), sid
+        assert "progressive" not in img.info and "progression" not in img.info, sid
+        ref = np.dstack([gray] * 3) if sid == "gray" else photo
+        tol = 40 if sid == "palette" else 12  # an 8-colour palette is coarse
+        assert np.abs(ex["image"].astype(int) - ref).mean() < tol, sid
+    np.testing.assert_array_equal(
+        stored["palette_mask"][1]["mask"], np.vectorize(HAND_MERGE.get)(mask))
+
+
+def test_unexpected_file_and_bad_lists(tmp_path):
+    root = str(tmp_path / "atr")
+    ids = _random_atr(root, 20, seed=10)
+    with open(os.path.join(root, "JPEGImages", "notes.txt"), "w") as f:
+        f.write("hello")
+    m = b.build(root, str(tmp_path / "out"), **{**SMALL, "num_query_train": 4})
+    assert m["rejected"] == [{"id": "notes", "path": "JPEGImages/notes.txt",
+                              "reason": "unexpected file: JPEGImages/notes.txt: expected "
+                                        "<id>.jpg in JPEGImages/"}]
+    with pytest.raises(b.DatasetError, match="both the train and the test list"):
+        b.build(root, str(tmp_path / "o2"), train_list=_write_list(tmp_path / "a", ids[:10]),
+                test_list=_write_list(tmp_path / "b", ids[9:]), **SMALL)
+    with pytest.raises(b.DatasetError, match="give both train_list and test_list"):
+        b.build(root, str(tmp_path / "o3"), train_list=str(tmp_path / "a"), **SMALL)
+    with pytest.raises(b.DatasetError, match="more than once"):
+        b.build(root, str(tmp_path / "o4"), train_list=_write_list(tmp_path / "c", ids[:2] * 4),
+                test_list=str(tmp_path / "b"), **SMALL)
+
+
+# ----------------------------------------------------------------------------
+# Errors, determinism, atomic output.
+
+
+def test_too_few_images(tmp_path):
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    ids = _random_atr(root, 20, seed=11)
+    with pytest.raises(b.DatasetError, match=r"20 inputs found but the split asks for 9001"):
+        b.build(root, out, progress=False, num_workers=0)  # 500 + 500 + 8000 + 1
+    # Enough files, too few usable once bad ones are skipped: 20 found, 3 rejected.
+    for sid in ids[:3]:
+        os.remove(os.path.join(root, "SegmentationClassAug", sid + ".png"))
+    with pytest.raises(b.DatasetError, match=r"17 usable images \(20 inputs found, 3 rejected"):
+        b.build(root, out, **{**SMALL, "num_query_train": 4})  # 14 + 4 + 1 = 19 > 17
+    with pytest.raises(b.DatasetError, match=r"train list .*: 2 usable images \(3 listed, 1 "
+                                             r"rejected.*but 3 are needed"):
+        b.build(root, out, train_list=_write_list(tmp_path / "tr", ids[2:5]),
+                test_list=_write_list(tmp_path / "te", ids[5:]),
+                **{**SMALL, "num_query_train": 2, "num_test_query": 4})
+    with pytest.raises(b.DatasetError, match="num_test_support must be at least 10"):
+        b.build(root, out, **{**SMALL, "num_test_support": 9})
+    assert not os.path.exists(out) and _siblings(out) == []
+
+
+def test_determinism_across_worker_counts(synth_root, tmp_path):
+    root, _ = synth_root
+    out0, out2 = str(tmp_path / "w0"), str(tmp_path / "w2")
+    kw = {**SMALL, "num_query_train": 10, "num_shards": 2}
+    b.build(root, out0, **{**kw, "num_workers": 0})
+    b.build(root, out2, **{**kw, "num_workers": 2})
+    assert _tree(out0) == _tree(out2)
+    # Rebuilding over an existing dataset replaces it with identical bytes.
+    b.build(root, out0, **{**kw, "num_workers": 0})
+    assert _tree(out0) == _tree(out2)
+    assert _siblings(out0) == []
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk on fire"), KeyboardInterrupt()])
+def test_interrupted_build_keeps_previous_dataset(synth_root, tmp_path, monkeypatch, error):
+    root, _ = synth_root
+    out = str(tmp_path / "out")
+    kw = {**SMALL, "num_query_train": 10, "num_shards": 2}
+    b.build(root, out, **kw)
+    before = _tree(out)
+    real_write = b._write_shard
+    calls = []
+
+    def failing_write(path, records):
+        calls.append(path)
+        if len(calls) == 3:  # midway through the 8 shards
+            raise error
+        return real_write(path, records)
+
+    monkeypatch.setattr(b, "_write_shard", failing_write)
+    with pytest.raises(type(error)):
+        b.build(root, out, **{**kw, "num_query_train": 9})
+    assert len(calls) == 3
+    assert _tree(out) == before
+    assert _siblings(out) == []
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_dataset(synth_root, tmp_path):
+    root, _ = synth_root
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.tex").write_text("do not delete")
+    with pytest.raises(b.DatasetError, match="not an ATR-OS dataset"):
+        b.build(root, str(out), **SMALL)
+    assert os.listdir(out) == ["thesis.tex"]
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def _dead_pid():
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_sigkill_mid_build_then_next_build_cleans_up(tmp_path):
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    _random_atr(root, 300, seed=12, h=48, w=32)
+    b.build(root, out, **{**SMALL, "num_query_train": 100})
+    before = _tree(out)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "popnet_tf.data.build_atr_os", f"--atr_root={root}",
+         f"--out={out}", "--num_query_train=50", "--num_test_query=4",
+         "--num_test_support=10", "--num_workers=0", "--noprogress"],
+        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = os.path.join(f"{out}.tmp-{proc.pid}", "staging.bin")
+    deadline = time.time() + 60
+    while not (os.path.exists(staging) and os.path.getsize(staging) > 0):
+        assert proc.poll() is None and time.time() < deadline, "build ended before the kill"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert _tree(out) == before  # the previous dataset is untouched
+    assert _siblings(out) == [f"out.tmp-{proc.pid}"]  # the killed build's leftovers
+
+    # A build killed between moving the old dataset aside and moving the new
+    # one in: the next build puts the old one back before anything else.
+    aside = f"{out}.old-{_dead_pid()}"
+    os.replace(out, aside)
+    with pytest.raises(b.DatasetError):
+        b.build(root, out, **{**SMALL, "num_query_train": 1000})
+    assert _tree(out) == before
+    assert _siblings(out) == []  # the killed build's temp folder is gone too
