@@ -45,7 +45,8 @@ def run_layer_test(layer_cls, init_kwargs, inputs, expected_output_shape=None,
 
     # .keras save round trip inside a functional wrapper.
     keras_inputs = [_symbolic_input(a) for a in args]
-    wrapper = keras.Model(keras_inputs, layer(*keras_inputs, **call_kwargs))
+    model_inputs = keras_inputs if len(args) > 1 else keras_inputs[0]  # as called below
+    wrapper = keras.Model(model_inputs, layer(*keras_inputs, **call_kwargs))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "layer.keras")
         wrapper.save(path)
