@@ -447,10 +447,10 @@ def _build_person(rng) -> _Person:
                               neck_w * 0.92, neck_w))
 
     # 3. Garments. Upper torso outline (hem at `hem_y`).
-    def torso(hem_y, flare=1.0, label_mat=None):
-        j = lambda: u(-0.004, 0.004)  # noqa: E731
-        right = [(-neck_w * 1.05, sh_y - 0.012), (-sh_w, sh_y + 0.004 + j()),
-                 (-sh_w + 0.012, sh_y + 0.07), (-waist_w, waist_y + j()),
+    def torso(hem_y, flare=1.0):
+        jitter = u(-0.004, 0.004, 2)
+        right = [(-neck_w * 1.05, sh_y - 0.012), (-sh_w, sh_y + 0.004 + jitter[0]),
+                 (-sh_w + 0.012, sh_y + 0.07), (-waist_w, waist_y + jitter[1]),
                  (-hip_w * flare, min(hip_y, hem_y)), (-hip_w * flare * 1.02, hem_y)]
         left = [(-x, y) for x, y in reversed(right)]
         collar = [(0, sh_y - 0.004)]
@@ -467,16 +467,17 @@ def _build_person(rng) -> _Person:
         sw = sw * np.interp(np.linspace(0, 1, len(sw)), [0, 1], [1.05, sleeve_w])
         return _chain(sp, sw, caps=(True, length < 1))
 
+    sleeve_polys = []  # drawn after the arms
+
     def sleeves(mat):
         if sleeve_t > 0:
             for s in (1, -1):
-                person.sleeve_polys.append((mat, sleeve(s, sleeve_t)))
+                sleeve_polys.append((mat, sleeve(s, sleeve_t)))
 
-    person.sleeve_polys = []
     lower_len = u(0.15, 0.97)
     tucked = rng.random() < 0.5
 
-    def lower():
+    def lower(dress=None):
         if outfit == "pants":
             pants = person.garment(PANTS)
             flare = u(1.1, 1.45)
@@ -491,10 +492,8 @@ def _build_person(rng) -> _Person:
                 person.add(pants, *_chain(sp, np.maximum(sw * grow, widths[0] * 0.55 * grow),
                                           caps=(False, False)))
         else:
-            label = SKIRT if outfit == "skirt" else DRESS
-            mat = person.skirt_mat if outfit == "dress" else person.garment(SKIRT)
-            hem_y = leg_top + lower_len * (ankle_y - leg_top) * (0.97 if label == SKIRT else 1.0)
-            hem_y = min(hem_y, ankle_y - 0.02)
+            mat = dress if outfit == "dress" else person.garment(SKIRT)
+            hem_y = min(leg_top + lower_len * (ankle_y - leg_top), ankle_y - 0.02)
             hem_w = hip_w * u(1.0, 1.2) + (hem_y - hip_y) * u(0.1, 0.5)
             sag = u(0.0, 0.015)
             pts = [(-waist_w * 1.02, waist_y), (waist_w * 1.02, waist_y), (hip_w * 1.04, hip_y)]
@@ -512,11 +511,10 @@ def _build_person(rng) -> _Person:
             d = u(0.03, 0.08)
             person.add(face, [(-neck_w * 1.1, sh_y - 0.013), (neck_w * 1.1, sh_y - 0.013), (0, sh_y + d)])
 
+    dress = None
     if outfit == "dress":
-        dress_c = upper_colour
-        dress = person.garment(DRESS, dress_c)
-        person.skirt_mat = dress
-        lower()
+        dress = person.garment(DRESS, upper_colour)
+        lower(dress)
         person.add(dress, torso(hip_y))
         add_neckline()
         if not jacket:
@@ -539,13 +537,13 @@ def _build_person(rng) -> _Person:
         outline = torso(hem, flare=u(1.0, 1.15))
         person.add(jk, outline)
         # The shirt or dress shows between the open lapels.
-        inner = person.skirt_mat if outfit == "dress" else person.garment(UPPER)
+        inner = dress if outfit == "dress" else person.garment(UPPER)
         person.add(inner, [(-open_w * 0.8, sh_y - 0.01), (open_w * 0.8, sh_y - 0.01),
                            (open_w * u(0.2, 1.0), hem), (-open_w * u(0.2, 1.0), hem)])
         add_neckline()
         jacket_sleeve = max(sleeve_t, u(0.75, 1.0))
         for s in (1, -1):
-            person.sleeve_polys.append((jk, sleeve(s, jacket_sleeve)))
+            sleeve_polys.append((jk, sleeve(s, jacket_sleeve)))
 
     # 4. Belt over the waist, scarf around the neck.
     if has_belt:
@@ -598,7 +596,7 @@ def _build_person(rng) -> _Person:
     for s in (1, -1):
         pts, widths, hand, _ = arms[s]
         person.add(arm[s], *_chain(pts, widths, caps=(True, False)), hand)
-    for mat, polys in person.sleeve_polys:
+    for mat, polys in sleeve_polys:
         person.add(mat, *polys)
     if bag_kind in ("shoulder", "cross") and bag_in_front:
         body_bag()
@@ -673,13 +671,13 @@ def _build_person(rng) -> _Person:
         if kind == "brim":
             top = head_c[1] - hh * u(1.3, 1.8)
             cw = hw * u(0.9, 1.05)
-            person.add(hat, [(-cw, base), (-cw * 0.9, top), (cw * 0.9, top), (cw, base)],
-                       _ellipse(head_c[0], base, hw * u(1.5, 2.4), hh * u(0.1, 0.22), n=24))
-            if rng.random() < 0.6:
+            x = head_c[0]
+            person.add(hat, [(x - cw, base), (x - cw * 0.9, top), (x + cw * 0.9, top), (x + cw, base)],
+                       _ellipse(x, base, hw * u(1.5, 2.4), hh * u(0.1, 0.22), n=24))
+            if rng.random() < 0.6:  # a hat band of its own colour, still label hat
                 band = person.garment(HAT)
-                bh = hh * u(0.1, 0.2)
-                person.add(band, [(-cw, base - bh * 0.3), (cw, base - bh * 0.3), (cw * 0.98, base - bh * 1.6),
-                                  (-cw * 0.98, base - bh * 1.6)])
+                b0, b1 = base - hh * u(0.01, 0.03), base - hh * u(0.12, 0.3)
+                person.add(band, [(x - cw, b0), (x + cw, b0), (x + cw * 0.98, b1), (x - cw * 0.98, b1)])
         else:
             cap = _ellipse(head_c[0], head_c[1] - hh * 0.08, hw * u(1.1, 1.18), hh * u(1.05, 1.15), n=32)
             person.add(hat, cap[cap[:, 1] < base])
@@ -762,8 +760,9 @@ def _light_field(rng, height, width) -> np.ndarray:
     return (gy[:, None] + gx[None, :]) * np.float32(0.4) + hy[:, None] * hx[None, :] * np.float32(0.6)
 
 
-def _render(mat_map, specs, rng) -> np.ndarray:
-    """Image [H, W, 3] uint8 from the material map and per-material textures.
+def _render(mat_map, counts, specs, rng) -> np.ndarray:
+    """Image [H, W, 3] uint8 from the material map [H, W] (with its pixel
+    count per material id) and per-material textures.
 
     Pixels are grouped by material (one stable sort); each group is coloured
     from its scalar texture parameters in contiguous slices; light and grain
@@ -776,18 +775,16 @@ def _render(mat_map, specs, rng) -> np.ndarray:
     _, grain = _tiles()
     flat = mat_map.ravel()
     order = np.argsort(flat, kind="stable")  # pixels grouped by material, ascending inside
-    counts = np.bincount(flat, minlength=len(specs))
 
-    # Per pixel, in sorted order: light = 1 + amplitude * field, and grain.
+    # Per pixel, in sorted order: light = 1 + amplitude * field + grain. The
+    # grain is i.i.d., so any contiguous run of the tile serves, unsorted.
     light = _light_field(rng, height, width).ravel()[order]
-    amp = rng.uniform(0.0, 4.0)
-    if height <= _TILE and width <= _TILE:
-        oy, ox = rng.integers(0, _TILE - height + 1), rng.integers(0, _TILE - width + 1)
-        g = grain[oy:oy + height, ox:ox + width]
+    grain = grain.ravel()
+    if n <= grain.size:
+        start = int(rng.integers(0, grain.size - n + 1))
+        noise = grain[start:start + n] * np.float32(rng.uniform(0.0, 0.03))
     else:
-        g = np.resize(grain, (height, width))
-    noise = g.ravel()[order]
-    noise *= np.float32(amp)
+        noise = np.resize(grain, n) * np.float32(rng.uniform(0.0, 0.03))
 
     colour = np.empty((3, n), np.float32)
     start = 0
@@ -797,12 +794,11 @@ def _render(mat_map, specs, rng) -> np.ndarray:
         light_m = light[start:end]
         light_m *= np.float32(spec["shade"])
         light_m += np.float32(1.0)
+        light_m += noise[start:end]
         c0 = spec["c0"]
         if spec["kind"] == SOLID:
             for c in range(3):
-                out = colour[c, start:end]
-                np.multiply(light_m, c0[c], out=out)
-                out += noise[start:end]
+                np.multiply(light_m, c0[c], out=colour[c, start:end])
         else:
             idx = order[start:end]
             t = _pattern(spec, xs_all[idx], ys_all[idx])
@@ -811,7 +807,6 @@ def _render(mat_map, specs, rng) -> np.ndarray:
             for c in range(3):
                 out = colour[c, start:end]
                 np.multiply(light_m, c0[c], out=out)
-                out += noise[start:end]
                 out += t * diff[c]
         start = end
     np.clip(colour, 0, 255, out=colour)
@@ -895,9 +890,11 @@ def draw_person(rng: np.random.Generator, height: int, width: int) -> tuple[np.n
         start = end
     mat_map = np.asarray(canvas)
 
-    labels = np.array([label for label, _ in materials], np.uint8)
-    mask = labels[mat_map]
-    image = _render(mat_map, [spec for _, spec in materials], rng)
+    # PIL's C lookup and histogram are much faster than NumPy's on uint8.
+    labels = [label for label, _ in materials]
+    mask = np.asarray(canvas.point(labels + [0] * (256 - len(labels))))
+    counts = canvas.histogram()[:len(materials)]
+    image = _render(mat_map, np.array(counts), [spec for _, spec in materials], rng)
     return image, mask
 
 
