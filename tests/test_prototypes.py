@@ -134,6 +134,24 @@ def test_pooling_non_integer_stride_and_random_masks():
     np.testing.assert_allclose(prototypes.numpy(), want_p, atol=1e-5)
 
 
+def test_pooling_fallback_with_fractional_cells():
+    # 13x11 -> 4x3: nearest samples rows 1, 4, 8, 11 and columns 1, 5, 9 only, and the
+    # area cells are 3.25 x 3.67 pixels, so lone pixels straddle two cells.
+    labels = np.zeros((1, 13, 11), np.int32)
+    labels[0, 5, 3] = 2  # row 5 inside cell 1; column 3 lies 2/3 in cell 0, 1/3 in cell 1
+    labels[0, 3, 7] = 1  # row 3 lies 1/4 in cell 0, 3/4 in cell 1
+    labels[0, 12, 10] = 3  # the far corner
+    labels[0, 8:10, 5] = 4  # sampled: ordinary nearest pooling
+    rng = np.random.default_rng(12)
+    features = rng.normal(size=(1, 4, 3, 5)).astype(np.float32)
+    prototypes, presence = MaskedAveragePooling(5)(features, labels)
+    want_p, want_presence = reference_pooling(features, labels, 5)
+    np.testing.assert_array_equal(presence.numpy(), want_presence)
+    np.testing.assert_allclose(prototypes.numpy(), want_p, atol=1e-5)
+    np.testing.assert_allclose(  # by hand: cells (1, 0) and (1, 1) weighted 2/3 and 1/3
+        prototypes.numpy()[0, 2], (2 * features[0, 1, 0] + features[0, 1, 1]) / 3, atol=1e-5)
+
+
 def test_pooling_float16_features_give_float32():
     rng = np.random.default_rng(2)
     features, labels = support_batch(rng)

@@ -15,6 +15,34 @@ import keras
 import tensorflow as tf
 
 
+def _area_downsample_axis0(x, n_out):
+    """Area average of `x` along axis 0 from its length n_in down to `n_out` cells.
+
+    Output cell o covers [o·s, (o+1)·s) of the input, s = n_in / n_out ≥ 1, so each
+    input pixel [i, i+1) overlaps at most two cells: the one it starts in and the next.
+    Two weighted segment sums give exactly tf.image.resize(method="area"), in
+    O(size of x), and unlike ResizeArea they have GPU and XLA kernels.
+    """
+    n_in = tf.shape(x)[0]
+    scale = tf.cast(n_in, tf.float32) / tf.cast(n_out, tf.float32)
+    start = tf.cast(tf.range(n_in), tf.float32)  # pixel i spans [start, start + 1)
+    first = tf.minimum(tf.cast(tf.floor(start / scale), tf.int32), n_out - 1)
+    boundary = tf.minimum(tf.cast(first + 1, tf.float32) * scale, start + 1.0)
+    in_first = (boundary - start) / scale  # [n_in]: fraction of cell `first`
+    in_second = (start + 1.0 - boundary) / scale  # and of the next cell (0 if none)
+    second = tf.minimum(first + 1, n_out - 1)
+    expand = [-1] + [1] * (len(x.shape) - 1)
+    return (tf.math.unsorted_segment_sum(x * tf.reshape(in_first, expand), first, n_out)
+            + tf.math.unsorted_segment_sum(x * tf.reshape(in_second, expand), second, n_out))
+
+
+def _area_downsample(x, size):
+    """[B, H, W, C] -> [B, h, w, C] area averages (h ≤ H, w ≤ W; see the axis helper)."""
+    x = _area_downsample_axis0(tf.transpose(x, [1, 0, 2, 3]), size[0])  # [h, B, W, C]
+    x = _area_downsample_axis0(tf.transpose(x, [2, 1, 0, 3]), size[1])  # [w, B, h, C]
+    return tf.transpose(x, [1, 2, 0, 3])
+
+
 @keras.saving.register_keras_serializable(package="popnet_tf")
 class MaskedAveragePooling(keras.layers.Layer):
     """Class prototypes by masked average pooling of support features (Eq. 1, SPEC §6).
@@ -67,11 +95,15 @@ class MaskedAveragePooling(keras.layers.Layer):
         full = tf.cast(tf.equal(labels[..., None], classes), tf.float32)  # [B, H, W, C]
         present = tf.reduce_max(full, axis=[1, 2])  # [B, C]
 
-        # Eq. 1's mask at feature size: nearest neighbour, as the paper.
-        small_labels = tf.image.resize(labels[..., None], size, method="nearest")[..., 0]
+        # Eq. 1's mask at feature size: nearest neighbour, as the paper. The labels go
+        # through the resize as float32 (exact for 0..255), the dtype every device and
+        # XLA has a nearest-neighbour kernel for.
+        small_labels = tf.image.resize(
+            tf.cast(labels[..., None], tf.float32), size, method="nearest")[..., 0]
+        small_labels = tf.cast(small_labels, tf.int32)  # [B, h, w]
         small = tf.cast(tf.equal(small_labels[..., None], classes), tf.float32)  # [B, h, w, C]
         # Area fallback for the classes the nearest resize dropped entirely.
-        area = tf.image.resize(full, size, method="area")  # [B, h, w, C]
+        area = _area_downsample(full, size)  # [B, h, w, C]
         vanished = (present > 0) & (tf.reduce_sum(small, axis=[1, 2]) == 0)  # [B, C]
         weights = tf.where(vanished[:, None, None, :], area, small)  # [B, h, w, C]
 
