@@ -126,7 +126,8 @@ def test_weight_file_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="small.weights.h5"):
         backbones.build_backbone("mobilenet_v2", weights=path)
     missing = tmp_path / "missing.weights.h5"
-    with pytest.raises(FileNotFoundError, match="missing.weights.h5: backbone weight file not found"):
+    with pytest.raises(FileNotFoundError,
+                       match="missing.weights.h5: backbone weight file not found"):
         backbones.build_backbone("small", weights=missing)
     wrong_kind = tmp_path / "model.h5"
     wrong_kind.write_bytes(b"not a weight file")

@@ -130,7 +130,8 @@ def test_keras_file_loads_without_the_backbone_weight_file(tmp_path):
     weights = tmp_path / "backbone.weights.h5"
     source.backbone.save_weights(weights)
     inputs = keras.Input((None, None, 3))
-    model = keras.Model(inputs, DeepLabV3PlusEncoder(**SMALL, backbone_weights=str(weights))(inputs))
+    encoder = DeepLabV3PlusEncoder(**SMALL, backbone_weights=str(weights))
+    model = keras.Model(inputs, encoder(inputs))
     model.layers[-1](_images(32, 32), training=True)  # change BN statistics after loading
     archive = tmp_path / "encoder.keras"
     model.save(archive)

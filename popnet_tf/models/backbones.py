@@ -18,7 +18,7 @@ Names (`build_backbone(name)`):
   the reference code `research/deeplab/core/xception.py`): entry flow, 16 middle-flow
   blocks, exit flow; every max-pooling replaced by a strided separable conv; BN and
   ReLU after each depthwise conv; output stride 16 by running the exit flow at stride
-  1 with atrous rate 2 after the first exit block. ~37.9M parameters, 2048 channels.
+  1 with atrous rate 2 after the first exit block. ~38.1M parameters, 2048 channels.
 - "small": a compact ResNet-style stack of plain 3x3 convs with BatchNorm for CPU
   runs (chosen over MobileNetV2 because depthwise convs are slow on CPU: see
   `_build_small`), ~0.5M parameters, 128 channels.

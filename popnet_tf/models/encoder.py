@@ -177,6 +177,9 @@ class DeepLabV3PlusEncoder(keras.layers.Layer):
             aligned Xception-65, output stride 16) or "small" (CPU), "mobilenet_v2".
         filters: int, K, channels of g (paper: 256).
         aspp_rates: tuple of int, ASPP atrous rates (paper at OS16: 6, 12, 18).
+            A rate near the stride-16 map's size leaves only the centre tap
+            inside the map (DeepLab v3 §3.3) and is slow on CPU: at 128x128 input
+            (8x8 map) 6/12/18 made a training step 3.5x slower than 2/4/6.
         aspp_filters: int, channels of each ASPP branch and of its output.
         low_level_filters: int, channels of the low-level projection (paper: 48).
         decoder_convs: int, number of 3x3 conv + BN + ReLU after the concatenation.
@@ -254,7 +257,8 @@ class DeepLabV3PlusEncoder(keras.layers.Layer):
         self.decoder = []
         channels = self.aspp_filters + self.low_level_filters
         for i in range(self.decoder_convs):
-            conv = ConvBNReLU(self.filters, 3, separable=separable, name=f"decoder_conv{i + 1}", **kw)
+            conv = ConvBNReLU(self.filters, 3, separable=separable,
+                              name=f"decoder_conv{i + 1}", **kw)
             conv.build((None, None, None, channels))
             self.decoder.append(conv)
             channels = self.filters
