@@ -46,6 +46,7 @@ from __future__ import annotations
 import colorsys
 import io
 import os
+import threading
 import time
 
 import numpy as np
@@ -184,57 +185,107 @@ def _grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return _CACHE[key]
 
 
-def _frac(x):
-    # x - floor(x): several times faster than np.mod, which handles signs.
-    return x - np.floor(x)
+_WORKSPACE = threading.local()
 
 
-def _soft_stripes(u, period, phase, duty):
-    """Coverage (0..1) of stripes of width duty*period along u, with a 1-pixel
-    linear ramp at each edge so pattern edges are anti-aliased too."""
-    f = _frac(u * np.float32(1.0 / period) + np.float32(phase))
-    # Stripes are centred on f = 0.5; signed distance to their edge, in pixels.
-    t = (np.float32(duty / 2) - np.abs(f - np.float32(0.5))) * np.float32(period) + np.float32(0.5)
-    return np.clip(t, 0.0, 1.0, out=t)
+def _workspace(name: str, shape: tuple, dtype=np.float32) -> np.ndarray:
+    """A reusable per-thread buffer. Rendering writes every element it reads,
+    so reuse cannot leak one image into the next; it saves allocating (and
+    page-faulting) megabytes of temporaries per image, which costs as much
+    as the arithmetic itself."""
+    size = int(np.prod(shape))
+    buffers = _WORKSPACE.__dict__
+    buf = buffers.get(name)
+    if buf is None or buf.size < size or buf.dtype != dtype:
+        buf = buffers[name] = np.empty(size, dtype)
+    return buf[:size].reshape(shape)
 
 
-def _pattern(spec, xs, ys):
-    """Blend factor t [n] in 0..1 (colour = c0 + t * (c1 - c0)) of one
-    patterned material at pixel coordinates xs, ys [n] (float32)."""
+def _soft_stripes(u, period, phase, duty, tmp):
+    """In place: u becomes the coverage (0..1) of stripes of width
+    duty * period along u, with a 1-pixel ramp at each edge, so pattern edges
+    are anti-aliased too. tmp is scratch of u's size."""
+    u *= np.float32(1.0 / period)
+    u += np.float32(phase)
+    np.floor(u, out=tmp)
+    u -= tmp  # fractional part: several times faster than np.mod
+    u -= np.float32(0.5)  # stripes are centred on 0.5
+    np.abs(u, out=u)
+    # Signed distance to the stripe edge in pixels, plus half a pixel.
+    u *= np.float32(-period)
+    u += np.float32(duty / 2 * period + 0.5)
+    return np.clip(u, 0.0, 1.0, out=u)
+
+
+def _pattern(spec, xs, ys, tmp):
+    """Blend factor t in 0..1 (colour = c0 + t * (c1 - c0)) of one patterned
+    material at pixel coordinates xs, ys [n] (float32). tmp: three float32
+    scratch arrays [n]; the result is tmp[0]."""
     kind = spec["kind"]
+    t, a, b = tmp
     if kind == FABRIC:
         fabric = _tiles()[0].ravel()
-        zoom = spec["zoom"]
-        xi, yi = xs.astype(np.int64) // zoom, ys.astype(np.int64) // zoom
-        room = _TILE - int(max(xi.max(), yi.max())) - 1
+        inv_zoom = np.float32(1.0 / spec["zoom"])
+        for w, z in ((a, xs), (b, ys)):  # floor(z / zoom); np.floor_divide is slow
+            np.multiply(z, inv_zoom, out=w)
+            np.floor(w, out=w)
+        room = _TILE - int(max(a.max(), b.max())) - 1
         if room > 0:
             oy, ox = (spec["offset"] * room).astype(np.int64)
-            flat = (yi + oy) * _TILE + (xi + ox)
-        else:  # image larger than the tile: wrap around
-            flat = (yi % _TILE) * _TILE + (xi % _TILE)
-        t = fabric.take(flat) * np.float32(0.3) + np.float32(0.5)
+            a += np.float32(ox)
+            b += np.float32(oy)
+        else:  # an image larger than the tile: wrap around
+            np.mod(a, _TILE, out=a)
+            np.mod(b, _TILE, out=b)
+        b *= np.float32(_TILE)
+        b += a  # flat tile index, exact in float32 (< 2**24)
+        index = _workspace("fabric_index", (xs.size,), np.intp)
+        np.copyto(index, b, casting="unsafe")
+        np.take(fabric, index, out=t)
+        t *= np.float32(0.3)
+        t += np.float32(0.5)
         return np.clip(t, 0.0, 1.0, out=t)
     ca, sa = np.float32(np.cos(spec["angle"])), np.float32(np.sin(spec["angle"]))
-    u = xs * ca + ys * sa
+    np.multiply(xs, ca, out=t)
+    np.multiply(ys, sa, out=a)
+    t += a  # u: coordinate across the pattern
     p = spec["period"]
     if kind == STRIPES:
-        return _soft_stripes(u, p, spec["phase"], spec["duty"])
+        return _soft_stripes(t, p, spec["phase"], spec["duty"], a)
+    if kind in (CHECKS, DOTS):
+        np.multiply(ys, ca, out=b)
+        np.multiply(xs, sa, out=a)
+        b -= a  # v: the coordinate along the pattern
     if kind == CHECKS:
-        v = ys * ca - xs * sa
-        tu = _soft_stripes(u, p, spec["phase"], 0.5)
-        tv = _soft_stripes(v, p, spec["phase"], 0.5)
-        return tu + tv - np.float32(2.0) * tu * tv  # xor of the two stripe sets
+        _soft_stripes(t, p, spec["phase"], 0.5, a)
+        _soft_stripes(b, p, spec["phase"], 0.5, a)
+        np.multiply(t, b, out=a)
+        t += b
+        a *= np.float32(2.0)
+        t -= a  # xor of the two stripe sets: tu + tv - 2 tu tv
+        return t
     if kind == DOTS:
-        v = ys * ca - xs * sa
-        fu = _frac(u * np.float32(1.0 / p) + np.float32(spec["phase"])) - np.float32(0.5)
-        fv = _frac(v * np.float32(1.0 / p) + np.float32(spec["phase"])) - np.float32(0.5)
+        for w in (t, b):  # offset from the nearest dot centre, in periods
+            w *= np.float32(1.0 / p)
+            w += np.float32(spec["phase"])
+            np.floor(w, out=a)
+            w -= a
+            w -= np.float32(0.5)
+            w *= w
+        t += b  # squared distance
         r = spec["radius"]
-        # Squared distance, with a ramp of about one pixel at the dot's rim.
-        t = (np.float32(r * r) - (fu * fu + fv * fv)) * np.float32(p / (2 * r)) + np.float32(0.5)
+        # Inside the dot where d^2 < r^2, with a ramp of about one pixel.
+        t *= np.float32(-p / (2 * r))
+        t += np.float32(r * r * p / (2 * r) + 0.5)
         return np.clip(t, 0.0, 1.0, out=t)
     # GRADIENT: a slow triangle wave across the material.
-    f = _frac(u * np.float32(1.0 / spec["grad_period"]) + np.float32(spec["phase"]))
-    return np.abs(f * np.float32(2.0) - np.float32(1.0))
+    t *= np.float32(1.0 / spec["grad_period"])
+    t += np.float32(spec["phase"])
+    np.floor(t, out=a)
+    t -= a
+    t *= np.float32(2.0)
+    t -= np.float32(1.0)
+    return np.abs(t, out=t)
 
 
 # ----------------------------------------------------------------------------
@@ -752,12 +803,17 @@ def _smooth_curve(rng, length, knots):
 
 def _light_field(rng, height, width) -> np.ndarray:
     """Low-frequency light field [H, W] in about [-1, 1] (folds, shadows,
-    uneven lighting). Built from 1-D curves by broadcasting: a 2-D resize of
-    a coarse noise grid costs several times more."""
+    uneven lighting), in a workspace buffer. Built from 1-D curves by
+    broadcasting: a 2-D resize of a coarse noise grid costs several times more."""
     ky, kx = max(2, height // 60), max(2, width // 60)
     gy, gx = _smooth_curve(rng, height, ky), _smooth_curve(rng, width, kx)
     hy, hx = _smooth_curve(rng, height, ky), _smooth_curve(rng, width, kx)
-    return (gy[:, None] + gx[None, :]) * np.float32(0.4) + hy[:, None] * hx[None, :] * np.float32(0.6)
+    field = _workspace("light_field", (height, width))
+    tmp = _workspace("light_tmp", (height, width))
+    np.add(gy[:, None] * np.float32(0.4), gx[None, :] * np.float32(0.4), out=field)
+    np.multiply(hy[:, None] * np.float32(0.6), hx[None, :], out=tmp)
+    field += tmp
+    return field
 
 
 def _render(mat_map, counts, specs, rng) -> np.ndarray:
@@ -778,40 +834,49 @@ def _render(mat_map, counts, specs, rng) -> np.ndarray:
 
     # Per pixel, in sorted order: light = 1 + amplitude * field + grain. The
     # grain is i.i.d., so any contiguous run of the tile serves, unsorted.
-    light = _light_field(rng, height, width).ravel()[order]
+    light = _workspace("light", (n,))
+    np.take(_light_field(rng, height, width).ravel(), order, out=light)
     grain = grain.ravel()
+    amp = np.float32(rng.uniform(0.0, 0.03))
+    noise = _workspace("noise", (n,))
     if n <= grain.size:
-        start = int(rng.integers(0, grain.size - n + 1))
-        noise = grain[start:start + n] * np.float32(rng.uniform(0.0, 0.03))
+        first = int(rng.integers(0, grain.size - n + 1))
+        np.multiply(grain[first:first + n], amp, out=noise)
     else:
-        noise = np.resize(grain, n) * np.float32(rng.uniform(0.0, 0.03))
+        np.multiply(np.resize(grain, n), amp, out=noise)
 
-    colour = np.empty((3, n), np.float32)
+    colour = _workspace("colour", (3, n))
+    scratch = [_workspace(f"scratch{i}", (n,)) for i in range(5)]
     start = 0
     for m in np.flatnonzero(counts):
         spec = specs[m]
-        end = start + int(counts[m])
+        count = int(counts[m])
+        end = start + count
         light_m = light[start:end]
         light_m *= np.float32(spec["shade"])
-        light_m += np.float32(1.0)
         light_m += noise[start:end]
+        light_m += np.float32(1.0)
         c0 = spec["c0"]
         if spec["kind"] == SOLID:
             for c in range(3):
                 np.multiply(light_m, c0[c], out=colour[c, start:end])
         else:
             idx = order[start:end]
-            t = _pattern(spec, xs_all[idx], ys_all[idx])
+            xs, ys = np.take(xs_all, idx, out=scratch[3][:count]), np.take(ys_all, idx, out=scratch[4][:count])
+            t = _pattern(spec, xs, ys, [buf[:count] for buf in scratch[:3]])
             t *= light_m
+            tmp = scratch[1][:count]
             diff = spec["c1"] - c0
             for c in range(3):
                 out = colour[c, start:end]
                 np.multiply(light_m, c0[c], out=out)
-                out += t * diff[c]
+                np.multiply(t, diff[c], out=tmp)
+                out += tmp
         start = end
     np.clip(colour, 0, 255, out=colour)
-    colour_u8 = colour.astype(np.uint8)
-    planes = np.empty((3, n), np.uint8)
+    colour_u8 = _workspace("colour_u8", (3, n), np.uint8)
+    np.copyto(colour_u8, colour, casting="unsafe")
+    planes = _workspace("planes", (3, n), np.uint8)
     for c in range(3):  # three 1-D scatters are much faster than one 2-D one
         planes[c][order] = colour_u8[c]
 
