@@ -1,0 +1,238 @@
+"""Training augmentation and evaluation resizing of (image, mask) pairs (SPEC §7).
+
+Training: optional resize so the long side is `resize_long_side`, random scale in
+`scale_range`, padding (image 0, mask 255) and a random `crop_size` x `crop_size`
+crop, random horizontal flip. Left/right classes are merged (SPEC §2), so a flip
+needs no label swap.
+
+The crop is planned before any pixel is touched: the window of the *source* image
+that the crop can see is computed first, only that window is decoded
+(`tf.io.decode_and_crop_jpeg`) and resized, and the mask is resampled by two
+row gathers with precomputed nearest-neighbour indices. Resizing the whole
+scaled image and cropping afterwards would cost up to 16x more at scale 2.
+
+Image and mask follow one `Geometry`: per axis, the source window
+[start, stop) is resized to `length` pixels placed at `offset` in the crop; the
+mask index of each crop pixel is the source pixel nearest to the point the
+bilinear image resize samples (half-pixel centres), so labels stay aligned with
+the pixels they describe. All randomness is stateless and comes from one seed
+tensor, so an episode is a pure function of (seed, element index).
+
+Example:
+    >>> geometry = sample_geometry(tf.constant([0, 1]), 400, 600, crop_size=512)
+    >>> image = augment_image(jpeg_bytes, geometry)   # [512, 512, 3] float32
+    >>> mask = augment_mask(mask_uint8, geometry)     # [512, 512] uint8, 255 = pad
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+from popnet_tf import classes
+
+IMAGE_PAD = 0.0
+MASK_PAD = classes.IGNORE_LABEL
+
+
+class Geometry(NamedTuple):
+    """One random draw of the augmentation for one image; axis 0 = rows, 1 = cols.
+
+    The source window [start, stop) is resized to `length` pixels, whose first
+    pixel lands at crop position `offset` (negative: cut off), before the flip.
+    `row_index` / `col_index` [S] give, for each crop pixel, the nearest source
+    pixel, or the source extent (a padding marker) where the crop shows
+    padding; `col_index` is already flipped.
+    """
+    start: tf.Tensor       # [2] int32
+    stop: tf.Tensor        # [2] int32
+    length: tf.Tensor      # [2] int32
+    offset: tf.Tensor      # [2] int32
+    row_index: tf.Tensor   # [S] int32
+    col_index: tf.Tensor   # [S] int32
+    flip: tf.Tensor        # bool scalar
+    scale: tf.Tensor       # float32 scalar, total scale source -> crop
+
+    @property
+    def crop_size(self) -> int:
+        return int(self.row_index.shape[0])
+
+
+def _round(x: tf.Tensor) -> tf.Tensor:
+    """Round half up to int32 (tf.round rounds half to even)."""
+    return tf.cast(tf.floor(x + 0.5), tf.int32)
+
+
+def _plan(size, scaled, offset, crop_size: int):
+    """Plans both axes at once ([2] tensors): source `size` scaled to `scaled`,
+    crop starting at scaled coordinate `offset` (negative = padding first)."""
+    size_f = tf.cast(size, tf.float32)
+    ratio = size_f / tf.cast(scaled, tf.float32)          # source pixels per scaled pixel
+    visible_start = tf.cast(tf.maximum(offset, 0), tf.float32)
+    visible_stop = tf.cast(tf.minimum(offset + crop_size, scaled), tf.float32)
+    # Source window with a one-pixel margin, so the bilinear taps of every
+    # visible pixel lie inside it, and whose scaled extent covers the visible
+    # range after rounding.
+    start = tf.cast(tf.floor((visible_start - 0.5) * ratio), tf.int32) - 1
+    stop = tf.cast(tf.math.ceil((visible_stop + 0.5) * ratio), tf.int32) + 1
+    start = tf.clip_by_value(start, 0, size - 1)
+    stop = tf.clip_by_value(stop, start + 1, size)
+    scaled_start = _round(tf.cast(start, tf.float32) / ratio)
+    length = tf.maximum(_round(tf.cast(stop, tf.float32) / ratio) - scaled_start, 1)
+    # Nearest-neighbour source index of every crop pixel: the pixel whose centre
+    # is nearest to where the bilinear resize of the window samples.
+    position = offset[:, None] + tf.range(crop_size, dtype=tf.int32)[None]    # [2, S] scaled coord.
+    step = tf.cast(stop - start, tf.float32) / tf.cast(length, tf.float32)     # [2]
+    within = tf.cast(position - scaled_start[:, None], tf.float32) + 0.5
+    source = start[:, None] + tf.cast(tf.floor(within * step[:, None]), tf.int32)
+    source = tf.clip_by_value(source, start[:, None], stop[:, None] - 1)
+    shown = (position >= 0) & (position < scaled[:, None])
+    index = tf.where(shown, source, size[:, None])                             # [2, S]
+    return start, stop, length, scaled_start - offset, index
+
+
+def sample_geometry(seed, height, width, *, crop_size: int,
+                    scale_range=(0.5, 2.0), resize_long_side: int | None = None,
+                    flip: bool = True) -> Geometry:
+    """Draws a random scale, crop position and flip for a `height` x `width` image.
+
+    Args:
+        seed: int32/int64 tensor [2], the stateless seed of this image.
+        height, width: int32 scalars, the source size.
+        crop_size: int, side S of the square crop.
+        scale_range: (low, high), the random scale, drawn uniformly (paper 0.5-2).
+        resize_long_side: int or None; the scale applies after a resize that
+            brings the long side to this length (folded into one resize).
+        flip: whether a random horizontal flip may happen.
+
+    Returns:
+        A `Geometry`. The crop's position is uniform over all placements of the
+        S x S window on the scaled image; where the scaled image is smaller than
+        S, the image is placed uniformly inside the window instead (padding).
+
+    Example:
+        >>> g = sample_geometry(tf.constant([1, 2]), 600, 400, crop_size=512)
+    """
+    low, high = float(scale_range[0]), float(scale_range[1])
+    if not 0 < low <= high:
+        raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range!r}")
+    size = tf.cast(tf.stack([height, width]), tf.int32)
+    # One draw for everything: scale, row offset, column offset, flip.
+    u = tf.random.stateless_uniform([4], seed=seed, dtype=tf.float32)
+    scale = low + (high - low) * u[0]
+    if resize_long_side:
+        scale = scale * float(resize_long_side) / tf.cast(tf.reduce_max(size), tf.float32)
+    scaled = tf.maximum(_round(tf.cast(size, tf.float32) * scale), 1)
+    low_offset = tf.minimum(0, scaled - crop_size)
+    span = tf.abs(scaled - crop_size) + 1                    # placements per axis
+    offset = low_offset + tf.minimum(tf.cast(u[1:3] * tf.cast(span, tf.float32), tf.int32), span - 1)
+    do_flip = u[3] < 0.5 if flip else tf.constant(False)
+    start, stop, length, place, index = _plan(size, scaled, offset, crop_size)
+    col_index = tf.where(do_flip, tf.reverse(index[1], [0]), index[1])
+    return Geometry(start, stop, length, place, index[0], col_index, do_flip, scale)
+
+
+def augment_mask(mask, geometry: Geometry, table=None) -> tf.Tensor:
+    """Resamples a [H, W] uint8 mask into the crop (nearest), padding with 255.
+
+    `table`, an optional 256-entry uint8 lookup (e.g. a stage's label space),
+    is applied to the result. Returns [S, S] uint8.
+    """
+    mask = tf.convert_to_tensor(mask)
+    # One extra row and column of 255 that the padding indices point at.
+    padded = tf.pad(mask, [[0, 1], [0, 1]], constant_values=MASK_PAD)
+    # Row gathers copy whole rows; gathering columns through a transpose is
+    # ~5x faster than a gather on axis 1, which copies one byte at a time.
+    out = tf.gather(padded, geometry.row_index, axis=0)                 # [S, W+1]
+    out = tf.transpose(tf.gather(tf.transpose(out), geometry.col_index, axis=0))   # [S, S]
+    if table is not None:
+        out = tf.gather(tf.convert_to_tensor(table, tf.uint8), tf.cast(out, tf.int32))
+    return tf.ensure_shape(out, [geometry.crop_size, geometry.crop_size])
+
+
+def augment_image(image, geometry: Geometry) -> tf.Tensor:
+    """Produces the [S, S, 3] float32 crop of an image (bilinear, pad 0).
+
+    `image` is either a decoded [H, W, 3] uint8 tensor or the JPEG bytes (a
+    scalar string); for bytes only the window the crop needs is decoded.
+    """
+    crop_size = geometry.crop_size
+    start, stop = geometry.start, geometry.stop
+    image = tf.convert_to_tensor(image)
+    if image.dtype == tf.string:
+        window = tf.io.decode_and_crop_jpeg(image, tf.concat([start, stop - start], 0), channels=3)
+    else:
+        window = tf.slice(image, tf.concat([start, [0]], 0), tf.concat([stop - start, [3]], 0))
+    window = tf.cast(window, tf.float32)
+    # Flipping the window is cheaper than flipping the crop; the placement of
+    # a flipped window mirrors too.
+    window = tf.cond(geometry.flip, lambda: tf.reverse(window, [1]), lambda: window)
+    length = geometry.length
+    offset = tf.where(geometry.flip & tf.constant([False, True]),
+                      crop_size - geometry.offset - length, geometry.offset)
+    resized = tf.image.resize(window, length, method="bilinear")
+    # Cut what falls outside the crop, pad what the crop shows beyond the image.
+    first = tf.maximum(0, -offset)
+    last = tf.minimum(length, crop_size - offset)
+    cut = tf.slice(resized, tf.concat([first, [0]], 0), tf.concat([last - first, [3]], 0))
+    before = tf.maximum(offset, 0)
+    after = crop_size - before - (last - first)
+    out = tf.pad(cut, tf.concat([tf.stack([before, after], 1), [[0, 0]]], 0), constant_values=IMAGE_PAD)
+    return tf.ensure_shape(out, [crop_size, crop_size, 3])
+
+
+def random_augment(image, mask, seed, *, crop_size: int, scale_range=(0.5, 2.0),
+                   resize_long_side: int | None = None, table=None):
+    """Augments a decoded pair: returns ([S, S, 3] float32, [S, S] uint8).
+
+    Example:
+        >>> img, msk = random_augment(image_u8, mask_u8, tf.constant([0, 5]), crop_size=128)
+    """
+    shape = tf.shape(mask)
+    geometry = sample_geometry(seed, shape[0], shape[1], crop_size=crop_size,
+                               scale_range=scale_range, resize_long_side=resize_long_side)
+    return augment_image(image, geometry), augment_mask(mask, geometry, table)
+
+
+def eval_size_of(height, width, eval_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Size after an aspect-preserving resize that fits eval_size x eval_size:
+    the long side becomes eval_size, the short side round(short * eval_size / long)."""
+    height = tf.cast(height, tf.int32)
+    width = tf.cast(width, tf.int32)
+    long_side = tf.maximum(height, width)
+    # Integer round-half-up, so the long side is exactly eval_size.
+    new_h = tf.maximum((2 * height * eval_size + long_side) // (2 * long_side), 1)
+    new_w = tf.maximum((2 * width * eval_size + long_side) // (2 * long_side), 1)
+    return new_h, new_w
+
+
+def eval_resize(image, mask, eval_size: int):
+    """Aspect-preserving resize to fit eval_size x eval_size, then pad bottom/right.
+
+    Args:
+        image: [H, W, 3] uint8 or float.
+        mask: [H, W] integer mask.
+        eval_size: int E.
+    Returns:
+        image [E, E, 3] float32 (bilinear, pad 0), mask [E, E] int32 (nearest,
+        pad 255), valid_size [2] int32 = (rows, cols) of the unpadded region.
+
+    Example:
+        >>> img, msk, valid = eval_resize(image_u8, mask_u8, 512)
+    """
+    out_mask, size = eval_resize_mask(mask, eval_size)
+    resized = tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear")
+    pad = [[0, eval_size - size[0]], [0, eval_size - size[1]], [0, 0]]
+    out_image = tf.pad(resized, pad, constant_values=IMAGE_PAD)
+    return tf.ensure_shape(out_image, [eval_size, eval_size, 3]), out_mask, size
+
+
+def eval_resize_mask(mask, eval_size: int):
+    """The mask half of `eval_resize`: ([E, E] int32, valid_size [2] int32)."""
+    shape = tf.shape(mask)
+    new_h, new_w = eval_size_of(shape[0], shape[1], eval_size)
+    size = tf.stack([new_h, new_w])
+    resized = tf.image.resize(tf.cast(mask, tf.int32)[..., None], size, method="nearest")[..., 0]
+    out = tf.pad(resized, [[0, eval_size - new_h], [0, eval_size - new_w]], constant_values=MASK_PAD)
+    return tf.ensure_shape(out, [eval_size, eval_size]), size
