@@ -384,6 +384,7 @@ def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
         "label40": (_jpeg(photo), _png(np.where(mask > 0, 40, 0).astype(np.uint8))),
         "no_mask": (_jpeg(photo), None),
         "no_image": (None, _png(mask)),
+        "mask16": (_jpeg(photo), _png(mask.astype(np.uint16))),
     }
     for sid, (img, msk) in bad.items():
         _put(root, sid, img, msk)
@@ -422,8 +423,10 @@ def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
                                   "no mask SegmentationClassAug/no_mask.png for this image")
     assert reasons["no_image"][0] == "SegmentationClassAug/no_image.png"
     assert reasons["no_image"][1].startswith("missing image:")
+    assert reasons["mask16"][1].startswith("mask not 8-bit: SegmentationClassAug/mask16.png")
     total = len(good) + len(bad) + len(odd) + 1
-    assert (f"skipped 7 of {total} inputs: 1 label out of range, 1 mask not single-channel, "
+    assert (f"skipped 8 of {total} inputs: 1 label out of range, 1 mask not 8-bit, "
+            "1 mask not single-channel, "
             "1 mask size mismatch, 1 missing image, 1 missing mask, 1 not an image, "
             "1 truncated image") in caplog.text
 
@@ -524,6 +527,26 @@ def test_interrupted_build_keeps_previous_dataset(synth_root, tmp_path, monkeypa
     with pytest.raises(type(error)):
         b.build(root, out, **{**kw, "num_query_train": 9})
     assert len(calls) == 3
+    assert _tree(out) == before
+    assert _siblings(out) == []
+
+
+def test_failed_swap_puts_previous_dataset_back(synth_root, tmp_path, monkeypatch):
+    root, _ = synth_root
+    out = str(tmp_path / "out")
+    kw = {**SMALL, "num_query_train": 10}
+    b.build(root, out, **kw)
+    before = _tree(out)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if ".tmp-" in os.path.basename(src):  # moving the new dataset in
+            raise OSError("simulated failure of the final rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(b.os, "replace", replace)
+    with pytest.raises(OSError, match="simulated"):
+        b.build(root, out, **{**kw, "num_query_train": 9})
     assert _tree(out) == before
     assert _siblings(out) == []
 

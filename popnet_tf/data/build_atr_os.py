@@ -70,6 +70,7 @@ import re
 import shutil
 import signal
 import time
+import zlib
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -106,6 +107,7 @@ UNREADABLE_IMAGE = "unreadable image"
 UNREADABLE_MASK = "unreadable mask"
 MASK_NOT_PNG = "mask not PNG"
 MASK_NOT_SINGLE_CHANNEL = "mask not single-channel"
+MASK_NOT_8_BIT = "mask not 8-bit"
 MASK_SIZE_MISMATCH = "mask size mismatch"
 LABEL_OUT_OF_RANGE = "label out of range"
 UNEXPECTED_FILE = "unexpected file"
@@ -208,11 +210,16 @@ def _image_jpeg(data: bytes, img: Image.Image, path: str) -> bytes:
 
 
 def _merged_mask(img_size: tuple[int, int], mask: Image.Image, path: str,
-                 image_path: str) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Validates a raw ATR mask and returns (merged ids [H, W] uint8, classes)."""
+                 image_path: str) -> tuple[Image.Image, tuple[int, ...]]:
+    """Validates a raw ATR mask; returns (merged ids, an 'L' image [H, W], and
+    the merged ids present, 255 excluded)."""
     if mask.format != "PNG":
         raise _Skip(MASK_NOT_PNG, path, f"mask is {mask.format} data; save masks as "
                     "lossless 8-bit PNG")
+    if len(mask.getbands()) == 1 and mask.mode not in ("L", "P"):
+        raise _Skip(MASK_NOT_8_BIT, path,
+                    f"mask has mode {mask.mode!r}; expected an 8-bit single-channel "
+                    "('L') or palette ('P') PNG whose values are ATR ids")
     if mask.mode not in ("L", "P"):
         raise _Skip(MASK_NOT_SINGLE_CHANNEL, path,
                     f"mask has mode {mask.mode!r} ({len(mask.getbands())} channel(s)); "
@@ -222,20 +229,31 @@ def _merged_mask(img_size: tuple[int, int], mask: Image.Image, path: str,
         raise _Skip(MASK_SIZE_MISMATCH, path,
                     f"mask is {mask.size[1]}x{mask.size[0]} (rows x cols) but "
                     f"{image_path} is {img_size[1]}x{img_size[0]}")
-    raw = np.asarray(mask)  # [H, W] uint8: palette masks give their index values.
-    counts = np.bincount(raw.ravel(), minlength=256)
-    present = np.flatnonzero(counts)
-    bad = [int(v) for v in present
-           if v >= classes.NUM_RAW_CLASSES and v != classes.IGNORE_LABEL]
+    # Palette masks are read as their index values, not their colours.
+    raw = mask if mask.mode == "L" else Image.frombytes("L", mask.size, mask.tobytes())
+    counts = raw.histogram()  # 256 pixel counts, by value
+    present = [v for v, n in enumerate(counts) if n]
+    bad = [v for v in present if v >= classes.NUM_RAW_CLASSES and v != classes.IGNORE_LABEL]
     if bad:
         shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
         raise _Skip(LABEL_OUT_OF_RANGE, path,
                     f"label values {shown} outside 0-{classes.NUM_RAW_CLASSES - 1} "
                     f"(raw ATR ids; {classes.IGNORE_LABEL} = ignore)")
     table = classes.RAW_TO_MERGED_TABLE
-    merged = table[raw]  # [H, W] uint8, 255 stays 255.
+    # PIL's point() is the same 256-entry lookup as table[raw], in C and without
+    # a NumPy round trip (about 2x faster on 400x600); 255 stays 255.
+    merged = raw.point(table.tolist())
     merged_present = sorted({int(table[v]) for v in present} - {classes.IGNORE_LABEL})
     return merged, tuple(merged_present)
+
+
+def _encode_mask(merged: Image.Image) -> bytes:
+    """PNG of the merged mask. zlib's run-length strategy suits label maps: about
+    twice as fast as the default and smaller (Pillow reads "compress_type" as
+    the zlib strategy). Deterministic for a given zlib."""
+    buf = io.BytesIO()
+    merged.save(buf, format="PNG", compress_type=zlib.Z_RLE)
+    return buf.getvalue()
 
 
 def _process(task: _Task) -> _Encoded | _Rejection:
@@ -259,10 +277,8 @@ def _process(task: _Task) -> _Encoded | _Rejection:
         jpeg = _image_jpeg(image_data, image, task.image)
     except _Skip as skip:
         return _Rejection(sid, skip.path, skip.kind, f"{skip.path}: {skip.detail}")
-    buf = io.BytesIO()
-    Image.fromarray(merged).save(buf, format="PNG")
     width, height = image.size
-    return _Encoded(sid, jpeg, buf.getvalue(), height, width, present)
+    return _Encoded(sid, jpeg, _encode_mask(merged), height, width, present)
 
 
 def _ignore_sigint() -> None:
@@ -401,7 +417,11 @@ def _swap_in(tmp_dir: str, out_dir: str) -> None:
     if os.path.exists(out_dir):
         old = f"{out_dir}.old-{os.getpid()}"
         os.replace(out_dir, old)
-        os.replace(tmp_dir, out_dir)
+        try:
+            os.replace(tmp_dir, out_dir)
+        except BaseException:
+            os.replace(old, out_dir)  # put the previous dataset back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp_dir, out_dir)
