@@ -24,6 +24,7 @@ from PIL import Image
 
 from popnet_tf.data import build_atr_os as b
 from popnet_tf.data import features
+from popnet_tf.data import synth
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +84,8 @@ def _mask_with(merged_ids, h=24, w=16):
 
 
 def _random_atr(root, n, seed=0, prefix="im", h=24, w=16):
-    """n image/mask pairs of random rectangles of raw ids 0-17."""
+    """n small image/mask pairs of random rectangles of raw ids 0-17: tiny and
+    fast where a test needs many inputs or exact control over the masks."""
     rng = np.random.default_rng(seed)
     ids = []
     for i in range(n):
@@ -99,13 +101,8 @@ def _random_atr(root, n, seed=0, prefix="im", h=24, w=16):
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
-    """A few dozen synthetic people (popnet_tf.data.synth), or rectangles if synth
-    is not importable."""
+    """A few dozen synthetic people (popnet_tf.data.synth) in ATR layout."""
     root = str(tmp_path_factory.mktemp("synth"))
-    try:
-        from popnet_tf.data import synth
-    except ImportError:
-        return root, _random_atr(root, 36)
     return root, synth.generate(root, 36, seed=3, progress=False)
 
 
