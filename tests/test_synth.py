@@ -220,3 +220,22 @@ def test_cli_writes_the_same_files_as_the_library(written, tmp_path):
     # A missing required flag is a usage error, not a traceback.
     result = _run_cli("--num_images", "1")
     assert result.returncode != 0 and "out" in result.stderr
+
+
+@pytest.mark.benchmark
+def test_speed_one_core_400x600(tmp_path):
+    """At least 50 images/s for 400x600, drawing + encoding + writing, in
+    CPU time of this process (wall time on a shared machine measures the
+    neighbours). Run: `taskset -c 0 python -m pytest -m benchmark -s tests/test_synth.py`."""
+    import time
+    synth.draw_person(np.random.default_rng(0), 600, 400)  # warm caches
+    num = 200
+    start = time.process_time()
+    for i in range(num):
+        image, mask = synth.draw_person(np.random.default_rng([0, i]), 600, 400)
+        jpg, png = synth.encode(image, mask)
+        synth._write_atomic(str(tmp_path / f"{i}.jpg"), jpg)
+        synth._write_atomic(str(tmp_path / f"{i}.png"), png)
+    rate = num / (time.process_time() - start)
+    print(f"synth: {rate:.1f} images/s (400x600, one core, CPU time)")
+    assert rate >= 50
