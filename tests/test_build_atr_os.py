@@ -51,7 +51,9 @@ def _jpeg(array, **kw) -> bytes:
 
 
 def _png(array_or_image) -> bytes:
-    img = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    img = array_or_image
+    if not isinstance(img, Image.Image):
+        img = Image.fromarray(img)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -399,7 +401,10 @@ def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
     odd["cmyk"] = buf.getvalue()
     for sid, data in odd.items():
         _put(root, sid, data, _png(mask))
-    palette_mask = Image.fromarray(mask, mode="L").convert("P")  # indices == raw ids
+    # A palette mask whose colours have nothing to do with its indices: the
+    # indices are the raw ids.
+    palette_mask = Image.frombytes("P", (mask.shape[1], mask.shape[0]), mask.tobytes())
+    palette_mask.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
     _put(root, "palette_mask", _jpeg(photo), _png(palette_mask))
     with caplog.at_level(logging.INFO):
         m = b.build(root, out, **{**SMALL, "num_test_query": 1, "num_test_support": 10,

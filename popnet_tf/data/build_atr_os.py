@@ -610,9 +610,12 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
                                         num_workers, progress)
         rejected = prior + rejected
         num_inputs = len(tasks) + len(prior)
-        _log_skipped(rejected, num_inputs)
-        splits = _make_splits(staged, lists, tasks, num_test_eff, num_query_train,
-                              num_test_query, num_test_support, seed, atr_root)
+        try:
+            splits = _make_splits(staged, lists, tasks, num_test_eff, num_query_train,
+                                  num_test_query, num_test_support, seed, atr_root)
+        except DatasetError:
+            _log_skipped(rejected, num_inputs)  # the error refers to these
+            raise
         supports, missing = select_test_supports(
             {sid: staged[sid][2] for sid in splits["s_test"]})
         if missing:
@@ -658,6 +661,7 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
         # caught; the next build removes the temp folder.)
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
+    _log_skipped(rejected, num_inputs)
     counts = ", ".join(f"{s} {len(splits[s])}" for s in splits)
     logging.info("Wrote ATR-OS to %s in %.1f s: %s; test supports %s.", out_dir,
                  time.time() - start, counts, supports)
