@@ -142,6 +142,11 @@ def _presence(mask_u8) -> tf.Tensor:
     return tf.ensure_shape(counts > 0, [256])
 
 
+def _lookup(mask_u8, table) -> tf.Tensor:
+    """Applies a 256-entry table to a uint8 mask; returns uint8."""
+    return tf.gather(tf.cast(table, tf.uint8), tf.cast(mask_u8, tf.int32))
+
+
 def _keep_table(keep) -> tf.Tensor:
     """256-entry uint8 table: label v -> v where keep[v], else 0; 255 -> 255."""
     ids = tf.range(256, dtype=tf.int32)
@@ -159,6 +164,9 @@ def _plain(fn):
 def _options() -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
+    # Parallelism across elements, not inside one: the per-episode ops are
+    # small, and handing each to the intra-op pool costs more than it saves.
+    options.threading.max_intra_op_parallelism = 1
     return options
 
 
@@ -287,10 +295,14 @@ def train_episodes(data_dir: str, *, stage: int, fold: int, fold_set: str = clas
     _check_supports_exist(data_dir, manifest, table, stage, fold)
     # Cheap pre-filter: a support without foreground after fold masking is
     # never decoded.
+    table_t = tf.constant(table, tf.int32)
     supports = supports.filter(_plain(lambda el: _has_foreground(
         el["classes"] if cache_decoded else _parse_classes(el), table)))
 
-    def make(index, query, support):
+    def crop_support(index, query, support):
+        """Stage 1 of an episode: parse both, crop the support's mask until it
+        keeps a foreground class. Cheap (no JPEG), so that the episodes
+        dropped here cost little and the heavy stage 2 fuses with `batch`."""
         query = query if cache_decoded else _parse(query, decode_image=False)
         support = support if cache_decoded else _parse(support, decode_image=False)
         key = tf.stack([tf.constant(seed, tf.int64), index])
@@ -303,56 +315,64 @@ def train_episodes(data_dir: str, *, stage: int, fold: int, fold_set: str = clas
                 tf.random.experimental.stateless_fold_in(support_key, attempt + 1),
                 support_shape[0], support_shape[1], crop_size=crop_size,
                 scale_range=scale_range, resize_long_side=resize_long_side)
-            mask = augment.augment_mask(support["mask"], geometry, table)
-            return attempt + 1, geometry, mask, _presence(mask)
+            merged = augment.augment_mask(support["mask"], geometry)   # merged ids, no lookup yet
+            # Labels present after the stage/fold lookup, from the merged ids
+            # present: a 256-vector operation instead of a pass over the crop.
+            present = tf.math.unsorted_segment_max(
+                tf.cast(_presence(merged), tf.int32), table_t, 256) > 0
+            return attempt + 1, geometry, merged, present
 
-        def no_foreground(attempt, geometry, mask, present):
+        def no_foreground(attempt, geometry, merged, present):
             return (attempt < MAX_CROP_ATTEMPTS - 1) & ~tf.reduce_any(present[1:_IGNORE])
 
-        # Redraw the crop (mask only, cheap) until it keeps a foreground class.
-        # The loop starts from an empty draw (attempt -1) so that the
-        # augmentation is traced once.
+        # Redraw the crop (mask only) until it keeps a foreground class. The
+        # loop starts from an empty draw (attempt -1) so that the augmentation
+        # is traced once.
         empty = augment.Geometry(
             start=tf.zeros([2], tf.int32), stop=tf.ones([2], tf.int32), length=tf.ones([2], tf.int32),
             offset=tf.zeros([2], tf.int32), row_index=tf.zeros([crop_size], tf.int32),
             col_index=tf.zeros([crop_size], tf.int32), flip=tf.constant(False), scale=tf.constant(0.0))
-        _, s_geometry, s_mask, present = tf.while_loop(
+        _, s_geometry, s_merged, present = tf.while_loop(
             no_foreground, attempt_crop,
             (tf.constant(-1), empty, tf.zeros([crop_size, crop_size], tf.uint8), tf.zeros([256], tf.bool)))
-        s_image = augment.augment_image(support["image"], s_geometry)
-        valid = tf.reduce_any(present[1:_IGNORE])
+        return {"query": {"image": query["image"], "mask": query["mask"]},
+                "support_image": support["image"], "support_geometry": s_geometry,
+                "support_merged": s_merged, "present": present,
+                "query_key": query_key, "class_key": class_key}
 
+    def finish(e):
+        """Stage 2: images, the query's crop, labels and the one-way class."""
+        present = e["present"]                                        # [256] bool, stage labels
+        query = e["query"]
         shape = tf.shape(query["mask"])
-        q_geometry = augment.sample_geometry(query_key, shape[0], shape[1], crop_size=crop_size,
+        q_geometry = augment.sample_geometry(e["query_key"], shape[0], shape[1], crop_size=crop_size,
                                              scale_range=scale_range, resize_long_side=resize_long_side)
-        q_image = augment.augment_image(query["image"], q_geometry)
         if way == KWAY:
             class_id = tf.constant(-1, tf.int32)
             keep = present
+            s_table = table_t
         else:
-            # c uniform over the support's foreground classes (a dropped
-            # episode, valid=False, draws an arbitrary c that is never used).
+            # c uniform over the support's foreground classes.
             logits = tf.where(present[1:num_classes], 0.0, -1e9)[None]
-            class_id = tf.cast(tf.random.stateless_categorical(logits, 1, seed=class_key)[0, 0], tf.int32) + 1
+            class_id = tf.cast(tf.random.stateless_categorical(logits, 1, seed=e["class_key"])[0, 0],
+                               tf.int32) + 1
             keep = tf.range(256) == class_id
-            s_mask = tf.where((s_mask == tf.cast(class_id, tf.uint8)) | (s_mask == _IGNORE),
-                              s_mask, tf.zeros_like(s_mask))
-        # One lookup composes stage mapping, fold masking and the support's classes.
-        q_table = tf.gather(_keep_table(keep), tf.constant(table, tf.int32))
-        q_mask = augment.augment_mask(query["mask"], q_geometry, q_table)
+            s_table = tf.gather(_keep_table(keep), table_t)
+        # One lookup per mask composes stage mapping, fold masking and (query)
+        # the support's classes or (one-way) the binary class mask.
+        q_table = tf.gather(_keep_table(keep), table_t)
         return {
-            "query_image": q_image,
-            "support_image": s_image,
-            "query_mask": tf.cast(q_mask, tf.int32),
-            "support_mask": tf.cast(s_mask, tf.int32),
+            "query_image": augment.augment_image(query["image"], q_geometry),
+            "support_image": augment.augment_image(e["support_image"], e["support_geometry"]),
+            "query_mask": tf.cast(augment.augment_mask(query["mask"], q_geometry, q_table), tf.int32),
+            "support_mask": tf.cast(_lookup(e["support_merged"], s_table), tf.int32),
             "class_id": class_id,
-            "valid": valid,
         }
 
     ds = tf.data.Dataset.zip(queries, supports).enumerate()
-    ds = ds.map(_plain(lambda i, qs: make(i, *qs)), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.filter(_plain(lambda e: e["valid"]))
-    ds = ds.map(_plain(lambda e: {k: v for k, v in e.items() if k != "valid"}))
+    ds = ds.map(_plain(lambda i, qs: crop_support(i, *qs)), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.filter(_plain(lambda e: tf.reduce_any(e["present"][1:_IGNORE])))
+    ds = ds.map(_plain(finish), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
