@@ -289,3 +289,35 @@ def test_errors_name_the_problem(tmp_path, dataset):
         episodes.train_episodes(dataset["dir"], stage=3, fold=1, way="twoway", batch_size=2, crop_size=CROP)
     with pytest.raises(ValueError, match="fold"):
         episodes.train_episodes(dataset["dir"], stage=3, fold=3, batch_size=2, crop_size=CROP)
+
+
+# ----------------------------------------------------------------------------
+# End to end: synthetic ATR folder -> ATR-OS builder -> episodes.
+
+
+def test_synth_builder_pipeline_end_to_end(tmp_path):
+    from popnet_tf.data import build_atr_os, synth
+
+    synth.generate(str(tmp_path / "atr"), 40, seed=3, progress=False)
+    manifest = build_atr_os.build(str(tmp_path / "atr"), str(tmp_path / "atr_os"), num_query_train=12,
+                                  num_test_query=6, num_test_support=12, num_test=18, num_workers=0,
+                                  progress=False)
+    data = str(tmp_path / "atr_os")
+    novel = set(classes.novel_ids(3, 1))
+    for way in ("kway", "oneway"):
+        ds = episodes.train_episodes(data, stage=3, fold=1, way=way, batch_size=2, crop_size=64,
+                                     resize_long_side=80, seed=0)
+        for batch in _take(ds, 3):
+            for b in range(2):
+                s_ids = set(np.unique(batch["support_mask"][b]).tolist())
+                q_ids = set(np.unique(batch["query_mask"][b]).tolist())
+                assert s_ids - {0, 255} and not (s_ids | q_ids) & novel
+                assert q_ids <= s_ids | {0, 255}
+    pairs = list(episodes.test_episodes(data, stage=3, fold=1, way="kway", eval_size=64))
+    assert len(pairs) == 6 * 10
+    assert [p["support_id"].numpy().decode() for p in pairs[:10]] == manifest["test_supports"]
+    oneway = list(episodes.test_episodes(data, stage=2, fold=1, way="oneway", eval_size=64,
+                                         pairs_per_class=2, seed=0))
+    assert len(oneway) == 2 * 4
+    for p in oneway:
+        assert int(p["class_id"]) in p["support_mask"].numpy()
