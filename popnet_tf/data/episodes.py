@@ -60,7 +60,11 @@ _SALT_QUERY_SHUFFLE, _SALT_SUPPORT_SHUFFLE, _SALT_EPISODE, _SALT_STAGE1 = 11, 12
 
 
 def load_manifest(data_dir: str) -> dict:
-    """Reads `data_dir/manifest.json`, with an error that says how to build it."""
+    """Reads `data_dir/manifest.json`, with an error that says how to build it.
+
+    Example:
+        >>> load_manifest("tfrecords/synthetic")["test_supports"][:2]
+    """
     path = os.path.join(data_dir, "manifest.json")
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(
@@ -75,7 +79,12 @@ def load_manifest(data_dir: str) -> dict:
 
 
 def split_files(data_dir: str, split: str, manifest: dict | None = None) -> list[str]:
-    """Shard paths of a split in name order (= the builder's list order)."""
+    """Shard paths of a split in name order (= the builder's list order).
+
+    Example:
+        >>> split_files("tfrecords/synthetic", "q_test")
+        ['tfrecords/synthetic/q_test-00000-of-00001.tfrecord']
+    """
     manifest = manifest or load_manifest(data_dir)
     entry = manifest["splits"].get(split)
     if entry is None:
