@@ -142,3 +142,41 @@ def evaluate_foreground(model, *, data_dir, eval_size, max_queries=None, progres
     return {"foreground_iou": float(iou[1]), "background_iou": float(iou[0]),
             "miou": float(np.nanmean(iou)), "overall_acc": metrics.overall_accuracy(matrix.result()),
             "num_images": count}
+
+
+def evaluate_oneway(model, *, data_dir, stage, fold, fold_set="paper", eval_size,
+                    head="ncm", pairs_per_class=500, seed=0, progress=True):
+    """One-way OSHP (SPEC §5): per foreground class, seeded (support, query) pairs of
+    images containing it; binary confusion matrices per class (SPEC §8)."""
+    pairs = episodes.test_episodes(data_dir, stage=stage, fold=fold, fold_set=fold_set,
+                                   way="oneway", eval_size=eval_size,
+                                   pairs_per_class=pairs_per_class, seed=seed)
+    compute_agm = head != "ncm"
+
+    @tf.function(reduce_retracing=True)
+    def predict(query_image, support_image, support_mask):
+        static, presence = model.support_prototypes(support_image[None], support_mask[None])
+        prototypes = model.store(static, presence, training=False, use_dynamic=True)
+        feats = model.infused_features(query_image[None], training=False)
+        out = model.heads(feats, prototypes, presence, query_image[None], compute_agm=compute_agm)
+        return _head_probs(out, head)[0]
+
+    matrices: dict[int, np.ndarray] = {}
+    count = 0
+    bar = Progbar(None, unit_name="pair") if progress else None
+    for pair in pairs:
+        c = int(pair["class_id"])
+        probs = predict(pair["query_image"], pair["support_image"], pair["support_mask"])
+        pred = _to_label_resolution(probs, pair["valid_size"], tf.shape(pair["query_label"]))
+        truth = pair["query_label"]
+        valid = truth != classes.IGNORE_LABEL
+        binary_truth = tf.where(valid, tf.cast(truth == c, tf.int32), classes.IGNORE_LABEL)
+        binary_pred = tf.cast(pred == c, tf.int32)
+        matrices[c] = matrices.get(c, 0) + metrics.batch_confusion_matrix(binary_truth, binary_pred, 2).numpy()
+        count += 1
+        if bar:
+            bar.update(count)
+    summary = metrics.oneway_summary(matrices, classes.novel_ids(stage, fold, fold_set),
+                                     classes.STAGE_NUM_CLASSES[stage], classes.STAGE_CLASS_NAMES[stage])
+    summary.update({"num_pairs": count, "head": head})
+    return summary

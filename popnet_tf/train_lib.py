@@ -256,6 +256,13 @@ def make_train_step(model, optimizer, strategy, stage, global_batch, beta, use_d
     return step
 
 
+def _seed_states(model: keras.Model) -> list:
+    """The states of the model's random seed generators (dropout): checkpointed so a
+    resumed run draws the same dropout masks as an uninterrupted one."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
 class _Preempted(Exception):
     pass
 
@@ -284,7 +291,7 @@ def train_stage(config, workdir: str, stage: int, fold: int, data_dir: str,
         use_dynamic = tf.Variable(False, dtype=tf.bool, trainable=False, name="use_dynamic")
 
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var,
-                               step_in_epoch=step_var, beta=beta)
+                               step_in_epoch=step_var, beta=beta, rng=_seed_states(model))
     manager = tf.train.CheckpointManager(ckpt, checkpoint_dir(workdir, stage),
                                          max_to_keep=t.checkpoints_to_keep)
     if manager.latest_checkpoint:

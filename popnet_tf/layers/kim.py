@@ -10,6 +10,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from popnet_tf.layers.tracking import track_layers
+
 
 @keras.saving.register_keras_serializable(package="popnet_tf")
 class KnowledgeInfusion(keras.layers.Layer):
@@ -52,15 +54,18 @@ class KnowledgeInfusion(keras.layers.Layer):
                 f"[a, b]; got input shape {inputs_shape}.")
         first, second = inputs_shape
         channels = [first[-1] + second[-1], self.filters]
-        self.convs, self.norms = [], []
+        convs, norms = [], []
         for i, in_channels in enumerate(channels):
             conv = keras.layers.Conv2D(self.filters, 3, padding="same", use_bias=False,
                                        dtype=self.dtype_policy, name=f"conv_{i}")
             norm = keras.layers.BatchNormalization(dtype=self.dtype_policy, name=f"bn_{i}")
             conv.build((None, None, None, in_channels))
             norm.build((None, None, None, self.filters))
-            self.convs.append(conv)
-            self.norms.append(norm)
+            convs.append(conv)
+            norms.append(norm)
+        # Each item gets its own attribute so tf.train.Checkpoint sees it (tracking.py).
+        self.convs = track_layers(self, "conv", convs)
+        self.norms = track_layers(self, "norm", norms)
 
     def call(self, inputs, training=None):
         first, second = inputs

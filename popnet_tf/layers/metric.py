@@ -17,6 +17,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from popnet_tf.layers.tracking import track_layers
+
 # Logit of a class absent from the support: exp(-1e4 - max) underflows to exactly 0 in
 # float32. Logits are cast to float32 before masking, so this is safe under float16
 # (whose largest finite value is 65504).
@@ -136,13 +138,14 @@ class AttentionGuidance(keras.layers.Layer):
                 f"popnet_tf/layers/metric.py: AttentionGuidance(dim={self.dim}) got features "
                 f"of shape {features_shape}; build it with dim equal to the feature size.")
         trunk_shape = (None, None, None, self.dim)
-        self.trunk = []
+        trunk = []
         for i in range(self.hidden_convs):
             conv = keras.layers.Conv2D(self.dim, self.kernel_size, padding="same",
                                        activation="relu", dtype=self.dtype_policy,
                                        name=f"trunk_{i}")
             conv.build(trunk_shape)
-            self.trunk.append(conv)
+            trunk.append(conv)
+        self.trunk = track_layers(self, "trunk", trunk)  # visible to tf.train.Checkpoint
         self.phi = keras.layers.Conv2D(1, 1, dtype=self.dtype_policy, name="phi")
         self.omega = keras.layers.Conv2D(1, 1, dtype=self.dtype_policy, name="omega")
         self.phi.build(trunk_shape)

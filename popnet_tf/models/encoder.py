@@ -40,6 +40,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from popnet_tf.layers.tracking import track_layers
 from popnet_tf.models import backbones
 
 
@@ -138,11 +139,12 @@ class AtrousSpatialPyramidPooling(keras.layers.Layer):
 
     def build(self, input_shape):
         kw = {"dtype": self.dtype_policy}
-        self.branches = [ConvBNReLU(self.filters, 1, name="branch_1x1", **kw)]
-        self.branches += [
+        # Each branch gets its own attribute so tf.train.Checkpoint sees it (tracking.py).
+        branches = [ConvBNReLU(self.filters, 1, name="branch_1x1", **kw)] + [
             ConvBNReLU(self.filters, 3, dilation_rate=rate, separable=self.separable,
                        name=f"branch_rate{rate}", **kw)
             for rate in self.rates]
+        self.branches = track_layers(self, "branch", branches)
         self.pooling = ConvBNReLU(self.filters, 1, name="branch_pooling", **kw)
         self.projection = ConvBNReLU(self.filters, 1, name="projection", **kw)
         self.dropout_layer = keras.layers.Dropout(self.dropout, name="dropout", **kw)
@@ -254,14 +256,15 @@ class DeepLabV3PlusEncoder(keras.layers.Layer):
         self.low_level_projection = ConvBNReLU(self.low_level_filters, 1,
                                                name="low_level_projection", **kw)
         self.low_level_projection.build((None, None, None, low_channels))
-        self.decoder = []
+        decoder = []
         channels = self.aspp_filters + self.low_level_filters
         for i in range(self.decoder_convs):
             conv = ConvBNReLU(self.filters, 3, separable=separable,
                               name=f"decoder_conv{i + 1}", **kw)
             conv.build((None, None, None, channels))
-            self.decoder.append(conv)
+            decoder.append(conv)
             channels = self.filters
+        self.decoder = track_layers(self, "decoder", decoder)  # visible to tf.train.Checkpoint
 
     def call(self, images, training=None):
         x = ops.cast(images, self.compute_dtype) / 127.5 - 1.0        # [B, H, W, 3] in [-1, 1]

@@ -1,0 +1,237 @@
+"""Training: β schedule, warmup, frozen stages, learning, resume, replicas, precision, save/load."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import synthetic_cpu
+from popnet_tf import train_lib
+from popnet_tf.models import popnet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(tmp_dir, **train):
+    config = synthetic_cpu.get_config("smoke")
+    config.data.dir = os.path.join(tmp_dir, "data")
+    for key, value in train.items():
+        setattr(config.train, key, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def data_config(tmp_path_factory):
+    """Smoke config with its synthetic dataset built once for the module."""
+    tmp = str(tmp_path_factory.mktemp("train"))
+    config = smoke_config(tmp)
+    train_lib.ensure_dataset(config)
+    return config
+
+
+def test_beta_schedule_shift_and_constant():
+    beta = tf.Variable(1.0)
+    cb = train_lib.BetaSchedule(beta, epochs=4)
+    got = []
+    for epoch in range(4):
+        cb.on_epoch_begin(epoch)
+        got.append(float(beta.numpy()))
+    np.testing.assert_allclose(got, [1.0, 0.75, 0.5, 0.25])
+    cb = train_lib.BetaSchedule(beta, epochs=4, schedule="constant", constant=0.0)
+    cb.on_epoch_begin(2)
+    assert float(beta.numpy()) == 0.0
+    with pytest.raises(ValueError):
+        train_lib.BetaSchedule(beta, 4, schedule="linear")
+
+
+def test_prototype_warmup():
+    flag = tf.Variable(False)
+    cb = train_lib.PrototypeWarmup(flag, warmup=2)
+    states = []
+    for epoch in range(4):
+        cb.on_epoch_begin(epoch)
+        states.append(bool(flag.numpy()))
+    assert states == [False, False, True, True]
+    off = train_lib.PrototypeWarmup(flag, warmup=0, enabled=False)
+    off.on_epoch_begin(3)
+    assert not bool(flag.numpy())
+
+
+def _fixed_batch(config, stage, fold=1):
+    data = train_lib.epoch_dataset(config, config.data.dir, stage, fold, epoch=0)
+    return next(iter(data))
+
+
+def _stage_with_optimizer(config, stage, previous=None, steps=100):
+    model = popnet.build_stage(config, stage, previous=previous)
+    popnet.build_variables(model, stage, config.data.crop_size)
+    optimizer = train_lib.make_optimizer(config, steps)
+    return model, optimizer
+
+
+def test_loss_falls_on_tiny_config(data_config):
+    """A few dozen steps on one batch must at least halve the DML loss."""
+    config = smoke_config(os.path.dirname(data_config.data.dir), learning_rate=0.05)
+    config.model.kim = False
+    keras.utils.set_random_seed(0)
+    model, optimizer = _stage_with_optimizer(config, 3)
+    beta, dyn = tf.Variable(0.5), tf.Variable(False)
+    step = train_lib.make_train_step(model, optimizer, tf.distribute.get_strategy(), 3,
+                                     config.train.batch_size, beta, dyn, False)
+    batch = _fixed_batch(config, 3)
+    losses = [float(step(batch)["loss"]) for _ in range(40)]
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+
+
+def test_previous_stage_frozen(data_config):
+    """Training stage 2 leaves stage 1's weights and BatchNorm statistics unchanged."""
+    config = data_config
+    keras.utils.set_random_seed(1)
+    stage1 = popnet.build_stage(config, 1)
+    popnet.build_variables(stage1, 1, config.data.crop_size)
+    before = [v.numpy().copy() for v in stage1.weights]
+    assert any("moving" in v.path for v in stage1.weights)
+    model, optimizer = _stage_with_optimizer(config, 2, previous=stage1)
+    step = train_lib.make_train_step(model, optimizer, tf.distribute.get_strategy(), 2,
+                                     config.train.batch_size, tf.Variable(1.0), tf.Variable(False), False)
+    batch = _fixed_batch(config, 2)
+    for _ in range(3):
+        step(batch)
+    for v, old in zip(stage1.weights, before):
+        np.testing.assert_array_equal(v.numpy(), old, err_msg=v.path)
+    assert not any(v is w for v in model.trainable_variables for w in stage1.weights)
+
+
+def test_train_resume_equals_uninterrupted(tmp_path, data_config):
+    """Killing after epoch 1 and resuming gives the weights and store of a straight run."""
+    config = smoke_config(str(tmp_path), stage1_epochs=2)
+    config.data.dir = data_config.data.dir
+    config.train.validate_every = 0
+    straight = str(tmp_path / "straight")
+    train_lib.check_run_record(config, straight, 1)
+    train_lib.train_stage(config, straight, 1, 1, config.data.dir)
+
+    interrupted = str(tmp_path / "interrupted")
+    short = smoke_config(str(tmp_path), stage1_epochs=2)
+    short.data.dir = config.data.dir
+    short.train.validate_every = 0
+
+    class Stop(Exception):
+        pass
+
+    # Simulate a kill right after the first epoch's checkpoint: make epoch 2's dataset fail.
+    real_epoch_dataset = train_lib.epoch_dataset
+
+    def failing_epoch_dataset(cfg, data_dir, stage, fold, epoch):
+        if epoch == 1:
+            raise Stop()
+        return real_epoch_dataset(cfg, data_dir, stage, fold, epoch)
+
+    train_lib.epoch_dataset = failing_epoch_dataset
+    try:
+        with pytest.raises(Stop):
+            train_lib.train_stage(short, interrupted, 1, 1, short.data.dir)
+    finally:
+        train_lib.epoch_dataset = real_epoch_dataset
+    with pytest.raises(ValueError, match="--resume"):
+        train_lib.train_stage(short, interrupted, 1, 1, short.data.dir)
+    train_lib.train_stage(short, interrupted, 1, 1, short.data.dir, resume=True)
+
+    a = train_lib.restore_stage(config, straight, 1)
+    b = train_lib.restore_stage(config, interrupted, 1)
+    for va, vb in zip(a.weights, b.weights):
+        np.testing.assert_allclose(va.numpy(), vb.numpy(), rtol=1e-5, atol=1e-6, err_msg=va.path)
+
+
+def test_workdir_of_other_fold_refused(tmp_path, data_config):
+    train_lib.check_run_record(data_config, str(tmp_path), 1)
+    with pytest.raises(ValueError, match="fold"):
+        train_lib.check_run_record(data_config, str(tmp_path), 2)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_step_is_finite(data_config, policy):
+    config = smoke_config(os.path.dirname(data_config.data.dir), mixed_precision=policy)
+    config.model.kim = False
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model, optimizer = _stage_with_optimizer(config, 3)
+        step = train_lib.make_train_step(model, optimizer, tf.distribute.get_strategy(), 3,
+                                         config.train.batch_size, tf.Variable(0.5), tf.Variable(True), False)
+        batch = _fixed_batch(config, 3)
+        for _ in range(2):
+            logs = step(batch)
+        assert np.isfinite(float(logs["loss"]))
+        assert model.store.prototypes.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_save_load_equal_outputs(tmp_path, data_config):
+    config = data_config
+    keras.utils.set_random_seed(2)
+    stage1 = popnet.build_stage(config, 1)
+    popnet.build_variables(stage1, 1, config.data.crop_size)
+    model = popnet.build_stage(config, 2, previous=stage1)
+    popnet.build_variables(model, 2, config.data.crop_size)
+    batch = {k: v for k, v in _fixed_batch(config, 2).items() if k != "class_id"}
+    model(batch, training=True, use_dynamic=False)  # fill the store
+    path = str(tmp_path / "stage2.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    want = model(batch, training=False)["ncm_probs"]
+    got = loaded(batch, training=False)["ncm_probs"]
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+    np.testing.assert_allclose(loaded.store.prototypes.numpy(), model.store.prototypes.numpy())
+
+
+TWO_REPLICAS = textwrap.dedent("""
+    import json, sys
+    import numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    sys.path.insert(0, {repo!r})
+    from configs import synthetic_cpu
+    from popnet_tf import train_lib
+    from popnet_tf.models import popnet
+    config = synthetic_cpu.get_config("smoke")
+    config.data.dir = {data!r}
+    config.model.kim = False
+    batch = next(iter(train_lib.epoch_dataset(config, config.data.dir, 3, 1, epoch=0)))
+    batch = {{k: v.numpy() for k, v in batch.items()}}
+    out = {{}}
+    for name, strategy in [("one", tf.distribute.get_strategy()),
+                           ("two", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))]:
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = popnet.build_stage(config, 3)
+            popnet.build_variables(model, 3, config.data.crop_size)
+            train_lib._sync_batch_norm(model, strategy)
+            opt = train_lib.make_optimizer(config, 10)
+            opt.build(model.trainable_variables)
+            beta, dyn = tf.Variable(0.5), tf.Variable(True)
+        step = train_lib.make_train_step(model, opt, strategy, 3, config.train.batch_size, beta, dyn, False)
+        ds = tf.data.Dataset.from_tensors(batch).repeat(3)
+        losses = [float(step(b)["loss"]) for b in strategy.experimental_distribute_dataset(ds)]
+        out[name] = {{"losses": losses, "store": np.asarray(model.store.prototypes.numpy()).tolist()}}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_two_replicas_equal_one(tmp_path, data_config):
+    script = TWO_REPLICAS.format(repo=REPO, data=data_config.data.dir)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0]
+    out = json.loads(line[len("RESULT"):])
+    np.testing.assert_allclose(out["two"]["losses"], out["one"]["losses"], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(out["two"]["store"], out["one"]["store"], rtol=1e-3, atol=1e-4)
