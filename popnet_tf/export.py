@@ -1,0 +1,52 @@
+"""Export a trained workdir as a versioned SavedModel that TF Serving loads as it is.
+
+Usage:
+    python -m popnet_tf.export --workdir workdirs/synthetic_cpu_fold1 --out exported/popnet
+    python -m popnet_tf.export --workdir W --out DIR --version 7 --mask_values merged
+
+Writes DIR/<version>/ (default version: 1 + the largest existing one) with the
+last trained stage (its earlier stages and the prototype store inside) and two
+signatures: `serving_default` (JPEG/PNG bytes) and `parse_images` (tensors);
+see `popnet_tf.serving` and the README's "Export and serving" section.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (W/run.json, W/stage<N>/).",
+                               required=True)
+_OUT = flags.DEFINE_string("out", None, "Model base folder: the version is written in "
+                           "<out>/<version>/ (TF Serving's --model_base_path).", required=True)
+_VERSION = flags.DEFINE_integer("version", None, "Version folder (default: 1 + the largest "
+                                "existing one).")
+_STAGE = flags.DEFINE_enum("stage", None, ["2", "3"], "Stage to export (default: the last "
+                           "trained one).")
+_MASK_VALUES = flags.DEFINE_enum(
+    "mask_values", "user", ["user", "merged"],
+    "user: a support mask's values 1-254 are the classes, with static prototypes (a user's "
+    "classes are new to the model); merged: values are ATR-OS merged ids 0-11 and base "
+    "classes use the dynamic prototype store, as in evaluation.")
+_HEAD = flags.DEFINE_enum("head", None, ["ncm", "agm", "mean"], "Prediction head "
+                          "(default: the config's eval.head).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from popnet_tf import export_lib  # after flag parsing: keeps --help fast
+
+    try:
+        path = export_lib.export_saved_model(
+            _WORKDIR.value, _OUT.value, version=_VERSION.value,
+            stage=int(_STAGE.value) if _STAGE.value else None,
+            mask_values=_MASK_VALUES.value, head=_HEAD.value)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    logging.info("SavedModel written: %s", path)
+    print(path)
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.INFO)
+    app.run(main)

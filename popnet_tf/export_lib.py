@@ -1,0 +1,149 @@
+"""Export a trained workdir as a versioned SavedModel for TF Serving.
+
+The exported model is the workdir's last trained one-shot stage (stage 3 with
+its frozen stages 2 and 1 inside through KIM), restored from its checkpoint
+with the prototype store, wrapped in `serving.OneShotParser` and written with
+`keras.export.ExportArchive`: one endpoint per signature of `serving.SIGNATURES`,
+`serving_default` being the encoded-bytes one that TF Serving's REST API uses
+by default.
+
+Layout (what TF Serving's `--model_base_path` expects):
+    DIR/<version>/saved_model.pb, variables/       the SavedModel
+    DIR/<version>/assets.extra/popnet_export.json  what was exported and how
+                                                   (TF Serving ignores it)
+The version is 1 + the largest integer subfolder of DIR, or the one asked for.
+The SavedModel is written into a hidden folder of DIR and renamed into place,
+so TF Serving (which polls DIR) never sees half a version, and a crash leaves
+none behind.
+
+Example:
+    >>> path = export_saved_model("workdirs/synthetic_cpu_fold1", "exported/popnet")
+    >>> path   # 'exported/popnet/1'
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+
+import keras
+import ml_collections
+import tensorflow as tf
+from absl import logging
+
+from popnet_tf import classes, serving, train_lib
+
+FORMAT_VERSION = 1
+
+
+def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
+    """The config (and the whole record) a workdir was trained with, from W/run.json."""
+    path = os.path.join(workdir, train_lib.RUN_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path}: not found; --workdir must be a folder written by popnet_tf.train")
+    with open(path) as f:
+        record = json.load(f)
+    if "config" not in record:
+        raise ValueError(f"{path}: no 'config' entry; the workdir is from an older version, retrain it")
+    return ml_collections.ConfigDict(record["config"]), record
+
+
+def last_trained_stage(workdir: str) -> int:
+    """The highest one-shot stage (3, else 2) with a checkpoint in the workdir."""
+    for stage in (3, 2):
+        if tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, stage)):
+            return stage
+    raise FileNotFoundError(
+        f"{workdir}: no checkpoint of stage 3 or 2 (stage 1 is not one-shot and is not "
+        f"exported); train one first: python -m popnet_tf.train --workdir={workdir} --stage=3")
+
+
+def restore_model(workdir: str, stage: int | None = None):
+    """(model, config, stage, record): the stage restored from its latest checkpoint."""
+    config, record = load_run_config(workdir)
+    stage = stage or last_trained_stage(workdir)
+    if stage not in (2, 3):
+        raise ValueError(f"stage must be 2 or 3 (the one-shot stages), got {stage!r}")
+    if not train_lib.stage_finished(workdir, stage):
+        logging.warning("%s: stage %d has checkpoints but no %s: exporting an unfinished stage.",
+                        workdir, stage, train_lib.RESULT_FILE)
+    keras.mixed_precision.set_global_policy(config.train.mixed_precision)
+    model = train_lib.restore_stage(config, workdir, stage)
+    return model, config, stage, record
+
+
+def next_version(out_dir: str) -> int:
+    """1 + the largest integer-named subfolder of out_dir (1 when none)."""
+    versions = [int(n) for n in os.listdir(out_dir)
+                if n.isdigit() and os.path.isdir(os.path.join(out_dir, n))] if os.path.isdir(out_dir) else []
+    return max(versions, default=0) + 1
+
+
+def build_archive(parser: serving.OneShotParser) -> keras.export.ExportArchive:
+    """An ExportArchive holding the parser's model and one endpoint per signature."""
+    archive = keras.export.ExportArchive()
+    archive.track(parser.model)
+    for name in serving.SIGNATURES:
+        fn = parser.parse_encoded if name == serving.SIGNATURE_ENCODED else parser.parse_images
+        archive.add_endpoint(name, fn, input_signature=serving.input_signature(name))
+    return archive
+
+
+def export_saved_model(workdir: str, out_dir: str, *, version: int | None = None,
+                       stage: int | None = None, mask_values: str = "user",
+                       head: str | None = None) -> str:
+    """Exports the workdir's model to out_dir/<version>/ and returns that path.
+
+    Args:
+        workdir: a training workdir (W/run.json, W/stage<N>/checkpoints).
+        out_dir: the model's base folder (TF Serving's --model_base_path).
+        version: the version folder; default 1 + the largest existing one.
+        stage: 2 or 3; default the last trained one.
+        mask_values: "user" (a support mask's values 1-254 are the classes, static
+            prototypes) or "merged" (values are ATR-OS merged ids, base classes use
+            the dynamic store); see `serving`.
+        head: "ncm", "agm" or "mean"; default the config's eval.head.
+    """
+    if mask_values not in serving.MASK_VALUES:
+        raise ValueError(f"mask_values must be one of {serving.MASK_VALUES}, got {mask_values!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    version = next_version(out_dir) if version is None else int(version)
+    if version < 1:
+        raise ValueError(f"version must be a positive integer, got {version}")
+    final = os.path.join(out_dir, str(version))
+    if os.path.exists(final):
+        raise FileExistsError(f"{final}: version {version} exists; choose another --version "
+                              "or omit it to take the next free one")
+    model, config, stage, record = restore_model(workdir, stage)
+    head = head or config.eval.head
+    parser = serving.OneShotParser(model, eval_size=config.data.eval_size,
+                                   mask_values=mask_values, head=head)
+    # Hidden, non-numeric name: TF Serving only loads integer-named versions.
+    tmp = os.path.join(out_dir, f".tmp-{version}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build_archive(parser).write_out(tmp, verbose=False)
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "stage": stage, "fold": record.get("fold"), "fold_set": config.data.fold_set,
+            "num_classes": parser.num_classes, "eval_size": parser.eval_size,
+            "mask_values": mask_values, "head": head,
+            "class_names": list(classes.STAGE_CLASS_NAMES[stage]) if mask_values == "merged" else None,
+            "signatures": {name: {"inputs": {s.name: [str(s.dtype.name), s.shape.as_list()]
+                                             for s in serving.input_signature(name)},
+                                  "outputs": list(serving.OUTPUT_NAMES)}
+                           for name in serving.SIGNATURES},
+            "workdir": os.path.abspath(workdir),
+            "checkpoint": tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, stage)),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        train_lib.write_json_atomic(os.path.join(tmp, serving.METADATA_PATH), metadata)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logging.info("Exported stage %d of %s to %s (mask values: %s, head: %s).",
+                 stage, workdir, final, mask_values, head)
+    return final

@@ -1,0 +1,475 @@
+"""Parse your own photos with classes defined by your own reference image.
+
+One support image and its mask (any values 1-254 for your classes, 0
+background, 255 ignore) define the classes; every query image (files, or
+folders of images) gets, in --out:
+    <name>.png          label map at the query's size, palette PNG whose pixel
+                        values are your mask's values
+    <name>_overlay.jpg  the query with the classes' colours blended in
+    summary.json        per query and in total: pixels and area fraction of each
+                        class found, plus the queries that failed and why
+
+--model is an exported SavedModel (a `popnet_tf.export` folder, its latest
+version is used, or one version folder) or a training workdir; both run the
+same `popnet_tf.serving` function that TF Serving runs, so local and served
+predictions agree.
+
+Usage:
+    python -m popnet_tf.predict --model exported/popnet --support ref.jpg \\
+        --support_mask ref.png --query photos/ extra.jpg --out parsed/ \\
+        [--class_names '{"1": "jacket", "7": "sneaker"}']
+
+Bad input gets one line naming the file: a support problem (unreadable image,
+mask size different from the image, no foreground, too many classes) stops
+before any work; an unreadable or non-image query is skipped, the others are
+still parsed and the failures listed at the end (exit status 1).
+
+Example (library):
+    >>> predictor = load_predictor("exported/popnet")
+    >>> support = read_support("ref.jpg", "ref.png", predictor)
+    >>> summary = predict_files(predictor, support, ["photos/"], "parsed/")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+from absl import app, flags, logging
+from keras.utils import Progbar
+from PIL import Image
+
+from popnet_tf import classes, serving
+from popnet_tf.data import show
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+SUMMARY_FILE = "summary.json"
+_OVERLAY_QUALITY = 90
+
+
+class InputError(ValueError):
+    """A bad input file; the message is one line that names the file."""
+
+
+# ----------------------------------------------------------------------------- the model
+@dataclasses.dataclass
+class Predictor:
+    """The encoded-bytes serving function and what it needs to know.
+
+    Call: (query bytes list, support image bytes, support mask PNG bytes) ->
+    dict of NumPy arrays (`serving` outputs).
+    """
+    fn: object
+    num_classes: int
+    mask_values: str
+    source: str
+    class_names: tuple | None = None
+    keep_alive: object = None   # the loaded SavedModel: its functions need it alive
+
+    def __call__(self, queries: list[bytes], support_image: bytes, support_mask: bytes) -> dict:
+        out = self.fn(query_images=tf.constant(queries, tf.string),
+                      support_image=tf.constant(support_image, tf.string),
+                      support_mask=tf.constant(support_mask, tf.string))
+        return {k: v.numpy() for k, v in out.items()}
+
+
+def saved_model_version(path: str) -> str | None:
+    """The SavedModel folder of `path`: itself if it holds saved_model.pb, else its
+    largest integer-named subfolder that does (an export base folder); None if neither."""
+    if os.path.exists(os.path.join(path, "saved_model.pb")):
+        return path
+    if not os.path.isdir(path):
+        return None
+    versions = sorted((int(n) for n in os.listdir(path)
+                       if n.isdigit() and os.path.exists(os.path.join(path, n, "saved_model.pb"))),
+                      reverse=True)
+    return os.path.join(path, str(versions[0])) if versions else None
+
+
+def load_predictor(model: str, mask_values: str | None = None, head: str | None = None) -> Predictor:
+    """A Predictor from an exported SavedModel (base or version folder) or a workdir.
+
+    Args:
+        model: the folder.
+        mask_values: for a workdir, "user" (default) or "merged"; for a SavedModel it
+            is fixed at export and a different value is an error.
+        head: for a workdir, the served head (default: the config's eval.head).
+    """
+    version_dir = saved_model_version(model)
+    if version_dir is not None:
+        metadata = serving.read_metadata(version_dir)
+        exported = metadata.get("mask_values", "user")
+        if mask_values and mask_values != exported:
+            raise InputError(f"{version_dir}: exported with mask values {exported!r}, not "
+                             f"{mask_values!r}; re-export with --mask_values={mask_values}")
+        if head and head != metadata.get("head", head):
+            raise InputError(f"{version_dir}: exported with head {metadata.get('head')!r}; "
+                             "--head only applies to a workdir")
+        loaded = tf.saved_model.load(version_dir)
+        names = metadata.get("class_names")
+        return Predictor(fn=loaded.signatures[serving.SIGNATURE_ENCODED],
+                         num_classes=int(metadata.get("num_classes", classes.NUM_CLASSES)),
+                         mask_values=exported, source=version_dir,
+                         class_names=tuple(names) if names else None, keep_alive=loaded)
+    if os.path.exists(os.path.join(model, "run.json")):
+        from popnet_tf import export_lib  # training code: only for a workdir
+
+        mask_values = mask_values or "user"
+        restored, config, stage, _ = export_lib.restore_model(model)
+        parser = serving.OneShotParser(restored, eval_size=config.data.eval_size,
+                                       mask_values=mask_values, head=head or config.eval.head)
+        names = classes.STAGE_CLASS_NAMES[stage] if mask_values == "merged" else None
+        return Predictor(fn=parser.function(serving.SIGNATURE_ENCODED),
+                         num_classes=parser.num_classes, mask_values=mask_values,
+                         source=f"{model} (stage {stage})", class_names=names, keep_alive=parser)
+    raise InputError(f"{model}: neither a SavedModel (saved_model.pb, or version folders holding "
+                     "one) nor a training workdir (run.json)")
+
+
+# ----------------------------------------------------------------------------- inputs
+@dataclasses.dataclass
+class Support:
+    """A checked support: its file bytes, its mask re-encoded as the 8-bit grayscale
+    PNG the serving function reads, and its class values (sorted, background excluded)."""
+    image_path: str
+    mask_path: str
+    image_bytes: bytes
+    mask_png: bytes
+    class_values: tuple
+
+
+def _read_bytes(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+
+
+def decode_file(path: str, data: bytes, what: str) -> np.ndarray:
+    """[H, W, 3] uint8 by the serving decoder (so sizes agree with the served model)."""
+    try:
+        return serving.decode_image(data).numpy()
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
+        raise InputError(f"{path}: the {what} is not an image TensorFlow can decode "
+                         "(JPEG, PNG, GIF, BMP, WebP)") from None
+
+
+def read_mask(path: str) -> np.ndarray:
+    """A mask file -> [H, W] uint8 of its class values (a palette PNG's indices)."""
+    data = _read_bytes(path, "support mask")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception:  # PIL raises many types for a corrupt or foreign file
+        raise InputError(f"{path}: the support mask is not a readable image") from None
+    if image.format == "JPEG":
+        raise InputError(f"{path}: the support mask is a JPEG, whose lossy values are not exact "
+                         "classes; save it as PNG")
+    if image.mode in ("P", "L"):
+        return np.asarray(image, np.uint8)
+    if image.mode == "1":
+        return np.asarray(image, np.uint8)  # 0/1: background and class 1
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        values = np.asarray(image)
+        if values.min() < 0 or values.max() > 255:
+            raise InputError(f"{path}: the support mask has values outside 0..255 "
+                             f"({values.min()}..{values.max()}); classes must be 1..254")
+        return values.astype(np.uint8)
+    raise InputError(f"{path}: the support mask is a {image.mode} image; a mask must be "
+                     "single-channel (grayscale or palette PNG) with the class values as pixels")
+
+
+def read_support(image_path: str, mask_path: str, predictor: Predictor) -> Support:
+    """Reads and checks a support image and mask before any work (one-line InputErrors)."""
+    image_bytes = _read_bytes(image_path, "support image")
+    image = decode_file(image_path, image_bytes, "support image")
+    mask = read_mask(mask_path)
+    if mask.shape != image.shape[:2]:
+        raise InputError(f"{mask_path}: the mask is {mask.shape[0]}x{mask.shape[1]} but the support "
+                         f"image {image_path} is {image.shape[0]}x{image.shape[1]}; they must match")
+    values = np.unique(mask)
+    values = tuple(int(v) for v in values if v not in (serving.BACKGROUND, serving.IGNORE))
+    if not values:
+        raise InputError(f"{mask_path}: the mask has no foreground: label your classes with "
+                         "values 1..254 (0 is background, 255 ignore)")
+    limit = predictor.num_classes - 1
+    if predictor.mask_values == "user" and len(values) > limit:
+        raise InputError(f"{mask_path}: the mask has {len(values)} classes ({list(values)}) but "
+                         f"the model allows at most {limit}; merge some")
+    if predictor.mask_values == "merged" and max(values) > limit:
+        raise InputError(f"{mask_path}: value {max(values)} is not a merged ATR-OS id 1..{limit}; "
+                         "this model was exported with --mask_values=merged")
+    buffer = io.BytesIO()
+    Image.fromarray(mask, "L").save(buffer, format="PNG")
+    return Support(image_path, mask_path, image_bytes, buffer.getvalue(), values)
+
+
+def collect_queries(paths: list[str]) -> tuple[list[str], list[str]]:
+    """(query files, skipped files): files are taken as given; folders contribute their
+    files with an image extension, sorted (others are skipped and reported)."""
+    files, skipped = [], []
+    for path in paths:
+        if os.path.isdir(path):
+            for name in sorted(os.listdir(path)):
+                full = os.path.join(path, name)
+                if not os.path.isfile(full) or name.startswith("."):
+                    continue
+                (files if name.lower().endswith(IMAGE_EXTENSIONS) else skipped).append(full)
+        else:
+            files.append(path)  # a missing file is reported as a failure
+    return files, skipped
+
+
+def read_class_names(arg: str | None, default=None) -> dict[int, str]:
+    """--class_names: a JSON file or inline JSON, {"7": "sneaker", ...} or a list
+    (index = value). Values without a name are called "class <value>"."""
+    names = {i: n for i, n in enumerate(default)} if default else {}
+    if not arg:
+        return names
+    text = arg
+    if os.path.exists(arg):
+        with open(arg) as f:
+            text = f.read()
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"--class_names: {arg}: not a JSON file or JSON text ({e.msg})") from None
+    if isinstance(parsed, list):
+        parsed = dict(enumerate(parsed))
+    if not isinstance(parsed, dict):
+        raise InputError(f"--class_names: {arg}: expected an object {{value: name}} or a list")
+    try:
+        names.update({int(k): str(v) for k, v in parsed.items()})
+    except ValueError:
+        raise InputError(f"--class_names: {arg}: keys must be mask values (integers)") from None
+    return names
+
+
+# ----------------------------------------------------------------------------- outputs
+def palette() -> np.ndarray:
+    """[256, 3] uint8: `show.PALETTE` for values 0-11 (the merged classes' colours),
+    white for 255, and distinct generated colours (the PASCAL VOC bit pattern) for
+    the other values a user's mask may hold."""
+    out = np.zeros((256, 3), np.uint8)
+    for value in range(256):
+        v, colour = value, [0, 0, 0]
+        for bit in range(8):
+            for channel in range(3):
+                colour[channel] |= ((v >> channel) & 1) << (7 - bit)
+            v >>= 3
+        out[value] = colour
+    out[: len(show.PALETTE)] = show.PALETTE
+    out[classes.IGNORE_LABEL] = show.IGNORE_COLOUR
+    return out
+
+
+_PALETTE = palette()
+
+
+def label_image(labels: np.ndarray) -> Image.Image:
+    """[H, W] class values -> palette PNG image (pixel value = class value)."""
+    image = Image.fromarray(labels.astype(np.uint8), "P")
+    image.putpalette(_PALETTE.reshape(-1).tolist())
+    return image
+
+
+def overlay_image(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Blends the classes' colours into the image on foreground pixels, as
+    `show.overlay` does, with the 256-value palette."""
+    image = image.astype(np.float32)
+    fg = ((labels != serving.BACKGROUND) & (labels != serving.IGNORE))[..., None]
+    blended = (1 - show.OVERLAY_ALPHA) * image + show.OVERLAY_ALPHA * _PALETTE[labels].astype(np.float32)
+    return np.where(fg, blended, image).round().astype(np.uint8)
+
+
+def class_areas(labels: np.ndarray, values, names: dict[int, str]) -> dict:
+    """{name: {"value", "pixels", "fraction"}} for background and each class value."""
+    counts = np.bincount(labels.reshape(-1).astype(np.int64), minlength=256)
+    total = labels.size
+    return {_name(v, names): {"value": int(v), "pixels": int(counts[v]),
+                              "fraction": float(counts[v] / total) if total else 0.0}
+            for v in (serving.BACKGROUND, *values)}
+
+
+def _name(value: int, names: dict[int, str]) -> str:
+    if value == serving.BACKGROUND:
+        return names.get(value, "background")
+    return names.get(value, f"class {value}")
+
+
+def _unique_stem(path: str, used: set) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0] or "query"
+    name, k = stem, 1
+    while name in used:
+        name, k = f"{stem}-{k}", k + 1
+    used.add(name)
+    return name
+
+
+def _error_line(error: Exception) -> str:
+    text = getattr(error, "message", None) or str(error)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+# ----------------------------------------------------------------------------- the run
+def predict_files(predictor: Predictor, support: Support, queries: list[str], out_dir: str, *,
+                  class_names: dict[int, str] | None = None, batch_size: int = 4,
+                  progress: bool = True) -> dict:
+    """Parses query files and folders, writes label PNGs, overlays and summary.json.
+
+    Each request to the model carries the support and up to `batch_size` queries.
+    A query that cannot be read or decoded is listed in "failures" and the others
+    still run. Returns the summary (also written to out_dir/summary.json).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    names = class_names if class_names is not None else read_class_names(None, predictor.class_names)
+    files, skipped = collect_queries(queries)
+    results, failures, used = [], [], set()
+    bar = Progbar(len(files), unit_name="image") if progress and len(files) > 1 else None
+    done = 0
+
+    def run(batch):
+        """[(path, bytes, image)] -> outputs per query, or an error line per query."""
+        try:
+            out = predictor([b for _, b, _ in batch], support.image_bytes, support.mask_png)
+            return [{k: (v[i] if k not in ("class_values",) else v) for k, v in out.items()}
+                    for i in range(len(batch))]
+        except tf.errors.OpError as e:
+            if len(batch) == 1:
+                return [e]
+            return [r for item in batch for r in run([item])]
+
+    def write(path, image, out):
+        h, w = (int(s) for s in out["image_sizes"])
+        labels = out["labels"][:h, :w]
+        stem = _unique_stem(path, used)
+        label_path = os.path.join(out_dir, f"{stem}.png")
+        overlay_path = os.path.join(out_dir, f"{stem}_overlay.jpg")
+        label_image(labels).save(label_path)
+        Image.fromarray(overlay_image(image, labels)).save(overlay_path, quality=_OVERLAY_QUALITY)
+        values = [int(v) for v in out["class_values"][1:]]
+        results.append({"file": path, "height": h, "width": w, "label": label_path,
+                        "overlay": overlay_path, "areas": class_areas(labels, values, names)})
+
+    batch = []
+
+    def flush():
+        nonlocal done
+        for (path, _, image), out in zip(batch, run(batch)):
+            if isinstance(out, Exception):
+                failures.append({"file": path, "error": _error_line(out)})
+            else:
+                write(path, image, out)
+        done += len(batch)
+        batch.clear()
+        if bar:
+            bar.update(done)
+
+    for path in files:
+        try:
+            data = _read_bytes(path, "query")
+            image = decode_file(path, data, "query")
+        except InputError as e:
+            failures.append({"file": path, "error": str(e)})
+            done += 1
+            if bar:
+                bar.update(done)
+        else:
+            batch.append((path, data, image))
+            if len(batch) == batch_size:
+                flush()
+    if batch:
+        flush()
+
+    summary = {
+        "model": predictor.source,
+        "support": {"image": support.image_path, "mask": support.mask_path,
+                    "classes": {_name(v, names): v for v in support.class_values}},
+        "queries": results,
+        "totals": _totals(results),
+        "failures": failures,
+        "skipped": skipped,
+    }
+    with open(os.path.join(out_dir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _totals(results: list[dict]) -> dict:
+    """Per class: images where found, pixels, and mean area fraction over the images."""
+    totals: dict[str, dict] = {}
+    for r in results:
+        for name, a in r["areas"].items():
+            t = totals.setdefault(name, {"value": a["value"], "images": 0, "pixels": 0,
+                                         "mean_fraction": 0.0})
+            t["images"] += int(a["pixels"] > 0)
+            t["pixels"] += a["pixels"]
+            t["mean_fraction"] += a["fraction"] / len(results)
+    return totals
+
+
+def format_summary(summary: dict) -> str:
+    """A Markdown table of the class areas, then the failures, one per line."""
+    n = len(summary["queries"])
+    lines = [f"| class | value | images where found (of {n}) | mean area |", "|---|---|---|---|"]
+    for name, t in summary["totals"].items():
+        lines.append(f"| {name} | {t['value']} | {t['images']} | {100 * t['mean_fraction']:.1f}% |")
+    for f in summary["failures"]:
+        lines.append(f"failed: {f['error']}" if f["error"].startswith(f["file"])
+                     else f"failed: {f['file']}: {f['error']}")
+    for s in summary["skipped"]:
+        lines.append(f"skipped (not an image extension): {s}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _define_flags():
+    """The CLI's flags (defined on demand, so importing the library defines none)."""
+    flags.DEFINE_string("model", None, "Exported SavedModel folder (or one version) or a "
+                        "training workdir.")
+    flags.DEFINE_string("support", None, "Support (reference) image.")
+    flags.DEFINE_string("support_mask", None, "Support mask PNG: your class values 1..254 as "
+                        "pixels, 0 background, 255 ignore.")
+    flags.DEFINE_multi_string("query", None, "Query image file or folder; repeat the flag or "
+                              "list several after it.")
+    flags.DEFINE_string("out", None, "Output folder.")
+    flags.DEFINE_string("class_names", None, "JSON file or text naming the mask values: "
+                        "{\"7\": \"sneaker\"} or a list.")
+    flags.DEFINE_enum("mask_values", None, list(serving.MASK_VALUES),
+                      "Workdir only: 'user' (default) or 'merged' (ATR-OS ids 0-11).")
+    flags.DEFINE_enum("head", None, list(serving.HEADS), "Workdir only: the prediction head.")
+    flags.DEFINE_integer("batch_size", 4, "Queries per model call.")
+
+
+def main(argv):
+    f = flags.FLAGS
+    # Paths after --query's first value arrive as positional arguments: more queries.
+    queries = list(f.query or []) + list(argv[1:])
+    missing = [f"--{n}" for n in ("model", "support", "support_mask", "out") if not f[n].value]
+    if missing or not queries:
+        raise app.UsageError(f"missing {', '.join(missing + ([] if queries else ['--query']))}")
+    try:
+        predictor = load_predictor(f.model, f.mask_values, f.head)
+        support = read_support(f.support, f.support_mask, predictor)
+        names = read_class_names(f.class_names, predictor.class_names)
+    except (InputError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    summary = predict_files(predictor, support, queries, f.out, class_names=names,
+                            batch_size=f.batch_size)
+    logging.info("Parsed %d image(s) with %s into %s (summary: %s)", len(summary["queries"]),
+                 predictor.source, f.out, os.path.join(f.out, SUMMARY_FILE))
+    sys.stdout.write(format_summary(summary) + "\n")
+    return 1 if summary["failures"] else 0
+
+
+if __name__ == "__main__":
+    _define_flags()
+    logging.set_verbosity(logging.INFO)
+    app.run(main)
