@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from popnet_tf import classes, eval_lib, losses, metrics
+from popnet_tf import classes, eval_lib, integrity, losses, metrics
 from popnet_tf.data import episodes
 from popnet_tf.models import popnet
 
@@ -196,7 +196,7 @@ def check_run_record(config, workdir: str, fold: int) -> None:
             old = json.load(f)
         for key in ("fold", "fold_set", "class_names", "model"):
             if old.get(key) != json.loads(json.dumps(record[key])):
-                raise ValueError(
+                raise integrity.RunConfigError(
                     f"{path}: this workdir was trained with {key}={old.get(key)!r}, "
                     f"but this run asks for {key}={record[key]!r}; use another --workdir")
         return
@@ -406,10 +406,12 @@ def train(config, workdir: str, stage: int, fold: int, resume: bool = False) -> 
     if stage not in (1, 2, 3):
         raise ValueError(f"--stage must be 1, 2 or 3, got {stage!r}")
     classes.novel_ids(3, fold, config.data.fold_set)  # validates fold and fold set
-    os.makedirs(workdir, exist_ok=True)
+    integrity.check_workdir(workdir)  # read-only or full: fail before writing anything
     check_run_record(config, workdir, fold)
     _configure_runtime(config)
     data_dir = ensure_dataset(config)
+    integrity.verify_dataset(data_dir)  # damaged shards: fail before any model is built
+    verify_checkpoints(config, workdir, stage, resume)
     previous, summary = None, None
     for s in popnet.stages_needed(config, stage):
         if stage_finished(workdir, s):
@@ -428,6 +430,21 @@ def train(config, workdir: str, stage: int, fold: int, resume: bool = False) -> 
         if s != stage:
             previous = restore_stage(config, workdir, s)
     return summary
+
+
+def verify_checkpoints(config, workdir: str, stage: int, resume: bool) -> None:
+    """Pre-flight for the checkpoints a run will read: an unfinished stage is only
+    continued with --resume, and each latest checkpoint reads back in full
+    (integrity.verify_checkpoint), before any model is built."""
+    for s in popnet.stages_needed(config, stage):
+        state = tf.train.get_checkpoint_state(checkpoint_dir(workdir, s))
+        if state is None or not state.model_checkpoint_path:
+            continue
+        if not stage_finished(workdir, s) and not resume:
+            raise integrity.RunConfigError(
+                f"{checkpoint_dir(workdir, s)} holds an unfinished stage-{s} run; pass --resume "
+                "to continue it, or choose a new --workdir")
+        integrity.verify_checkpoint(state.model_checkpoint_path)
 
 
 def _short(summary: dict) -> str:
