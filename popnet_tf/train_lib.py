@@ -292,8 +292,10 @@ def train_stage(config, workdir: str, stage: int, fold: int, data_dir: str,
 
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var,
                                step_in_epoch=step_var, beta=beta, rng=_seed_states(model))
-    manager = tf.train.CheckpointManager(ckpt, checkpoint_dir(workdir, stage),
-                                         max_to_keep=t.checkpoints_to_keep)
+    # Refuses to start without disk room, never saves NaN, cleans failed saves (integrity).
+    manager = integrity.CheckedCheckpointManager(
+        ckpt, checkpoint_dir(workdir, stage), max_to_keep=t.checkpoints_to_keep,
+        variables=[*model.variables, *optimizer.variables], what=f"stage {stage}")
     if manager.latest_checkpoint:
         if not resume:
             raise ValueError(
