@@ -39,14 +39,37 @@ _RESUME = flags.DEFINE_bool("resume", False, "Continue an interrupted run from i
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from popnet_tf import train_lib  # after flag parsing: keeps --help fast
+    from popnet_tf import integrity, train_lib  # after flag parsing: keeps --help fast
 
     config = _CONFIG.value
     fold, stage = int(_FOLD.value), int(_STAGE.value)
     workdir = _WORKDIR.value or os.path.join("workdirs", f"{_config_name()}_fold{fold}")
     logging.info("Training stage %d, fold %d, in %s", stage, fold, workdir)
-    summary = train_lib.train(config, workdir, stage=stage, fold=fold, resume=_RESUME.value)
+    try:
+        summary = train_lib.train(config, workdir, stage=stage, fold=fold, resume=_RESUME.value)
+    except train_lib._Preempted as e:  # noqa: SLF001 - the loop's own SIGTERM exception
+        # 143 = 128 + SIGTERM: what a scheduler sees from a job that SIGTERM ended.
+        sys.stderr.write(f"PREEMPTED {e}\n")
+        sys.exit(143)
+    except (integrity.RunError, FloatingPointError) as e:
+        # Conditions of the run (damaged data, full disk, NaN loss, a workdir of another
+        # fold), not bugs: the message says what to do, a traceback would bury it.
+        raise SystemExit(f"FATAL {type(e).__name__}: {e}") from None
     print(train_lib.format_summary(summary, stage, fold))
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with a one-line error for an unknown --config.<key>:
+    ml_collections raises a bare `AttributeError: "'key'"` for it."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        key = str(e).strip("\"'")
+        flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
+                     and key in a.split("=", 1)[0][len("--config."):].split(".")), "--config.*")
+        sys.stderr.write(f"FATAL Flags parsing error: {flag}: the config has no field {key!r} "
+                         "(the fields and their meaning are in configs/common.py)\n")
+        sys.exit(1)
 
 
 def _config_name() -> str:
@@ -57,4 +80,4 @@ def _config_name() -> str:
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.INFO)
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
