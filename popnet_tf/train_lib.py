@@ -54,12 +54,20 @@ def stage_finished(workdir: str, stage: int) -> bool:
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
-    """Writes JSON aside and renames it into place: a reader never sees half a file."""
+    """Writes JSON aside and renames it into place: a reader never sees half a file,
+    and a failed write (full disk) leaves the previous file and no temporary."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _json_default(value):
