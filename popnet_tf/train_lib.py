@@ -418,10 +418,10 @@ def train(config, workdir: str, stage: int, fold: int, resume: bool = False) -> 
     classes.novel_ids(3, fold, config.data.fold_set)  # validates fold and fold set
     integrity.check_workdir(workdir)  # read-only or full: fail before writing anything
     check_run_record(config, workdir, fold)
+    verify_checkpoints(config, workdir, stage, resume)
     _configure_runtime(config)
     data_dir = ensure_dataset(config)
     integrity.verify_dataset(data_dir)  # damaged shards: fail before any model is built
-    verify_checkpoints(config, workdir, stage, resume)
     previous, summary = None, None
     for s in popnet.stages_needed(config, stage):
         if stage_finished(workdir, s):
