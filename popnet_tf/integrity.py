@@ -298,6 +298,14 @@ def check_workdir(workdir: str) -> None:
     _remove_quietly(probe)
 
 
+def _reason(error: BaseException, limit: int = 200) -> str:
+    """An exception as one short line: TensorFlow's `{{function_node ...}}` prefix
+    dropped, and the end kept when too long (TF puts the cause last)."""
+    text = " ".join(re.sub(r"\{\{function_node [^}]*\}\}", "", str(error)).split())
+    text = text if len(text) <= limit else "..." + text[-limit:]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def _remove_quietly(path: str) -> None:
     try:
         os.remove(path)
@@ -330,9 +338,8 @@ def verify_checkpoint(prefix: str) -> None:
                     f"resume from one, move {os.path.basename(prefix)}.* out of {directory} and set "
                     f"model_checkpoint_path to it in {os.path.join(directory, 'checkpoint')}"
                     if others else "No earlier checkpoint is kept: retrain this stage in a new --workdir")
-        reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise CheckpointIntegrityError(
-            f"{prefix}: checkpoint does not read back ({type(e).__name__}: {reason}). "
+            f"{prefix}: checkpoint does not read back ({_reason(e)}). "
             f"{fallback}.") from None
 
 
@@ -426,9 +433,8 @@ class CheckedCheckpointManager(tf.train.CheckpointManager):
                                 check_interval=check_interval, options=options)
         except (OSError, tf.errors.OpError) as e:
             self._remove_partial(checkpoint_number, before)
-            reason = " ".join(str(e).split())[:200]
             raise WorkdirError(
-                f"{self.directory}: writing {what} failed ({type(e).__name__}: {reason}); its "
+                f"{self.directory}: writing {what} failed ({_reason(e)}); its "
                 f"partial files were removed and the last good one ({self.latest_checkpoint}) "
                 "stays latest. Free space or fix the folder, then continue with --resume") from e
 
