@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from popnet_tf import classes
+from popnet_tf.models import baselines
 from popnet_tf.models.stages import ForegroundStage, OneShotStage
 
 
@@ -42,11 +43,18 @@ def stages_needed(config, stage: int) -> tuple[int, ...]:
 
 
 def build_stage(config, stage: int, previous=None) -> keras.Model:
-    """A stage model; `previous` must be the built previous stage when KIM is on."""
+    """A stage model; `previous` must be the built previous stage when KIM is on.
+
+    `config.model.method` other than "popnet" builds that baseline instead
+    (`models.baselines`, one-shot stages only).
+    """
     if stage == 1:
         return ForegroundStage(encoder=encoder_kwargs(config), name="stage1")
     if stage not in (2, 3):
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+    method = config.model.get("method", "popnet")
+    if method != "popnet":  # the paper's baselines (configs/baselines/), single-stage
+        return baselines.build_baseline(config, stage, encoder_kwargs(config))
     if config.model.kim and previous is None:
         raise ValueError(f"stage {stage} with KIM needs the trained stage {stage - 1}")
     return OneShotStage(
@@ -79,6 +87,7 @@ def build_variables(model: keras.Model, stage: int, size: int) -> None:
         model(batch["image"], training=False)
     else:
         out = model(batch, training=False, use_dynamic=False)
-        if not model.agm.built:  # the NCM prediction path skips the AGM
+        agm = getattr(model, "agm", None)  # baselines have no AGM
+        if agm is not None and not agm.built:  # the NCM prediction path skips the AGM
             model.heads(out["features"], out["prototypes"], out["presence"],
                         batch["query_image"], compute_agm=True)
