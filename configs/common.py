@@ -41,6 +41,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.prediction_head = "ncm"          # SPEC §6
     c.model.kim = True                       # three stages joined by KIM
     c.model.dynamic_prototypes = True        # DP
+    # "popnet", or a baseline of the paper (Experiments, Baselines; configs/baselines/):
+    # "sgone", "panet", "amp", "finetune" (popnet_tf/models/baselines.py).
+    c.model.method = "popnet"
+    c.model.panet_scale = 20.0               # PANet: α of the scaled cosine (PANet paper)
+    c.model.panet_align_weight = 1.0         # PANet: λ of the prototype alignment loss
+    c.model.amp_alpha = 0.25                 # AMP: imprinting rate of base-class weights
 
     c.train = ml_collections.ConfigDict()
     c.train.way = "kway"
@@ -69,4 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.val_queries = 50                  # per-epoch validation on a subset
     c.eval.num_logged_examples = 4
     c.eval.oneway_pairs_per_class = 500
+    # Fine-tune baseline: plain SGD steps on each test support (last two decoder convs
+    # and the classifier, BatchNorm in inference mode) before predicting its queries.
+    c.eval.finetune_steps = 10
+    c.eval.finetune_learning_rate = 0.01
     return c
