@@ -237,8 +237,14 @@ def _stage1_loss(model, batch, global_batch):
 def _oneshot_loss(model, batch, global_batch, beta, use_dynamic):
     out = model(batch, training=True, use_dynamic=use_dynamic)
     parts = losses.dual_metric_loss(batch["query_mask"], out["agm_logits"], out["ncm_logits"], beta)
+    if "extra_loss" in out:  # a baseline's own term [B], e.g. PANet's alignment loss
+        parts["extra"] = tf.cast(out["extra_loss"], tf.float32)
+        parts["total"] = parts["total"] + parts["extra"]
     scaled = {k: tf.reduce_sum(v) / global_batch for k, v in parts.items()}
-    return scaled["total"], {"loss": scaled["total"], "agm_loss": scaled["agm"], "ncm_loss": scaled["ncm"]}
+    logs = {"loss": scaled["total"], "agm_loss": scaled["agm"], "ncm_loss": scaled["ncm"]}
+    if "extra" in scaled:
+        logs["extra_loss"] = scaled["extra"]
+    return scaled["total"], logs
 
 
 def make_train_step(model, optimizer, strategy, stage, global_batch, beta, use_dynamic, jit_compile):
