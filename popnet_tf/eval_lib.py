@@ -41,6 +41,10 @@ def relabel_to_support(label, support_presence):
 
 
 def _head_probs(out, head):
+    """The probabilities of a head: "ncm", "agm", "mean" (POPNet), or "model": the
+    model's own "probs" (the baselines, which have neither head)."""
+    if head == "model":
+        return out["probs"]
     if head == "ncm":
         return out["ncm_probs"]
     if head == "agm":
@@ -145,9 +149,14 @@ def evaluate_foreground(model, *, data_dir, eval_size, max_queries=None, progres
 
 
 def evaluate_oneway(model, *, data_dir, stage, fold, fold_set="paper", eval_size,
-                    head="ncm", pairs_per_class=500, seed=0, progress=True):
+                    head="ncm", pairs_per_class=500, seed=0, progress=True,
+                    return_examples=0):
     """One-way OSHP (SPEC §5): per foreground class, seeded (support, query) pairs of
-    images containing it; binary confusion matrices per class (SPEC §8)."""
+    images containing it; binary confusion matrices per class (SPEC §8).
+
+    With `return_examples` > 0, the first pair of that many classes comes back as
+    (support, query, truth, prediction) arrays under "examples" (truth and
+    prediction in the stage's labels: c or 0)."""
     pairs = episodes.test_episodes(data_dir, stage=stage, fold=fold, fold_set=fold_set,
                                    way="oneway", eval_size=eval_size,
                                    pairs_per_class=pairs_per_class, seed=seed)
@@ -162,6 +171,7 @@ def evaluate_oneway(model, *, data_dir, stage, fold, fold_set="paper", eval_size
         return _head_probs(out, head)[0]
 
     matrices: dict[int, np.ndarray] = {}
+    examples, shown = [], set()
     count = 0
     bar = Progbar(None, unit_name="pair") if progress else None
     for pair in pairs:
@@ -173,10 +183,19 @@ def evaluate_oneway(model, *, data_dir, stage, fold, fold_set="paper", eval_size
         binary_truth = tf.where(valid, tf.cast(truth == c, tf.int32), classes.IGNORE_LABEL)
         binary_pred = tf.cast(pred == c, tf.int32)
         matrices[c] = matrices.get(c, 0) + metrics.batch_confusion_matrix(binary_truth, binary_pred, 2).numpy()
+        if len(examples) < return_examples and c not in shown:
+            shown.add(c)
+            examples.append({"support_image": pair["support_image"].numpy(),
+                             "support_mask": pair["support_mask"].numpy(),
+                             "query_image": pair["query_image"].numpy(),
+                             "truth": truth.numpy(), "prediction": (binary_pred * c).numpy(),
+                             "valid_size": pair["valid_size"].numpy()})
         count += 1
         if bar:
             bar.update(count)
     summary = metrics.oneway_summary(matrices, classes.novel_ids(stage, fold, fold_set),
                                      classes.STAGE_NUM_CLASSES[stage], classes.STAGE_CLASS_NAMES[stage])
     summary.update({"num_pairs": count, "head": head})
+    if return_examples:
+        summary["examples"] = examples
     return summary
