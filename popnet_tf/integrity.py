@@ -332,9 +332,10 @@ def verify_checkpoint(prefix: str) -> None:
     except Exception as e:  # noqa: BLE001 - TF raises OpError, IndexError, ValueError...
         directory = os.path.dirname(prefix)
         state = tf.train.get_checkpoint_state(directory)
+        # A save killed while deleting old checkpoints can leave one listed but gone.
         others = [p for p in (state.all_model_checkpoint_paths if state else [])
-                  if os.path.basename(p) != os.path.basename(prefix)]
-        fallback = (f"Earlier checkpoints: {', '.join(os.path.basename(p) for p in others)}; to "
+                  if os.path.basename(p) != os.path.basename(prefix) and os.path.exists(f"{p}.index")]
+        fallback = (f"Other checkpoints kept: {', '.join(os.path.basename(p) for p in others)}; to "
                     f"resume from one, move {os.path.basename(prefix)}.* out of {directory} and set "
                     f"model_checkpoint_path to it in {os.path.join(directory, 'checkpoint')}"
                     if others else "No earlier checkpoint is kept: retrain this stage in a new --workdir")
@@ -415,7 +416,7 @@ class CheckedCheckpointManager(tf.train.CheckpointManager):
 
     def _needed(self, count: int) -> int:
         # The index, object graph and file headers add a little to the tensor bytes.
-        return int(count * (self.estimated_bytes * 1.02 + 256 * 1024))
+        return int(count * (self.estimated_bytes * 1.02 + 64 * 1024))
 
     def save(self, checkpoint_number=None, check_interval=True, options=None):
         what = f"{self._what}: checkpoint {checkpoint_number if checkpoint_number is not None else ''}"
