@@ -1,0 +1,210 @@
+"""popnet_tf.evaluate: the CLI on a smoke-trained workdir, the k-way / one-way paths
+against confusion matrices computed independently, and the Fine-tune path."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from configs import synthetic_cpu
+from configs.baselines import finetune as finetune_config
+from popnet_tf import classes, eval_lib, evaluate, metrics, train_lib
+from popnet_tf.data import episodes
+from popnet_tf.models import popnet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _smoke_config(data_dir):
+    config = synthetic_cpu.get_config("smoke")
+    config.data.dir = str(data_dir)
+    config.model.kim = False          # one stage: the fixture trains in seconds
+    config.train.epochs = 1
+    config.train.steps_per_epoch = 2
+    config.train.validate_every = 0
+    config.eval.max_queries = 1
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A smoke-trained fold-1 workdir and its dataset."""
+    root = tmp_path_factory.mktemp("evaluate")
+    config = _smoke_config(root / "data")
+    workdir = str(root / "work")
+    train_lib.train(config, workdir, stage=3, fold=1)
+    return config, workdir
+
+
+def test_cli_kway_writes_results_table_gallery(trained):
+    config, workdir = trained
+    env = {**os.environ, "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(
+        [sys.executable, "-m", "popnet_tf.evaluate", f"--workdir={workdir}", "--fold=1",
+         "--way=kway", "--max_queries=3", "--num_examples=2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out_dir = os.path.join(workdir, "eval", "fold1_kway")
+    with open(os.path.join(out_dir, "results.json")) as f:
+        results = json.load(f)
+    for key in ("human_miou", "novel_miou", "base_miou", "overall_acc", "per_class_iou",
+                "head", "num_pairs", "config", "checkpoint", "confusion_matrix"):
+        assert key in results, key
+    assert results["num_pairs"] == 3 * 10          # queries x the ten fixed supports
+    assert results["head"] == "ncm" and results["method"] == "popnet"
+    assert set(results["per_class_iou"]) == set(classes.MERGED_NAMES)
+    assert 0.0 <= results["human_miou"] <= 1.0
+    assert results["checkpoint"].startswith(os.path.join(workdir, "stage3", "checkpoints"))
+    # The summary is the §8 metrics of the written confusion matrix (recomputed by hand).
+    m = np.array(results["confusion_matrix"], np.float64)
+    tp = np.diag(m)
+    with np.errstate(invalid="ignore"):
+        iou = tp / (m.sum(0) + m.sum(1) - tp)
+    assert math.isclose(results["human_miou"], np.nanmean(iou), rel_tol=1e-9)
+    assert math.isclose(results["novel_miou"], np.nanmean(iou[[5, 7, 9]]), rel_tol=1e-9)
+    assert math.isclose(results["overall_acc"], tp.sum() / m.sum(), rel_tol=1e-9)
+    table = open(os.path.join(out_dir, "table.md")).read()
+    assert f"{100 * results['human_miou']:.1f}" in table and "30 pairs" in table
+    assert f"{100 * results['human_miou']:.1f}" in run.stdout
+    gallery = Image.open(os.path.join(out_dir, "gallery.png"))
+    size = config.data.eval_size
+    assert gallery.width == 4 * size and gallery.height > 2 * size  # 4 tiles, 2 rows + legend
+    events = os.listdir(os.path.join(workdir, "tensorboard", "eval_fold1_kway"))
+    assert any(e.startswith("events.out.tfevents") for e in events)
+
+
+def test_oneway_results(trained):
+    _, workdir = trained
+    results = evaluate.evaluate(workdir, way="oneway", pairs_per_class=1, num_examples=3,
+                                progress=False)
+    out_dir = os.path.join(workdir, "eval", "fold1_oneway")
+    saved = json.load(open(os.path.join(out_dir, "results.json")))
+    assert saved["bi_iou"] == results["bi_iou"] and 0.0 <= saved["bi_iou"] <= 1.0
+    # One pair per foreground class with images in both q_test and s_test.
+    named = [c for c, v in saved["per_class_iou"].items() if v is not None and c != "background"]
+    assert saved["num_pairs"] == len(named) and 1 <= saved["num_pairs"] <= 11
+    assert saved["pairs_per_class"] == 1 and saved["way"] == "oneway"
+    assert os.path.exists(os.path.join(out_dir, "gallery.png"))
+
+
+def test_wrong_fold_refused(trained):
+    _, workdir = trained
+    with pytest.raises(ValueError, match="trained on fold 1"):
+        evaluate.evaluate(workdir, way="kway", fold=2, write=False)
+
+
+def test_missing_workdir_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run.json"):
+        evaluate.evaluate(str(tmp_path), way="kway")
+
+
+class _Background:
+    """A stand-in stage that predicts background everywhere: the confusion matrix
+    then follows from the ground truth alone."""
+
+    def __init__(self, num_classes):
+        self.num_classes = num_classes
+        self.store = lambda p, presence, training=False, use_dynamic=True: p
+
+    def infused_features(self, image, training=False):
+        return image[:, ::4, ::4, :1]
+
+    def support_prototypes(self, image, mask, training=False):
+        hits = tf.cast(tf.equal(tf.cast(mask, tf.int32)[..., None], tf.range(self.num_classes)), tf.float32)
+        presence = tf.reduce_max(hits, axis=[1, 2]) * tf.cast(tf.range(self.num_classes) > 0, tf.float32)
+        return presence[..., None], presence
+
+    def heads(self, features, prototypes, presence, image, compute_agm=True):
+        shape = tf.concat([tf.shape(image)[:3], [self.num_classes]], 0)
+        probs = tf.one_hot(tf.zeros(shape[:3], tf.int32), self.num_classes) + 0 * tf.zeros(shape)
+        return {"probs": probs}
+
+
+def test_kway_background_model_by_hand(trained):
+    """Every pixel predicted background: IoU_bg = #bg / #labelled, IoU_c = 0 for the
+    classes in the (support-relabelled) truth, NaN (left out) for classes absent from
+    both truth and prediction."""
+    config, _ = trained
+    data_dir = config.data.dir
+    summary = eval_lib.evaluate_kway(_Background(12), data_dir=data_dir, stage=3, fold=1,
+                                     eval_size=config.data.eval_size, head="model",
+                                     max_queries=3, progress=False)
+    supports = episodes.test_supports(data_dir, stage=3, eval_size=config.data.eval_size)
+    support_classes = [set(np.unique(m.numpy()).tolist()) - {255} for m in supports["mask"]]
+    counts = np.zeros(12, np.int64)            # truth pixels per class over all pairs
+    for query in episodes.test_queries(data_dir, stage=3, eval_size=config.data.eval_size).take(3):
+        label = query["label"].numpy()
+        for present in support_classes:
+            kept = np.where(np.isin(label, list(present | {0, 255})), label, 0)
+            counts += np.bincount(kept[kept != 255].ravel(), minlength=12)
+    expected = np.full(12, np.nan)
+    expected[0] = counts[0] / counts.sum()
+    expected[1:][counts[1:] > 0] = 0.0
+    got = np.array([np.nan if v is None else v for v in summary["per_class_iou"].values()])
+    np.testing.assert_allclose(got, expected, rtol=1e-9)
+    assert math.isclose(summary["human_miou"], np.nanmean(expected), rel_tol=1e-9)
+    assert math.isclose(summary["overall_acc"], counts[0] / counts.sum(), rel_tol=1e-9)
+    assert summary["num_pairs"] == 30
+
+
+def test_oneway_background_model_by_hand(trained):
+    """Background everywhere in one-way: per class, fg IoU 0 and bg IoU = #bg / #all over
+    its pairs; the background entry averages those over classes (SPEC §8); Bi-IoU is
+    the mean of fg and bg IoU of the summed matrix."""
+    config, _ = trained
+    kwargs = dict(data_dir=config.data.dir, stage=3, fold=1, eval_size=config.data.eval_size)
+    summary = eval_lib.evaluate_oneway(_Background(12), head="model", pairs_per_class=2,
+                                       seed=config.seed, progress=False, **kwargs)
+    pairs = episodes.test_episodes(way="oneway", pairs_per_class=2, seed=config.seed, **kwargs)
+    fg, bg = np.zeros(12), np.zeros(12)
+    for pair in pairs:
+        label, c = pair["query_label"].numpy(), int(pair["class_id"])
+        fg[c] += np.sum(label == c)
+        bg[c] += np.sum((label != c) & (label != 255))
+    used = fg > 0
+    bg_iou = bg[used] / (bg[used] + fg[used])
+    assert math.isclose(summary["per_class_iou"]["background"], bg_iou.mean(), rel_tol=1e-9)
+    assert all(summary["per_class_iou"][classes.MERGED_NAMES[c]] == 0.0 for c in np.flatnonzero(used))
+    assert math.isclose(summary["human_miou"], np.mean([bg_iou.mean(), *[0.0] * used.sum()]),
+                        rel_tol=1e-9)
+    assert math.isclose(summary["bi_iou"], (bg.sum() / (bg.sum() + fg.sum()) + 0.0) / 2, rel_tol=1e-9)
+
+
+def test_class_predicted_but_absent_from_truth_counts_zero():
+    """A class the model predicts that the ground truth never holds has IoU 0 and
+    lowers the means; one neither predicted nor present is left out."""
+    m = np.array([[6, 0, 2, 0],     # 2 background pixels predicted as class 2
+                  [1, 3, 0, 0],
+                  [0, 0, 0, 0],     # class 2: absent from the truth
+                  [0, 0, 0, 0]])    # class 3: absent everywhere
+    s = metrics.kway_summary(m, novel=(2, 3), class_names=["bg", "a", "b", "c"])
+    iou = [6 / (6 + 1 + 2), 3 / (3 + 0 + 1), 0.0]
+    assert s["per_class_iou"]["b"] == 0.0 and s["per_class_iou"]["c"] is None
+    assert math.isclose(s["human_miou"], sum(iou) / 3)
+    assert math.isclose(s["novel_miou"], 0.0)
+    assert math.isclose(s["base_miou"], iou[1])
+
+
+def test_finetune_kway_tunes_per_support_and_restores(trained):
+    config, _ = trained
+    ft = finetune_config.get_config("smoke")
+    ft.data.dir = config.data.dir
+    model = popnet.build_stage(ft, 3)
+    popnet.build_variables(model, 3, ft.data.crop_size)
+    before = [v.numpy().copy() for v in model.weights]
+    kwargs = dict(data_dir=ft.data.dir, stage=3, fold=1, eval_size=ft.data.eval_size,
+                  max_queries=1, progress=False)
+    untuned = evaluate.finetune_kway(model, steps=0, learning_rate=0.5, **kwargs)
+    tuned = evaluate.finetune_kway(model, steps=3, learning_rate=0.5, return_examples=2, **kwargs)
+    assert untuned["num_pairs"] == tuned["num_pairs"] == 1 * 10
+    assert len(tuned["examples"]) == 2
+    # Tuning changes the predictions; every weight is back afterwards.
+    assert untuned["confusion_matrix"] != tuned["confusion_matrix"]
+    for v, b in zip(model.weights, before):
+        np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
