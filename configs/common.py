@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.prediction_head = "ncm"          # SPEC §6
     c.model.kim = True                       # three stages joined by KIM
     c.model.dynamic_prototypes = True        # DP
+    c.model.bn_momentum = 0.9                # PyTorch's default (its 0.1), the authors' framework
     # "popnet", or a baseline of the paper (Experiments, Baselines; configs/baselines/):
     # "sgone", "panet", "amp", "finetune" (popnet_tf/models/baselines.py).
     c.model.method = "popnet"
@@ -54,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.epochs = 30                      # one-shot stages, SPEC §7
     c.train.stage1_epochs = 30
     c.train.steps_per_epoch = 4000           # 8000 training queries / batch 2
+    c.train.stage1_steps_per_epoch = 0       # 0: as steps_per_epoch
     c.train.optimizer = "sgd"
     c.train.learning_rate = 1e-3             # SPEC §7
     c.train.momentum = 0.9

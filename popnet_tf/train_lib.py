@@ -121,7 +121,14 @@ def epoch_dataset(config, data_dir: str, stage: int, fold: int, epoch: int) -> t
         crop = d.crop_size if t.way == "kway" else d.oneway_crop_size
         ds = episodes.train_episodes(data_dir, stage=stage, fold=fold, fold_set=d.fold_set,
                                      way=t.way, crop_size=crop, **common)
-    return ds.take(t.steps_per_epoch)
+    return ds.take(steps_per_epoch(config, stage))
+
+
+def steps_per_epoch(config, stage: int) -> int:
+    """Steps of one epoch: stage 1 may have its own count (it is cheap and supervised)."""
+    if stage == 1 and config.train.stage1_steps_per_epoch:
+        return config.train.stage1_steps_per_epoch
+    return config.train.steps_per_epoch
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -182,15 +189,6 @@ def get_strategy(name: str) -> tf.distribute.Strategy:
     if name == "default":
         return tf.distribute.get_strategy()
     raise ValueError(f"train.strategy must be auto, mirrored, multiworker or default, got {name!r}")
-
-
-def _sync_batch_norm(model: keras.Model, strategy) -> None:
-    """Under several replicas, BatchNorm statistics are all-reduced so a step sees the
-    statistics of the global batch, as on one device."""
-    if strategy.num_replicas_in_sync > 1:
-        for layer in model._flatten_layers(include_self=False, recursive=True):
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.synchronized = True
 
 
 # ----------------------------------------------------------------------------- models
@@ -289,14 +287,16 @@ def train_stage(config, workdir: str, stage: int, fold: int, data_dir: str,
     t = config.train
     strategy = get_strategy(t.strategy)
     epochs = t.stage1_epochs if stage == 1 else t.epochs
-    total_steps = epochs * t.steps_per_epoch
+    steps = steps_per_epoch(config, stage)
+    total_steps = epochs * steps
     global_batch = t.batch_size
     keras.utils.set_random_seed(config.seed + stage)
 
     with strategy.scope():
         model = popnet.build_stage(config, stage, previous=previous)
         popnet.build_variables(model, stage, config.data.crop_size)
-        _sync_batch_norm(model, strategy)
+        popnet.configure_batch_norm(model, config.model.bn_momentum,
+                                    synchronized=strategy.num_replicas_in_sync > 1)
         optimizer = make_optimizer(config, total_steps)
         optimizer.build(model.trainable_variables)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
@@ -337,7 +337,7 @@ def train_stage(config, workdir: str, stage: int, fold: int, data_dir: str,
             skip = int(step_var.numpy()) if epoch == start_epoch else 0
             data = epoch_dataset(config, data_dir, stage, fold, epoch).skip(skip)
             dist = strategy.experimental_distribute_dataset(data)
-            bar = keras.utils.Progbar(t.steps_per_epoch, stateful_metrics=["beta"],
+            bar = keras.utils.Progbar(steps, stateful_metrics=["beta"],
                                       unit_name="step")
             logging.info("Stage %d epoch %d/%d (beta %.3f, dynamic prototypes %s)", stage,
                          epoch + 1, epochs, float(beta.numpy()), bool(use_dynamic.numpy()))
@@ -348,7 +348,7 @@ def train_stage(config, workdir: str, stage: int, fold: int, data_dir: str,
                         f"stage {stage}: non-finite loss {logs['loss']} at epoch {epoch + 1} step "
                         f"{i + 1}; the last good checkpoint stays latest: {manager.latest_checkpoint}")
                 step_var.assign(i + 1)
-                global_step = epoch * t.steps_per_epoch + i
+                global_step = epoch * steps + i
                 if global_step % t.log_every == 0:
                     _log_scalars(writer, logs, global_step, beta, optimizer)
                 bar.update(i + 1, values=[*logs.items(), ("beta", float(beta.numpy()))])
@@ -358,7 +358,7 @@ def train_stage(config, workdir: str, stage: int, fold: int, data_dir: str,
                                      f"step {i + 1}; continue with --resume")
             epoch_var.assign(epoch + 1)
             step_var.assign(0)
-            manager.save(checkpoint_number=(epoch + 1) * t.steps_per_epoch)
+            manager.save(checkpoint_number=(epoch + 1) * steps)
             if t.validate_every and ((epoch + 1) % t.validate_every == 0 or epoch + 1 == epochs):
                 val = evaluate_stage(model, config, data_dir, stage, fold,
                                      max_queries=config.eval.val_queries, progress=False,

@@ -214,7 +214,7 @@ TWO_REPLICAS = textwrap.dedent("""
         with strategy.scope():
             model = popnet.build_stage(config, 3)
             popnet.build_variables(model, 3, config.data.crop_size)
-            train_lib._sync_batch_norm(model, strategy)
+            popnet.configure_batch_norm(model, config.model.bn_momentum, synchronized=True)
             opt = train_lib.make_optimizer(config, 10)
             opt.build(model.trainable_variables)
             beta, dyn = tf.Variable(0.5), tf.Variable(True)

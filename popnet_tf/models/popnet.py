@@ -69,6 +69,24 @@ def build_stage(config, stage: int, previous=None) -> keras.Model:
     )
 
 
+def configure_batch_norm(model: keras.Model, momentum: float | None = None,
+                         synchronized: bool = False) -> None:
+    """Sets every BatchNormalization layer's momentum and cross-replica sync.
+
+    Called once the variables exist (BN layers are created in `build`). Momentum 0.9
+    is PyTorch's default (0.1 in its convention), the authors' framework: with a few
+    thousand steps from random initialisation, Keras' 0.99 leaves the inference
+    statistics far behind the weights. `synchronized` all-reduces the batch
+    statistics under several replicas, so a step sees the global batch's statistics
+    as on one device.
+    """
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            if momentum is not None:
+                layer.momentum = momentum
+            layer.synchronized = synchronized
+
+
 def dummy_batch(stage: int, size: int, batch: int = 1) -> dict:
     """A small all-zeros batch of the stage's inputs, used to build variables."""
     image = np.zeros((batch, size, size, 3), np.float32)
