@@ -214,6 +214,10 @@ def restore_stage(config, workdir: str, stage: int, strategy=None) -> keras.Mode
     previous = None
     needed = popnet.stages_needed(config, stage)
     for s in needed:
+        # Seeded as in train_stage: the frozen stage's dropout seed generators (not in
+        # its checkpoint) get the same seeds in every process, so the next stage's
+        # checkpoints are identical between an uninterrupted and a resumed run.
+        keras.utils.set_random_seed(config.seed + s)
         model = popnet.build_stage(config, s, previous=previous)
         popnet.build_variables(model, s, config.data.crop_size)
         latest = tf.train.latest_checkpoint(checkpoint_dir(workdir, s))
