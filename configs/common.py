@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.way = "kway"
     c.train.batch_size = 2                   # SPEC §7
+    c.train.stage1_batch_size = 0            # 0: as batch_size
     c.train.epochs = 30                      # one-shot stages, SPEC §7
     c.train.stage1_epochs = 30
     c.train.steps_per_epoch = 4000           # 8000 training queries / batch 2

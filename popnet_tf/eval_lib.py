@@ -12,6 +12,8 @@ Example:
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import tensorflow as tf
 from keras.utils import Progbar
@@ -52,6 +54,36 @@ def _head_probs(out, head):
     return 0.5 * (out["agm_probs"] + out["ncm_probs"])
 
 
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled(model, key, make):
+    """One tf.function per (model, key), traced once and reused by every evaluation of
+    that model: per-epoch validation would otherwise retrace the whole network (tens of
+    seconds on a CPU) each time."""
+    cache = _COMPILED.setdefault(model, {})
+    if key not in cache:
+        cache[key] = tf.function(make(), reduce_retracing=True)
+    return cache[key]
+
+
+def _kway_scorer(model, head):
+    compute_agm = head != "ncm"
+
+    def score(images, prototypes, presence):
+        """[Q, E, E, 3] against [S, C, K] prototypes -> probabilities [Q, S, E, E, C]."""
+        num_supports = tf.shape(prototypes)[0]
+        feats = model.infused_features(images, training=False)  # [Q, h, w, K]
+        q = tf.shape(feats)[0]
+        tiled = tf.repeat(feats, num_supports, axis=0)  # query-major: [Q*S, h, w, K]
+        out = model.heads(tiled, tf.tile(prototypes, [q, 1, 1]), tf.tile(presence, [q, 1]),
+                          tf.repeat(images, num_supports, axis=0), compute_agm=compute_agm)
+        probs = _head_probs(out, head)
+        return tf.reshape(probs, tf.concat([[q, num_supports], tf.shape(probs)[1:]], 0))
+
+    return score
+
+
 def evaluate_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size,
                   head="ncm", max_queries=None, query_batch=4, progress=True,
                   return_examples=0):
@@ -66,18 +98,10 @@ def evaluate_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size,
     prototypes = model.store(static, presence, training=False, use_dynamic=True)  # [S, C, K]
     num_supports = int(prototypes.shape[0])
     num_classes = classes.STAGE_NUM_CLASSES[stage]
-    compute_agm = head != "ncm"
+    scorer = _compiled(model, ("kway", head), lambda: _kway_scorer(model, head))
 
-    @tf.function(reduce_retracing=True)
     def score(images):
-        """[Q, E, E, 3] -> probabilities [Q, S, E, E, C] against all supports."""
-        feats = model.infused_features(images, training=False)  # [Q, h, w, K]
-        q = tf.shape(feats)[0]
-        tiled = tf.repeat(feats, num_supports, axis=0)  # query-major: [Q*S, h, w, K]
-        out = model.heads(tiled, tf.tile(prototypes, [q, 1, 1]), tf.tile(presence, [q, 1]),
-                          tf.repeat(images, num_supports, axis=0), compute_agm=compute_agm)
-        probs = _head_probs(out, head)
-        return tf.reshape(probs, tf.concat([[q, num_supports], tf.shape(probs)[1:]], 0))
+        return scorer(images, prototypes, presence)
 
     queries = episodes.test_queries(data_dir, stage=stage, eval_size=eval_size)
     if max_queries:
@@ -129,9 +153,8 @@ def evaluate_foreground(model, *, data_dir, eval_size, max_queries=None, progres
     if max_queries:
         queries = queries.take(max_queries)
 
-    @tf.function(reduce_retracing=True)
-    def predict(image):
-        return model(image[None], training=False)["probs"][0]
+    predict = _compiled(model, ("foreground",),
+                        lambda: lambda image: model(image[None], training=False)["probs"][0])
 
     matrix = metrics.ConfusionMatrix(2)
     bar = Progbar(max_queries, unit_name="image") if progress else None
@@ -162,13 +185,16 @@ def evaluate_oneway(model, *, data_dir, stage, fold, fold_set="paper", eval_size
                                    pairs_per_class=pairs_per_class, seed=seed)
     compute_agm = head != "ncm"
 
-    @tf.function(reduce_retracing=True)
-    def predict(query_image, support_image, support_mask):
-        static, presence = model.support_prototypes(support_image[None], support_mask[None])
-        prototypes = model.store(static, presence, training=False, use_dynamic=True)
-        feats = model.infused_features(query_image[None], training=False)
-        out = model.heads(feats, prototypes, presence, query_image[None], compute_agm=compute_agm)
-        return _head_probs(out, head)[0]
+    def make_predict():
+        def predict(query_image, support_image, support_mask):
+            static, presence = model.support_prototypes(support_image[None], support_mask[None])
+            prototypes = model.store(static, presence, training=False, use_dynamic=True)
+            feats = model.infused_features(query_image[None], training=False)
+            out = model.heads(feats, prototypes, presence, query_image[None], compute_agm=compute_agm)
+            return _head_probs(out, head)[0]
+        return predict
+
+    predict = _compiled(model, ("oneway", head), make_predict)
 
     matrices: dict[int, np.ndarray] = {}
     examples, shown = [], set()

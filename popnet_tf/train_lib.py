@@ -113,7 +113,7 @@ def epoch_dataset(config, data_dir: str, stage: int, fold: int, epoch: int) -> t
     sees exactly the batches an uninterrupted run would."""
     d, t = config.data, config.train
     seed = config.seed * 100003 + stage * 1009 + epoch
-    common = dict(batch_size=t.batch_size, scale_range=tuple(d.scale_range),
+    common = dict(batch_size=batch_size(config, stage), scale_range=tuple(d.scale_range),
                   resize_long_side=d.resize_long_side or None, seed=seed)
     if stage == 1:
         ds = episodes.stage1_train_dataset(data_dir, crop_size=d.crop_size, **common)
@@ -122,6 +122,13 @@ def epoch_dataset(config, data_dir: str, stage: int, fold: int, epoch: int) -> t
         ds = episodes.train_episodes(data_dir, stage=stage, fold=fold, fold_set=d.fold_set,
                                      way=t.way, crop_size=crop, **common)
     return ds.take(steps_per_epoch(config, stage))
+
+
+def batch_size(config, stage: int) -> int:
+    """Global batch of a stage: stage 1 may have its own (cheap, supervised)."""
+    if stage == 1 and config.train.stage1_batch_size:
+        return config.train.stage1_batch_size
+    return config.train.batch_size
 
 
 def steps_per_epoch(config, stage: int) -> int:
@@ -293,7 +300,7 @@ def train_stage(config, workdir: str, stage: int, fold: int, data_dir: str,
     epochs = t.stage1_epochs if stage == 1 else t.epochs
     steps = steps_per_epoch(config, stage)
     total_steps = epochs * steps
-    global_batch = t.batch_size
+    global_batch = batch_size(config, stage)
     keras.utils.set_random_seed(config.seed + stage)
 
     with strategy.scope():
