@@ -547,6 +547,22 @@ def test_damaged_newest_checkpoint_named_with_fallback(tmp_path):
     assert np.all(value.numpy() == 1.0)
 
 
+@pytest.mark.slow
+def test_export_killed_midway_leaves_no_version(straight_run, tmp_path):
+    """Atomic SavedModel export (popnet_tf.export_lib): SIGKILL while the SavedModel is
+    being written leaves no version folder, so TF Serving (which loads integer-named
+    folders only) never sees a partial model."""
+    out = str(tmp_path / "exported")
+    run = Background([sys.executable, "-m", "popnet_tf.export", f"--workdir={straight_run}",
+                      f"--out={out}"], str(tmp_path / "log"))
+    run.wait_for(lambda: os.path.isdir(out) and any(n.startswith(".tmp-") for n in os.listdir(out)),
+                 timeout=TRAIN_TIMEOUT)
+    time.sleep(random.Random(0).uniform(0.0, 0.5))
+    run.proc.send_signal(signal.SIGKILL)
+    assert run.finish(timeout=60) == -signal.SIGKILL, "the export ended before it was killed"
+    assert not [n for n in os.listdir(out) if n.isdigit()], os.listdir(out)
+
+
 def test_json_write_failure_keeps_previous_file(tmp_path):
     """result.json/run.json: a write that fails half-way leaves the previous file and
     no temporary beside it."""
