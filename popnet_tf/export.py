@@ -14,21 +14,21 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (W/run.json, W/stage<N>/).",
-                               required=True)
-_OUT = flags.DEFINE_string("out", None, "Model base folder: the version is written in "
-                           "<out>/<version>/ (TF Serving's --model_base_path).", required=True)
-_VERSION = flags.DEFINE_integer("version", None, "Version folder (default: 1 + the largest "
-                                "existing one).")
-_STAGE = flags.DEFINE_enum("stage", None, ["2", "3"], "Stage to export (default: the last "
-                           "trained one).")
-_MASK_VALUES = flags.DEFINE_enum(
-    "mask_values", "user", ["user", "merged"],
-    "user: a support mask's values 1-254 are the classes, with static prototypes (a user's "
-    "classes are new to the model); merged: values are ATR-OS merged ids 0-11 and base "
-    "classes use the dynamic prototype store, as in evaluation.")
-_HEAD = flags.DEFINE_enum("head", None, ["ncm", "agm", "mean"], "Prediction head "
-                          "(default: the config's eval.head).")
+def _define_flags():
+    """The CLI's flags (defined on demand, so importing this module defines none)."""
+    flags.DEFINE_string("workdir", None, "Training workdir (W/run.json, W/stage<N>/).")
+    flags.DEFINE_string("out", None, "Model base folder: the version is written in "
+                        "<out>/<version>/ (TF Serving's --model_base_path).")
+    flags.DEFINE_integer("version", None, "Version folder (default: 1 + the largest existing one).")
+    flags.DEFINE_enum("stage", None, ["2", "3"], "Stage to export (default: the last trained one).")
+    flags.DEFINE_enum(
+        "mask_values", "user", ["user", "merged"],
+        "user: a support mask's values 1-254 are the classes, with static prototypes (a user's "
+        "classes are new to the model); merged: values are ATR-OS merged ids 0-11 and base "
+        "classes use the dynamic prototype store, as in evaluation.")
+    flags.DEFINE_enum("head", None, ["ncm", "agm", "mean"], "Prediction head "
+                      "(default: the config's eval.head).")
+    flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv):
@@ -36,11 +36,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from popnet_tf import export_lib  # after flag parsing: keeps --help fast
 
+    f = flags.FLAGS
     try:
         path = export_lib.export_saved_model(
-            _WORKDIR.value, _OUT.value, version=_VERSION.value,
-            stage=int(_STAGE.value) if _STAGE.value else None,
-            mask_values=_MASK_VALUES.value, head=_HEAD.value)
+            f.workdir, f.out, version=f.version, stage=int(f.stage) if f.stage else None,
+            mask_values=f.mask_values, head=f.head)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     logging.info("SavedModel written: %s", path)
@@ -48,5 +48,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     logging.set_verbosity(logging.INFO)
     app.run(main)

@@ -109,7 +109,20 @@ def export_saved_model(workdir: str, out_dir: str, *, version: int | None = None
     """
     if mask_values not in serving.MASK_VALUES:
         raise ValueError(f"mask_values must be one of {serving.MASK_VALUES}, got {mask_values!r}")
-    os.makedirs(out_dir, exist_ok=True)
+    _version_dir(out_dir, version)  # refuse a taken version before the slow restore
+    model, config, stage, record = restore_model(workdir, stage)
+    parser = serving.OneShotParser(model, eval_size=config.data.eval_size,
+                                   mask_values=mask_values, head=head or config.eval.head)
+    info = {"stage": stage, "fold": record.get("fold"), "fold_set": config.data.fold_set,
+            "workdir": os.path.abspath(workdir),
+            "checkpoint": tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, stage))}
+    path = write_version(parser, out_dir, version=version, info=info)
+    logging.info("Exported stage %d of %s to %s (mask values: %s, head: %s).",
+                 stage, workdir, path, parser.mask_values, parser.head)
+    return path
+
+
+def _version_dir(out_dir: str, version: int | None) -> tuple[int, str]:
     version = next_version(out_dir) if version is None else int(version)
     if version < 1:
         raise ValueError(f"version must be a positive integer, got {version}")
@@ -117,33 +130,42 @@ def export_saved_model(workdir: str, out_dir: str, *, version: int | None = None
     if os.path.exists(final):
         raise FileExistsError(f"{final}: version {version} exists; choose another --version "
                               "or omit it to take the next free one")
-    model, config, stage, record = restore_model(workdir, stage)
-    head = head or config.eval.head
-    parser = serving.OneShotParser(model, eval_size=config.data.eval_size,
-                                   mask_values=mask_values, head=head)
-    # Hidden, non-numeric name: TF Serving only loads integer-named versions.
+    return version, final
+
+
+def write_version(parser: serving.OneShotParser, out_dir: str, *, version: int | None = None,
+                  info: dict | None = None) -> str:
+    """Writes the parser's SavedModel (and its metadata, plus `info`) as out_dir/<version>/.
+
+    Written into a hidden folder of out_dir and renamed into place: TF Serving only
+    loads integer-named folders, and a failed write leaves nothing behind.
+
+    Example:
+        >>> write_version(serving.OneShotParser(model, 608), "exported/popnet")
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    version, final = _version_dir(out_dir, version)
+    stage = {n: s for s, n in classes.STAGE_NUM_CLASSES.items()}.get(parser.num_classes)
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "num_classes": parser.num_classes, "eval_size": parser.eval_size,
+        "mask_values": parser.mask_values, "head": parser.head,
+        # Merged ids name the stage's classes; a user's values have only the names they give.
+        "class_names": (list(classes.STAGE_CLASS_NAMES[stage])
+                        if parser.mask_values == "merged" and stage else None),
+        "signatures": {name: {"inputs": {s.name: [s.dtype.name, s.shape.as_list()]
+                                         for s in serving.input_signature(name)},
+                              "outputs": list(serving.OUTPUT_NAMES)}
+                       for name in serving.SIGNATURES},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **(info or {}),
+    }
     tmp = os.path.join(out_dir, f".tmp-{version}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         build_archive(parser).write_out(tmp, verbose=False)
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "stage": stage, "fold": record.get("fold"), "fold_set": config.data.fold_set,
-            "num_classes": parser.num_classes, "eval_size": parser.eval_size,
-            "mask_values": mask_values, "head": head,
-            "class_names": list(classes.STAGE_CLASS_NAMES[stage]) if mask_values == "merged" else None,
-            "signatures": {name: {"inputs": {s.name: [str(s.dtype.name), s.shape.as_list()]
-                                             for s in serving.input_signature(name)},
-                                  "outputs": list(serving.OUTPUT_NAMES)}
-                           for name in serving.SIGNATURES},
-            "workdir": os.path.abspath(workdir),
-            "checkpoint": tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, stage)),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
         train_lib.write_json_atomic(os.path.join(tmp, serving.METADATA_PATH), metadata)
         os.rename(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logging.info("Exported stage %d of %s to %s (mask values: %s, head: %s).",
-                 stage, workdir, final, mask_values, head)
     return final

@@ -217,7 +217,7 @@ def class_mapping(mask, num_classes: int, mask_values: str = "user"):
     if mask_values == "user":
         checks.append(tf.debugging.assert_less_equal(
             n, num_classes - 1,
-            message=f"support_mask holds more classes than the model's {num_classes - 1} "
+            message=f"support_mask holds more classes than the {num_classes - 1} the model has "
                     f"(values other than 0 and 255 each count as one class); merge some"))
         slots_of_found = tf.range(1, n + 1)
     else:
@@ -262,6 +262,10 @@ class OneShotParser:
         self.head = head
         self.num_classes = int(model.num_classes)
         self._functions = {}
+        e = self.eval_size
+        self._score_fn = tf.function(self._score, autograph=False, input_signature=[
+            tf.TensorSpec([None, e, e, 3], tf.float32), tf.TensorSpec([e, e, 3], tf.float32),
+            tf.TensorSpec([e, e], tf.int32)])
 
     # --- the two signatures
     def parse_encoded(self, query_images, support_image, support_mask):
@@ -308,36 +312,42 @@ class OneShotParser:
         return tf.debugging.assert_positive(
             tf.shape(query_images)[0], message="query_images is empty: send at least one query")
 
-    def support(self, image, mask):
-        """Prototypes [1, C, K], presence [1, C], class_values [S], slots [S] of one
-        support image [H, W, 3] and its mask [H, W] (the mask's own values)."""
-        size_check = tf.debugging.assert_equal(
-            tf.shape(image)[:2], tf.shape(mask),
-            message="support_mask must have the support image's height and width")
-        with tf.control_dependencies([size_check]):
-            slot_mask, class_values, slots = class_mapping(mask, self.num_classes, self.mask_values)
-        image, slot_mask, _ = augment.eval_resize(image, slot_mask, self.eval_size)
-        static, presence = self.model.support_prototypes(image[None], slot_mask[None], training=False)
+    def _score(self, queries, support_image, slot_mask):
+        """[N, E, E, 3] queries, one [E, E, 3] support and its [E, E] slot mask -> the
+        head's probabilities [N, E, E, C] float32.
+
+        The support rides in the queries' encoder batch (BatchNorm is in inference
+        mode, so samples do not interact): its features and prototypes are computed
+        once per request, and the model is traced once for both signatures.
+        """
+        images = tf.concat([support_image[None], queries], axis=0)  # [1 + N, E, E, 3]
+        features = self.model.infused_features(images, training=False)  # [1 + N, h, w, K]
+        # = model.support_prototypes(support_image[None], slot_mask[None]): Eq. 1.
+        static, presence = self.model.pooling(features[:1], slot_mask[None])  # [1, C, K], [1, C]
         # A user's classes are new: static prototypes. Merged ids name training classes,
         # whose dynamic prototypes the store holds (SPEC §6, as in evaluation).
         prototypes = self.model.store(static, presence, training=False,
                                       use_dynamic=self.mask_values == "merged")
-        return prototypes, presence, class_values, slots
-
-    def _parse(self, queries, valid, sizes, support_image, support_mask):
-        prototypes, presence, class_values, slots = self.support(support_image, support_mask)
         n = tf.shape(queries)[0]
-        features = self.model.infused_features(queries, training=False)  # [N, h, w, K]
-        out = self.model.heads(features, tf.tile(prototypes, [n, 1, 1]), tf.tile(presence, [n, 1]),
+        out = self.model.heads(features[1:], tf.tile(prototypes, [n, 1, 1]), tf.tile(presence, [n, 1]),
                                queries, compute_agm=self.head != "ncm")
         if self.head == "ncm":
-            probs = out["ncm_probs"]
-        elif self.head == "agm":
-            probs = out["agm_probs"]
-        else:
-            probs = 0.5 * (out["agm_probs"] + out["ncm_probs"])
+            return tf.cast(out["ncm_probs"], tf.float32)
+        if self.head == "agm":
+            return tf.cast(out["agm_probs"], tf.float32)
+        return tf.cast(0.5 * (out["agm_probs"] + out["ncm_probs"]), tf.float32)
+
+    def _parse(self, queries, valid, sizes, support_image, support_mask):
+        size_check = tf.debugging.assert_equal(
+            tf.shape(support_image)[:2], tf.shape(support_mask),
+            message="support_mask must have the height and width of support_image")
+        with tf.control_dependencies([size_check]):
+            slot_mask, class_values, slots = class_mapping(support_mask, self.num_classes,
+                                                           self.mask_values)
+        support_image, slot_mask, _ = augment.eval_resize(support_image, slot_mask, self.eval_size)
+        probs = self._score_fn(queries, support_image, slot_mask)  # [N, E, E, C]
         # Slots the support does not use have probability 0 (masked logits): keep its own.
-        probs = tf.gather(tf.cast(probs, tf.float32), slots, axis=-1)  # [N, E, E, S]
+        probs = tf.gather(probs, slots, axis=-1)  # [N, E, E, S]
         probabilities = restore_size(probs, valid, sizes)  # [N, H, W, S]
         labels = tf.gather(class_values, tf.argmax(probabilities, axis=-1, output_type=tf.int32))
         shape = tf.shape(labels)

@@ -1,0 +1,487 @@
+"""Export: SavedModel layout and versions, signatures (saved_model_cli), outputs of the
+loaded SavedModel in a fresh process against the Keras model, the one-shot class
+mapping, bad requests, and TF Serving requests (gRPC PredictRequest, REST JSON).
+
+The workdir is made from randomly initialised smoke-config stages (no training): the
+comparisons only need fixed weights, and random ones give non-trivial outputs.
+"""
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from configs import synthetic_cpu
+from popnet_tf import classes, export_lib, serving, train_lib
+from popnet_tf.models import popnet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEEN_BASE = (1, 3)     # store entries set as "seen" in the fake stage 3 (5 stays unseen)
+TOL = 1e-5
+
+
+def make_workdir(path: str):
+    """A workdir in train_lib's layout with random-weight stages 1-3 (smoke config).
+
+    Stage 3's prototype store holds random prototypes for SEEN_BASE, marked seen, so the
+    dynamic (merged) path differs from the static one. Returns (config, stage-3 model).
+    """
+    config = synthetic_cpu.get_config("smoke")
+    keras.utils.set_random_seed(7)
+    previous = None
+    for stage in (1, 2, 3):
+        model = popnet.build_stage(config, stage, previous=previous)
+        popnet.build_variables(model, stage, config.data.crop_size)
+        if stage == 3:
+            rng = np.random.default_rng(3)
+            store = np.zeros(model.store.prototypes.shape, np.float32)
+            seen = np.zeros(model.store.seen.shape, np.float32)
+            store[list(SEEN_BASE)] = rng.normal(size=(len(SEEN_BASE), store.shape[1]))
+            seen[list(SEEN_BASE)] = 1
+            model.store.prototypes.assign(store)
+            model.store.seen.assign(seen)
+        tf.train.Checkpoint(model=model).save(
+            os.path.join(train_lib.checkpoint_dir(path, stage), "ckpt"))
+        train_lib.write_json_atomic(os.path.join(train_lib.stage_dir(path, stage), "result.json"),
+                                    {"stage": stage})
+        previous = model
+    train_lib.write_json_atomic(os.path.join(path, "run.json"),
+                                {"fold": 1, "fold_set": "paper", "config": config.to_dict()})
+    return config, previous
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The fake workdir exported twice into one base folder: 1 = user mask values (the
+    whole path: restore from the checkpoints, export), 2 = merged ids (the in-memory
+    model, whose weights the checkpoints hold, written by write_version)."""
+    tmp = tmp_path_factory.mktemp("export")
+    workdir, base = str(tmp / "work"), str(tmp / "models")
+    config, model = make_workdir(workdir)
+    user = export_lib.export_saved_model(workdir, base)
+    parser = serving.OneShotParser(model, config.data.eval_size, mask_values="merged")
+    merged = export_lib.write_version(parser, base, info={"stage": 3})
+    return {"tmp": tmp, "workdir": workdir, "base": base, "config": config, "model": model,
+            "user": user, "merged": merged, "E": config.data.eval_size}
+
+
+# ----------------------------------------------------------------------------- helpers
+def keras_probs(model, queries, support, mask, use_dynamic):
+    """The Keras model's prediction-head probabilities [N, H, W, C] for N queries of the
+    model's input size against one support (tiled to the batch, as model.call needs)."""
+    n = len(queries)
+    out = model({"query_image": np.asarray(queries, np.float32),
+                 "support_image": np.repeat(np.asarray(support, np.float32)[None], n, 0),
+                 "support_mask": np.repeat(np.asarray(mask, np.int32)[None], n, 0)},
+                training=False, use_dynamic=use_dynamic)
+    return out["probs"].numpy()
+
+
+def block_mask(shape, values, seed):
+    """A mask of rectangles of the given values on background, plus an ignore band."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(shape, np.int32)
+    for v in values:
+        r, c = rng.integers(0, shape[0] - 12), rng.integers(0, shape[1] - 12)
+        mask[r:r + rng.integers(8, 20), c:c + rng.integers(8, 20)] = v
+    mask[-3:] = 255
+    return mask
+
+
+def png_bytes(array, mode=None):
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array, np.uint8), mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def assert_labels_match(labels, probs, values, margin=1e-4):
+    """labels == values[argmax(probs)] wherever the top two probabilities are apart."""
+    top2 = np.sort(probs, axis=-1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > margin
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(labels[clear], np.asarray(values)[probs.argmax(-1)][clear])
+
+
+# ----------------------------------------------------------------------------- layout
+def test_versioned_layout_and_metadata(exported):
+    base = exported["base"]
+    assert sorted(os.listdir(base)) == ["1", "2"]  # nothing else: no temporary folder left
+    for name in ("1", "2"):
+        assert os.path.exists(os.path.join(base, name, "saved_model.pb"))
+        assert os.path.isdir(os.path.join(base, name, "variables"))
+    meta = serving.read_metadata(exported["merged"])
+    assert meta["mask_values"] == "merged" and meta["stage"] == 3
+    assert meta["num_classes"] == classes.NUM_CLASSES and meta["eval_size"] == exported["E"]
+    assert meta["class_names"] == list(classes.MERGED_NAMES)
+    assert serving.read_metadata(exported["user"])["class_names"] is None
+
+
+def test_next_version(tmp_path):
+    assert export_lib.next_version(str(tmp_path / "missing")) == 1
+    for name in ("1", "3", "10", "notes", "7.bak", ".tmp-11-5"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "12").write_text("a file, not a version")
+    assert export_lib.next_version(str(tmp_path)) == 11
+
+
+def test_existing_version_refused_and_failed_write_leaves_nothing(exported, monkeypatch):
+    with pytest.raises(FileExistsError, match="version 1 exists"):
+        export_lib.export_saved_model(exported["workdir"], exported["base"], version=1)
+
+    class Broken:
+        def write_out(self, path, **kwargs):
+            os.makedirs(os.path.join(path, "variables"))
+            with open(os.path.join(path, "saved_model.pb"), "w") as f:
+                f.write("half")
+            raise OSError("disk full")
+
+    monkeypatch.setattr(export_lib, "build_archive", lambda parser: Broken())
+    parser = serving.OneShotParser(exported["model"], exported["E"])
+    with pytest.raises(OSError, match="disk full"):
+        export_lib.write_version(parser, exported["base"])
+    assert sorted(os.listdir(exported["base"])) == ["1", "2"]
+
+
+def test_workdir_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run.json"):
+        export_lib.export_saved_model(str(tmp_path), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="mask_values"):
+        export_lib.export_saved_model(str(tmp_path), str(tmp_path / "out"), mask_values="raw")
+
+
+# ----------------------------------------------------------------------------- signatures
+def test_saved_model_cli_lists_signatures(exported):
+    result = subprocess.run(["saved_model_cli", "show", "--dir", exported["user"], "--all"],
+                            capture_output=True, text=True, check=True, timeout=120)
+    text = result.stdout
+    expected = {
+        "serving_default": {"query_images": ("DT_STRING", "(-1)"), "support_image": ("DT_STRING", "()"),
+                            "support_mask": ("DT_STRING", "()")},
+        "parse_images": {"query_images": ("DT_FLOAT", "(-1, -1, -1, 3)"),
+                         "support_image": ("DT_FLOAT", "(-1, -1, 3)"),
+                         "support_mask": ("DT_INT32", "(-1, -1)")},
+    }
+    outputs = {"labels": ("DT_INT32", "(-1, -1, -1)"), "probabilities": ("DT_FLOAT", "(-1, -1, -1, -1)"),
+               "class_values": ("DT_INT32", "(-1)"), "image_sizes": ("DT_INT32", "(-1, 2)")}
+    for name, inputs in expected.items():
+        block = text.split(f"signature_def['{name}']:")[1].split("signature_def[")[0]
+        assert "Method name is: tensorflow/serving/predict" in block
+        for kind, specs in (("inputs", inputs), ("outputs", outputs)):
+            for key, (dtype, shape) in specs.items():
+                entry = block.split(f"{kind}['{key}'] tensor_info:")[1]
+                lines = [ln.strip() for ln in entry.splitlines()[1:3]]
+                assert lines == [f"dtype: {dtype}", f"shape: {shape}"], (name, key, lines)
+
+
+FRESH = textwrap.dedent("""
+    # Runs the exported signatures without popnet_tf: what TF Serving has.
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    spec = json.load(open(sys.argv[1]))
+    arrays = np.load(spec["arrays"])
+    models = {k: tf.saved_model.load(v) for k, v in spec["models"].items()}
+    out = {}
+    for case in spec["cases"]:
+        fn = models[case["model"]].signatures[case["signature"]]
+        inputs = {}
+        for name, src in case["inputs"].items():
+            if "array" in src:
+                inputs[name] = tf.constant(arrays[src["array"]])
+            elif "files" in src:
+                inputs[name] = tf.constant([open(p, "rb").read() for p in src["files"]])
+            else:
+                inputs[name] = tf.constant(open(src["file"], "rb").read())
+        for key, value in fn(**inputs).items():
+            out[case["name"] + "/" + key] = value.numpy()
+    assert not [m for m in sys.modules if m.startswith("popnet_tf")]
+    np.savez(spec["out"], **out)
+""")
+
+
+@pytest.fixture(scope="module")
+def fresh_outputs(exported):
+    """Inputs, written to disk, and what the SavedModels return for them in a fresh
+    Python process that never imports popnet_tf."""
+    tmp, E = exported["tmp"], exported["E"]
+    rng = np.random.default_rng(0)
+    a = {
+        "queries": rng.uniform(0, 255, (2, E, E, 3)).astype(np.float32),
+        "support": rng.uniform(0, 255, (E, E, 3)).astype(np.float32),
+        "user_mask": block_mask((E, E), (5, 9, 200), seed=1),
+        "merged_mask": block_mask((E, E), (1, 3, 5), seed=2),
+        "tall_query": rng.uniform(0, 255, (1, 96, 40, 3)).astype(np.float32),
+        "wide_support": rng.uniform(0, 255, (50, 80, 3)).astype(np.float32),
+        "wide_mask": block_mask((50, 80), (4, 11), seed=3),
+    }
+    np.savez(tmp / "arrays.npz", **a)
+    files = {"q0": rng.integers(0, 256, (E, E, 3)), "q1": rng.integers(0, 256, (E // 2, E, 3)),
+             "s": rng.integers(0, 256, (E, E, 3))}
+    paths = {}
+    for name, pixels in files.items():
+        paths[name] = str(tmp / f"{name}.png")
+        with open(paths[name], "wb") as f:
+            f.write(png_bytes(pixels))
+        a[name] = pixels
+    paths["mask"] = str(tmp / "mask.png")
+    with open(paths["mask"], "wb") as f:
+        f.write(png_bytes(a["user_mask"], "L"))
+
+    def arr(q, s, m):
+        return {"query_images": {"array": q}, "support_image": {"array": s},
+                "support_mask": {"array": m}}
+
+    spec = {
+        "arrays": str(tmp / "arrays.npz"), "out": str(tmp / "fresh.npz"),
+        "models": {"user": exported["user"], "merged": exported["merged"]},
+        "cases": [
+            {"name": "user", "model": "user", "signature": "parse_images",
+             "inputs": arr("queries", "support", "user_mask")},
+            {"name": "merged", "model": "merged", "signature": "parse_images",
+             "inputs": arr("queries", "support", "merged_mask")},
+            {"name": "resized", "model": "user", "signature": "parse_images",
+             "inputs": arr("tall_query", "wide_support", "wide_mask")},
+            {"name": "encoded", "model": "user", "signature": "serving_default",
+             "inputs": {"query_images": {"files": [paths["q0"], paths["q1"]]},
+                        "support_image": {"file": paths["s"]}, "support_mask": {"file": paths["mask"]}}},
+        ],
+    }
+    with open(tmp / "spec.json", "w") as f:
+        json.dump(spec, f)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", FRESH, str(tmp / "spec.json")], cwd=str(tmp), env=env,
+                   check=True, timeout=300)
+    out = np.load(spec["out"])
+    return a, paths, {k: out[k] for k in out.files}
+
+
+def test_fresh_process_matches_keras_user_values(exported, fresh_outputs):
+    """Mask values 5, 9, 200 take slots 1, 2, 3 (NumPy remap), static prototypes;
+    outputs name the user's values."""
+    a, _, out = fresh_outputs
+    slot_mask = np.select([a["user_mask"] == 5, a["user_mask"] == 9, a["user_mask"] == 200],
+                          [1, 2, 3], a["user_mask"])
+    probs = keras_probs(exported["model"], a["queries"], a["support"], slot_mask, use_dynamic=False)
+    np.testing.assert_array_equal(out["user/class_values"], [0, 5, 9, 200])
+    np.testing.assert_allclose(out["user/probabilities"], probs[..., :4], atol=TOL)
+    np.testing.assert_allclose(probs[..., 4:], 0, atol=1e-6)  # unused slots carry nothing
+    assert_labels_match(out["user/labels"], probs[..., :4], [0, 5, 9, 200])
+    assert set(np.unique(out["user/labels"])) <= {0, 5, 9, 200}
+    np.testing.assert_array_equal(out["user/image_sizes"], [[64, 64], [64, 64]])
+
+
+def test_fresh_process_matches_keras_merged_values(exported, fresh_outputs):
+    """Merged ids are their own slots; seen base classes use the store (dynamic)."""
+    a, _, out = fresh_outputs
+    probs = keras_probs(exported["model"], a["queries"], a["support"], a["merged_mask"], use_dynamic=True)
+    static = keras_probs(exported["model"], a["queries"], a["support"], a["merged_mask"], use_dynamic=False)
+    assert np.abs(probs - static).max() > 1e-3  # the store matters here
+    np.testing.assert_array_equal(out["merged/class_values"], [0, 1, 3, 5])
+    np.testing.assert_allclose(out["merged/probabilities"], probs[..., [0, 1, 3, 5]], atol=TOL)
+    assert_labels_match(out["merged/labels"], probs[..., [0, 1, 3, 5]], [0, 1, 3, 5])
+
+
+def test_fresh_process_resizes_like_evaluation(exported, fresh_outputs):
+    """A 96x40 query and a 50x80 support: aspect-preserving fit into 64x64, padding,
+    and probabilities resized back to 96x40 (expected built here with TF image ops)."""
+    a, _, out = fresh_outputs
+    E = exported["E"]
+    query = tf.image.resize(a["tall_query"][0], (64, 27), method="bilinear")  # 40*64/96 = 26.7
+    query = np.pad(query.numpy(), [[0, 0], [0, E - 27], [0, 0]])
+    support = tf.image.resize(a["wide_support"], (40, 64), method="bilinear").numpy()  # 50*64/80
+    support = np.pad(support, [[0, E - 40], [0, 0], [0, 0]])
+    rows = np.minimum(((np.arange(40) + 0.5) * 50 / 40).astype(int), 49)  # nearest, half-pixel
+    cols = np.minimum(((np.arange(64) + 0.5) * 80 / 64).astype(int), 79)
+    mask = np.pad(a["wide_mask"][rows][:, cols], [[0, E - 40], [0, 0]], constant_values=255)
+    slot_mask = np.select([mask == 4, mask == 11], [1, 2], mask)
+    probs = keras_probs(exported["model"], query[None], support, slot_mask, use_dynamic=False)
+    probs = tf.image.resize(probs[0, :, :27, :3], (96, 40), method="bilinear").numpy()
+    assert out["resized/probabilities"].shape == (1, 96, 40, 3)
+    np.testing.assert_allclose(out["resized/probabilities"][0], probs, atol=TOL)
+    np.testing.assert_array_equal(out["resized/image_sizes"], [[96, 40]])
+    assert_labels_match(out["resized/labels"][0], probs, [0, 4, 11])
+
+
+def test_fresh_process_encoded_batch_of_two_sizes(exported, fresh_outputs):
+    """PNG queries of 64x64 and 32x64 in one request: one support, outputs padded to
+    64x64 with label 255 / probability 0 beyond the smaller query."""
+    a, _, out = fresh_outputs
+    E = exported["E"]
+    q1 = np.zeros((E, E, 3), np.float32)
+    q1[: E // 2] = a["q1"]
+    slot_mask = np.select([a["user_mask"] == 5, a["user_mask"] == 9, a["user_mask"] == 200],
+                          [1, 2, 3], a["user_mask"])
+    probs = keras_probs(exported["model"], np.stack([a["q0"], q1]).astype(np.float32), a["s"],
+                        slot_mask, use_dynamic=False)[..., :4]
+    np.testing.assert_array_equal(out["encoded/image_sizes"], [[E, E], [E // 2, E]])
+    np.testing.assert_array_equal(out["encoded/class_values"], [0, 5, 9, 200])
+    np.testing.assert_allclose(out["encoded/probabilities"][0], probs[0], atol=TOL)
+    np.testing.assert_allclose(out["encoded/probabilities"][1, : E // 2], probs[1, : E // 2], atol=TOL)
+    assert np.all(out["encoded/probabilities"][1, E // 2:] == 0)
+    assert np.all(out["encoded/labels"][1, E // 2:] == 255)
+    assert_labels_match(out["encoded/labels"][0], probs[0], [0, 5, 9, 200])
+    assert_labels_match(out["encoded/labels"][1, : E // 2], probs[1, : E // 2], [0, 5, 9, 200])
+
+
+# ----------------------------------------------------------------------------- TF Serving requests
+@pytest.fixture(scope="module")
+def loaded(exported):
+    return tf.saved_model.load(exported["user"])
+
+
+def test_grpc_predict_request_decodes_through_signature(loaded, fresh_outputs):
+    """The README's gRPC request: tensors packed with tf.make_tensor_proto into a
+    PredictRequest, serialised, parsed back and unpacked with tf.make_ndarray, as TF
+    Serving does, reproduce the direct call."""
+    predict_pb2 = pytest.importorskip("tensorflow_serving.apis.predict_pb2")
+    a, paths, out = fresh_outputs
+    files = {n: open(paths[n], "rb").read() for n in ("q0", "q1", "s", "mask")}
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "popnet"
+    request.model_spec.signature_name = "serving_default"
+    request.inputs["query_images"].CopyFrom(tf.make_tensor_proto([files["q0"], files["q1"]]))
+    request.inputs["support_image"].CopyFrom(tf.make_tensor_proto(files["s"]))
+    request.inputs["support_mask"].CopyFrom(tf.make_tensor_proto(files["mask"]))
+    request.output_filter.extend(["labels", "class_values", "image_sizes"])
+    received = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+
+    fn = loaded.signatures[received.model_spec.signature_name]
+    assert set(received.inputs) == set(fn.structured_input_signature[1])
+    for name, proto in received.inputs.items():
+        spec = fn.structured_input_signature[1][name]
+        assert tf.dtypes.as_dtype(proto.dtype) == spec.dtype
+        assert len(proto.tensor_shape.dim) == spec.shape.rank
+    result = fn(**{k: tf.constant(tf.make_ndarray(v)) for k, v in received.inputs.items()})
+    for key in received.output_filter:
+        np.testing.assert_array_equal(result[key].numpy(), out[f"encoded/{key}"])
+
+
+def readme_rest_commands() -> str:
+    """The README's shell lines that write request.json (heredoc included)."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    start = readme.index("cat > request.json <<EOF")
+    end = readme.index("\nEOF\n", start) + len("\nEOF\n")
+    return readme[start:end]
+
+
+def _from_rest_json(value):
+    """TF Serving's JSON -> tensor rule for binary data: {"b64": ...} is bytes."""
+    if isinstance(value, dict):
+        return base64.b64decode(value["b64"])
+    return [_from_rest_json(v) for v in value]
+
+
+def test_rest_request_of_readme_decodes_through_signature(exported, loaded, fresh_outputs):
+    """The README's REST body, built by its own shell lines (base64 in a heredoc), is JSON
+    whose b64 values, decoded as TF Serving does, reproduce the direct call."""
+    _, paths, out = fresh_outputs
+    rest = exported["tmp"] / "rest"
+    rest.mkdir()
+    # The README's file names; the decoder reads the format from the bytes (PNG here).
+    for readme_name, ours in (("photo1.jpg", "q0"), ("photo2.jpg", "q1"), ("reference.jpg", "s"),
+                              ("reference_mask.png", "mask")):
+        (rest / readme_name).write_bytes(open(paths[ours], "rb").read())
+    subprocess.run(["bash", "-c", readme_rest_commands()], cwd=str(rest), check=True, timeout=60)
+    with open(rest / "request.json") as f:
+        body = json.load(f)
+    fn = loaded.signatures[body["signature_name"]]
+    assert set(body["inputs"]) == set(fn.structured_input_signature[1])
+    result = fn(**{k: tf.constant(_from_rest_json(v)) for k, v in body["inputs"].items()})
+    for key in serving.OUTPUT_NAMES:
+        np.testing.assert_array_equal(result[key].numpy(), out[f"encoded/{key}"])
+
+
+# ----------------------------------------------------------------------------- bad requests
+@pytest.mark.parametrize("mask_values, values, message", [
+    ("user", (0, 255), "no foreground"),
+    ("user", tuple(range(1, 13)), "more classes than the 11 the model has"),
+    ("user", (3, 256), "values must lie in 0..255"),
+    ("user", (3, -1), "values must lie in 0..255"),
+    ("merged", (3, 12), "merged ATR-OS ids 0..11"),
+])
+def test_bad_support_masks(mask_values, values, message):
+    mask = np.zeros((32, 32), np.int32)
+    for i, v in enumerate(values):
+        mask[i * 2:(i + 1) * 2] = v
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        serving.class_mapping(tf.constant(mask), 12, mask_values)
+
+
+def test_served_model_reports_bad_requests(loaded):
+    """The checks survive export: the served signature answers InvalidArgument with them."""
+    fn = loaded.signatures["parse_images"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="no foreground"):
+        fn(query_images=tf.zeros([1, 16, 16, 3]), support_image=tf.zeros([8, 8, 3]),
+           support_mask=tf.fill([8, 8], 255))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="support_mask must have the height and width of support_image"):
+        fn(query_images=tf.zeros([1, 16, 16, 3]), support_image=tf.zeros([32, 32, 3]),
+           support_mask=tf.ones([32, 30], tf.int32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="query_images is empty"):
+        fn(query_images=tf.zeros([0, 16, 16, 3]), support_image=tf.zeros([8, 8, 3]),
+           support_mask=tf.ones([8, 8], tf.int32))
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("palette", "(?s)colour type.*3"),
+    ("rgb", "(?s)colour type.*2"),
+    ("jpeg", "not a PNG"),
+    ("short", "not a PNG"),
+])
+def test_encoded_mask_must_be_grayscale_png(kind, message):
+    """A palette/RGB PNG would decode to colours or luminance, not class values."""
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:4] = 3
+    if kind == "palette":
+        data = png_bytes(mask, "P")
+    elif kind == "rgb":
+        data = png_bytes(np.stack([mask] * 3, -1))
+    elif kind == "jpeg":
+        buf = io.BytesIO()
+        Image.fromarray(mask, "L").save(buf, format="JPEG")
+        data = buf.getvalue()
+    else:
+        data = b"\x89P"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        serving.decode_mask_png(tf.constant(data))
+
+
+def test_decode_mask_png_keeps_values():
+    mask = np.random.default_rng(2).choice([0, 1, 77, 254, 255], size=(9, 13)).astype(np.uint8)
+    np.testing.assert_array_equal(serving.decode_mask_png(tf.constant(png_bytes(mask, "L"))), mask)
+
+
+def test_class_mapping_numpy_reference():
+    rng = np.random.default_rng(5)
+    mask = rng.choice([0, 17, 42, 254, 255], size=(20, 30))
+    slot_mask, values, slots = serving.class_mapping(tf.constant(mask, tf.int32), 12)
+    expected = np.select([mask == 17, mask == 42, mask == 254], [1, 2, 3], mask)
+    np.testing.assert_array_equal(slot_mask.numpy(), expected)
+    np.testing.assert_array_equal(values.numpy(), [0, 17, 42, 254])
+    np.testing.assert_array_equal(slots.numpy(), [0, 1, 2, 3])
+    slot_mask, values, slots = serving.class_mapping(tf.constant([[0, 7], [2, 255]]), 12, "merged")
+    np.testing.assert_array_equal(slot_mask.numpy(), [[0, 7], [2, 255]])
+    np.testing.assert_array_equal(values.numpy(), [0, 2, 7])
+    np.testing.assert_array_equal(slots.numpy(), [0, 2, 7])
+
+
+def test_fit_and_pad_geometry():
+    """Long side to E, short side rounded half up, padding bottom/right with 0."""
+    image = np.random.default_rng(1).uniform(0, 255, (30, 100, 3)).astype(np.float32)
+    padded, valid = serving.fit_and_pad(image, 64)
+    np.testing.assert_array_equal(valid.numpy(), [19, 64])  # 30*64/100 = 19.2
+    expected = tf.image.resize(image, (19, 64), method="bilinear").numpy()
+    np.testing.assert_allclose(padded.numpy()[:19], expected, atol=1e-4)
+    assert np.all(padded.numpy()[19:] == 0)
+    batch, valid = serving.fit_and_pad(np.stack([image, image]), 64)
+    np.testing.assert_allclose(batch.numpy()[1], padded.numpy(), atol=1e-6)
