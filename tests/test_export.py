@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from tensorflow_serving.apis import predict_pb2
 
 from configs import synthetic_cpu
 from popnet_tf import classes, export_lib, serving, train_lib
@@ -342,7 +343,6 @@ def test_grpc_predict_request_decodes_through_signature(loaded, fresh_outputs):
     """The README's gRPC request: tensors packed with tf.make_tensor_proto into a
     PredictRequest, serialised, parsed back and unpacked with tf.make_ndarray, as TF
     Serving does, reproduce the direct call."""
-    predict_pb2 = pytest.importorskip("tensorflow_serving.apis.predict_pb2")
     a, paths, out = fresh_outputs
     files = {n: open(paths[n], "rb").read() for n in ("q0", "q1", "s", "mask")}
     request = predict_pb2.PredictRequest()
