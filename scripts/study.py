@@ -272,7 +272,23 @@ def runs_table(records) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: str, records, args, changes, total_s: float, results_dir: str) -> None:
+def git_state() -> str:
+    """The commit the study ran on, and whether the working tree differed from it."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.split("\n")
+        dirty = [line[3:] for line in dirty if line.strip()]
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown commit"
+    return f"commit {head}" + (f", with uncommitted changes in {', '.join(dirty)}" if dirty else "")
+
+
+def write_markdown(path: str, records, args, changes, total_s: float, results_dir: str,
+                   git: str = "") -> None:
     folds = sorted({r["fold"] for r in records if r["part"] == "main"})
     notes_path = os.path.join(results_dir, "notes.md")
     notes = open(notes_path).read() if os.path.exists(notes_path) else "(none yet)\n"
@@ -290,7 +306,8 @@ def write_markdown(path: str, records, args, changes, total_s: float, results_di
         f.write(f"""# Results: POPNet and the paper's baselines on the synthetic benchmark
 
 Written by `python scripts/study.py --out {args.out} --scale {args.scale} --seeds {args.seeds}`
-on {datetime.date.today().isoformat()} ({platform.machine()}, {os.cpu_count()} CPU cores, no GPU);
+on {datetime.date.today().isoformat()} ({platform.machine()}, {os.cpu_count()} CPU cores, no GPU;
+{git});
 the study took **{total_s / 60:.1f} minutes** of wall time. Every number below comes from
 those runs; each run's results.json (metrics, config, checkpoint, wall time) is in
 `{rel}/`. Metrics are SPEC §8 in percent, from one confusion matrix per run; the paper's
@@ -353,6 +370,7 @@ def main(argv=None):
     # Every config read now: a config file edited while the study runs changes nothing.
     loaded = {c: load_config(c, args.scale) for _, _, _, c, _, _ in plan}
     records, stage1_cache, changes = [], {}, {}
+    git = git_state()
     start = time.time()
     for seed in seeds:
         for part, name, label, config_file, fold, ways in plan:
@@ -380,9 +398,9 @@ def main(argv=None):
             keras.backend.clear_session()
             # Markdown after every run: an interrupted study still leaves its tables.
             total = time.time() - start
-            write_markdown(args.out, records, args, changes, total, results_dir)
+            write_markdown(args.out, records, args, changes, total, results_dir, git)
             train_lib.write_json_atomic(os.path.join(results_dir, "study.json"), {
-                "command": " ".join(sys.argv), "scale": args.scale, "seeds": seeds,
+                "command": " ".join(sys.argv), "scale": args.scale, "seeds": seeds, "git": git,
                 "wall_time_s": round(total, 1), "changes": changes,
                 "runs": [{k: v for k, v in r.items() if k != "results"} |
                          {"metrics": {k: r["results"].get(k) for k in
