@@ -23,9 +23,9 @@ from popnet_tf.data import episodes
 
 
 def _to_label_resolution(probs, valid_size, label_shape):
-    """[E, E, C] probabilities -> [h, w] labels at the ground truth's own resolution:
-    crop the unpadded region, resize it bilinearly, take the argmax (SPEC §8)."""
-    probs = probs[: valid_size[0], : valid_size[1]]
+    """[..., E, E, C] probabilities -> [..., h, w] labels at the ground truth's own
+    resolution: crop the unpadded region, resize it bilinearly, take the argmax (SPEC §8)."""
+    probs = probs[..., : valid_size[0], : valid_size[1], :]
     probs = tf.image.resize(probs, label_shape, method="bilinear")
     return tf.argmax(probs, axis=-1, output_type=tf.int32)
 
@@ -40,6 +40,23 @@ def relabel_to_support(label, support_presence):
     safe = tf.minimum(label, num_classes - 1)
     relabelled = tf.where(tf.gather(keep, safe), label, tf.zeros_like(label))
     return tf.where(label == classes.IGNORE_LABEL, label, relabelled)
+
+
+@tf.function(input_signature=[
+    tf.TensorSpec([None, None, None, None], tf.float32),  # probabilities [S, E, E, C]
+    tf.TensorSpec([2], tf.int32),                          # valid_size
+    tf.TensorSpec([None, None], tf.int32),                 # label [h, w]
+    tf.TensorSpec([None, None], tf.float32)])              # support presence [S, C]
+def _score_against_supports(probs, valid_size, label, presence):
+    """One query against all supports at once: predictions and relabelled truths
+    [S, h, w] at the label's resolution, and their [C, C] confusion matrix."""
+    predictions = _to_label_resolution(probs, valid_size, tf.shape(label))
+    num_classes = tf.shape(presence)[1]
+    keep = tf.concat([tf.ones_like(presence[:, :1], tf.bool), presence[:, 1:] > 0], axis=1)
+    kept = tf.gather(keep, tf.minimum(label, num_classes - 1), axis=1)    # [S, h, w]
+    truths = tf.where(kept, label[None], tf.zeros_like(label[None]))
+    truths = tf.where(label[None] == classes.IGNORE_LABEL, label[None], truths)
+    return predictions, truths, metrics.batch_confusion_matrix(truths, predictions, num_classes)
 
 
 def _head_probs(out, head):
@@ -116,16 +133,16 @@ def evaluate_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size,
         nonlocal seen
         probs = score(tf.stack([b["image"] for b in batch]))
         for qi, query in enumerate(batch):
-            for si in range(num_supports):
-                pred = _to_label_resolution(probs[qi, si], query["valid_size"], tf.shape(query["label"]))
-                truth = relabel_to_support(query["label"], presence[si])
-                matrix.update(truth, pred)
-                if len(examples) < return_examples and si == len(examples) % num_supports:
-                    examples.append({"support_image": supports["image"][si].numpy(),
-                                     "support_mask": supports["mask"][si].numpy(),
-                                     "query_image": query["image"].numpy(),
-                                     "truth": truth.numpy(), "prediction": pred.numpy(),
-                                     "valid_size": query["valid_size"].numpy()})
+            preds, truths, cm = _score_against_supports(
+                probs[qi], query["valid_size"], tf.cast(query["label"], tf.int32), presence)
+            matrix.matrix += cm.numpy()
+            if len(examples) < return_examples:
+                si = len(examples) % num_supports  # a different support for each example
+                examples.append({"support_image": supports["image"][si].numpy(),
+                                 "support_mask": supports["mask"][si].numpy(),
+                                 "query_image": query["image"].numpy(),
+                                 "truth": truths[si].numpy(), "prediction": preds[si].numpy(),
+                                 "valid_size": query["valid_size"].numpy()})
             seen += 1
             if bar:
                 bar.update(seen)
