@@ -113,6 +113,7 @@ def assert_labels_match(labels, probs, values, margin=1e-4):
 
 
 # ----------------------------------------------------------------------------- layout
+@pytest.mark.slow
 def test_versioned_layout_and_metadata(exported):
     base = exported["base"]
     assert sorted(os.listdir(base)) == ["1", "2"]  # nothing else: no temporary folder left
@@ -134,6 +135,7 @@ def test_next_version(tmp_path):
     assert export_lib.next_version(str(tmp_path)) == 11
 
 
+@pytest.mark.slow
 def test_existing_version_refused_and_failed_write_leaves_nothing(exported, monkeypatch):
     with pytest.raises(FileExistsError, match="version 1 exists"):
         export_lib.export_saved_model(exported["workdir"], exported["base"], version=1)
@@ -160,6 +162,7 @@ def test_workdir_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------- signatures
+@pytest.mark.slow
 def test_saved_model_cli_lists_signatures(exported):
     result = subprocess.run(["saved_model_cli", "show", "--dir", exported["user"], "--all"],
                             capture_output=True, text=True, check=True, timeout=120)
@@ -265,6 +268,7 @@ def fresh_outputs(exported):
     return a, paths, {k: out[k] for k in out.files}
 
 
+@pytest.mark.slow
 def test_fresh_process_matches_keras_user_values(exported, fresh_outputs):
     """Mask values 5, 9, 200 take slots 1, 2, 3 (NumPy remap), static prototypes;
     outputs name the user's values."""
@@ -280,6 +284,7 @@ def test_fresh_process_matches_keras_user_values(exported, fresh_outputs):
     np.testing.assert_array_equal(out["user/image_sizes"], [[64, 64], [64, 64]])
 
 
+@pytest.mark.slow
 def test_fresh_process_matches_keras_merged_values(exported, fresh_outputs):
     """Merged ids are their own slots; seen base classes use the store (dynamic)."""
     a, _, out = fresh_outputs
@@ -291,6 +296,7 @@ def test_fresh_process_matches_keras_merged_values(exported, fresh_outputs):
     assert_labels_match(out["merged/labels"], probs[..., [0, 1, 3, 5]], [0, 1, 3, 5])
 
 
+@pytest.mark.slow
 def test_fresh_process_resizes_like_evaluation(exported, fresh_outputs):
     """A 96x40 query and a 50x80 support: aspect-preserving fit into 64x64, padding,
     and probabilities resized back to 96x40 (expected built here with TF image ops)."""
@@ -312,6 +318,7 @@ def test_fresh_process_resizes_like_evaluation(exported, fresh_outputs):
     assert_labels_match(out["resized/labels"][0], probs, [0, 4, 11])
 
 
+@pytest.mark.slow
 def test_fresh_process_encoded_batch_of_two_sizes(exported, fresh_outputs):
     """PNG queries of 64x64 and 32x64 in one request: one support, outputs padded to
     64x64 with label 255 / probability 0 beyond the smaller query."""
@@ -339,6 +346,7 @@ def loaded(exported):
     return tf.saved_model.load(exported["user"])
 
 
+@pytest.mark.slow
 def test_grpc_predict_request_decodes_through_signature(loaded, fresh_outputs):
     """The README's gRPC request: tensors packed with tf.make_tensor_proto into a
     PredictRequest, serialised, parsed back and unpacked with tf.make_ndarray, as TF
@@ -381,6 +389,7 @@ def _from_rest_json(value):
     return [_from_rest_json(v) for v in value]
 
 
+@pytest.mark.slow
 def test_rest_request_of_readme_decodes_through_signature(exported, loaded, fresh_outputs):
     """The README's REST body, built by its own shell lines (base64 in a heredoc), is JSON
     whose b64 values, decoded as TF Serving does, reproduce the direct call."""
@@ -417,6 +426,7 @@ def test_bad_support_masks(mask_values, values, message):
         serving.class_mapping(tf.constant(mask), 12, mask_values)
 
 
+@pytest.mark.slow
 def test_served_model_reports_bad_requests(loaded):
     """The checks survive export: the served signature answers InvalidArgument with them."""
     fn = loaded.signatures["parse_images"]

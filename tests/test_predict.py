@@ -1,0 +1,327 @@
+"""Prediction CLI and library: outputs on disk (label PNG, overlay, areas), local and
+served predictions agreeing, one-line errors naming the file, failures in a folder."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from popnet_tf import export_lib, predict, serving
+from popnet_tf.data import show
+from tests.test_export import make_workdir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VALUES = (3, 7, 200)   # the support mask's classes (a user's own values)
+
+
+def save_image(path, pixels, **kwargs):
+    Image.fromarray(np.asarray(pixels, np.uint8)).save(path, **kwargs)
+    return str(path)
+
+
+def smooth(shape, seed):
+    """A smooth random colour image (JPEG keeps it within a few levels, unlike noise)."""
+    small = np.random.default_rng(seed).integers(0, 256, (4, 4, 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(small).resize((shape[1], shape[0]), Image.BILINEAR))
+
+
+def user_mask(shape, seed=0):
+    """Rectangles of VALUES on background with an ignore border, as a palette PNG would hold."""
+    mask = np.zeros(shape, np.uint8)
+    rng = np.random.default_rng(seed)
+    for v in VALUES:
+        r, c = rng.integers(0, shape[0] // 2), rng.integers(0, shape[1] // 2)
+        mask[r:r + shape[0] // 3, c:c + shape[1] // 3] = v
+    mask[:, :2] = 255
+    return mask
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A random-weight workdir, its SavedModel, a support (JPEG + palette PNG mask) and a
+    query folder with two good images, a corrupt JPEG and a text file."""
+    tmp = tmp_path_factory.mktemp("predict")
+    workdir, base = str(tmp / "work"), str(tmp / "models")
+    make_workdir(workdir)
+    export_lib.export_saved_model(workdir, base)
+    support = save_image(tmp / "support.jpg", smooth((70, 50), 1), quality=95)
+    mask_image = Image.fromarray(user_mask((70, 50)), "P")
+    mask_image.putpalette(np.random.default_rng(9).integers(0, 256, 768).tolist())  # colours unrelated to values
+    mask_image.save(tmp / "support_mask.png")
+    folder = tmp / "photos"
+    folder.mkdir()
+    queries = {"a": save_image(folder / "a.png", smooth((40, 90), 2)),
+               "b": save_image(folder / "b.png", smooth((64, 64), 3))}
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (folder / "notes.txt").write_text("not an image")
+    queries["extra"] = save_image(tmp / "extra.jpg", smooth((100, 30), 4), quality=95)
+    return {"tmp": tmp, "workdir": workdir, "base": base, "support": support,
+            "mask": str(tmp / "support_mask.png"), "folder": str(folder), "queries": queries}
+
+
+def run_cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "popnet_tf.predict", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def cli_run(setup):
+    out = str(setup["tmp"] / "parsed")
+    result = run_cli(["--model", setup["base"], "--support", setup["support"],
+                      "--support_mask", setup["mask"], "--query", setup["folder"],
+                      setup["queries"]["extra"], "--out", out,
+                      "--class_names", '{"3": "jacket", "200": "sneaker"}'], cwd=REPO)
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    return result, out, summary
+
+
+@pytest.mark.slow
+def test_cli_writes_labels_overlays_and_summary(setup, cli_run):
+    result, out, summary = cli_run
+    assert result.returncode == 1, result.stderr  # one query failed
+    assert sorted(os.listdir(out)) == sorted(["a.png", "a_overlay.jpg", "b.png", "b_overlay.jpg",
+                                              "extra.png", "extra_overlay.jpg", "summary.json"])
+    assert [q["file"] for q in summary["queries"]] == [
+        os.path.join(setup["folder"], "a.png"), os.path.join(setup["folder"], "b.png"),
+        setup["queries"]["extra"]]
+    assert summary["support"]["classes"] == {"jacket": 3, "class 7": 7, "sneaker": 200}
+    palette = predict.palette()
+    for entry, name in zip(summary["queries"], ("a", "b", "extra")):
+        query = np.asarray(Image.open(setup["queries"][name]).convert("RGB"), np.float32)
+        label = Image.open(os.path.join(out, f"{name}.png"))
+        assert label.mode == "P" and label.size == (query.shape[1], query.shape[0])
+        np.testing.assert_array_equal(np.asarray(label.getpalette(), np.uint8).reshape(-1, 3)[:256],
+                                      palette)
+        labels = np.asarray(label)
+        assert set(np.unique(labels)) <= {0, *VALUES}
+        # Areas: pixel counts of the label PNG, counted here with NumPy.
+        counts = {v: int((labels == v).sum()) for v in (0, *VALUES)}
+        got = {a["value"]: a["pixels"] for a in entry["areas"].values()}
+        assert got == counts
+        assert set(entry["areas"]) == {"background", "jacket", "class 7", "sneaker"}
+        assert sum(a["fraction"] for a in entry["areas"].values()) == pytest.approx(1.0)
+        # Overlay: 50% blend of the palette colour on foreground pixels. The JPEG blurs the
+        # random model's busy label edges, so: close to the blend, far from the bare photo.
+        overlay = np.asarray(Image.open(os.path.join(out, f"{name}_overlay.jpg")), np.float32)
+        fg = ((labels != 0) & (labels != 255))[..., None]
+        expected = np.where(fg, 0.5 * query + 0.5 * palette[labels], query)
+        error = np.abs(overlay - expected).mean()
+        assert error < 8.0 and error < np.abs(overlay - query).mean() / 4
+    totals = summary["totals"]
+    assert totals["jacket"]["pixels"] == sum(q["areas"]["jacket"]["pixels"] for q in summary["queries"])
+
+
+@pytest.mark.slow
+def test_cli_lists_failures_and_skipped(setup, cli_run):
+    result, _, summary = cli_run
+    broken = os.path.join(setup["folder"], "broken.jpg")
+    assert summary["failures"] == [{"file": broken, "error": f"{broken}: the query is not an image "
+                                    "TensorFlow can decode (JPEG, PNG, GIF, BMP, WebP)"}]
+    assert summary["skipped"] == [os.path.join(setup["folder"], "notes.txt")]
+    assert f"failed: {broken}: the query is not an image" in result.stdout
+    assert "| jacket | 3 |" in result.stdout
+
+
+@pytest.mark.slow
+def test_local_workdir_and_served_model_agree(setup, cli_run):
+    """The workdir predictor (the serving function traced here) gives the CLI's labels,
+    which came from the SavedModel in another process."""
+    _, out, _ = cli_run
+    predictor = predict.load_predictor(setup["workdir"])
+    support = predict.read_support(setup["support"], setup["mask"], predictor)
+    names = ("a", "b")
+    result = predictor([open(setup["queries"][n], "rb").read() for n in names],
+                       support.image_bytes, support.mask_png)
+    np.testing.assert_array_equal(result["class_values"], [0, *VALUES])
+    for i, name in enumerate(names):
+        h, w = result["image_sizes"][i]
+        np.testing.assert_array_equal(result["labels"][i, :h, :w],
+                                      np.asarray(Image.open(os.path.join(out, f"{name}.png"))))
+
+
+@pytest.mark.slow
+def test_cli_support_error_is_one_line_naming_the_file(setup):
+    bad = save_image(setup["tmp"] / "small_mask.png", np.full((10, 10), 3))
+    result = run_cli(["--model", setup["base"], "--support", setup["support"], "--support_mask", bad,
+                      "--query", setup["queries"]["extra"], "--out", str(setup["tmp"] / "none")],
+                     cwd=REPO)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (f"error: {bad}: the mask is 10x10 but the support image {setup['support']} "
+                    "is 70x50; they must match")
+    assert not os.path.exists(setup["tmp"] / "none")
+
+
+# ----------------------------------------------------------------------------- support checks
+@pytest.fixture
+def stub():
+    """A predictor of a 12-class user-values model that must not be called."""
+    return predict.Predictor(fn=None, num_classes=12, mask_values="user", source="stub")
+
+
+def _support(tmp_path, mask, image_shape=(20, 30, 3), mask_format="PNG", mode=None):
+    image = save_image(tmp_path / "s.png", np.zeros(image_shape))
+    path = tmp_path / ("m.jpg" if mask_format == "JPEG" else "m.png")
+    image_mask = Image.fromarray(np.asarray(mask, np.uint8), mode)
+    if mode == "P":  # a full palette, or PIL renumbers the indices on saving
+        image_mask.putpalette(np.random.default_rng(4).integers(0, 256, 768).tolist())
+    image_mask.save(path, format=mask_format)
+    return image, str(path)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_foreground", "the mask has no foreground"),
+    ("too_many", "the mask has 12 classes"),
+    ("size", "the mask is 20x31 but the support image"),
+    ("rgb", "the support mask is a RGB image"),
+    ("jpeg", "the support mask is a JPEG"),
+])
+def test_support_errors_name_the_file(tmp_path, stub, case, message):
+    mask = np.zeros((20, 30), np.uint8)
+    kwargs = {}
+    if case == "too_many":
+        mask[:12] = np.arange(1, 13)[:, None]
+    elif case == "size":
+        mask = np.ones((20, 31), np.uint8)
+    elif case == "rgb":
+        mask = np.ones((20, 30, 3), np.uint8)
+    elif case == "jpeg":
+        mask[:5] = 1
+        kwargs["mask_format"] = "JPEG"
+    elif case == "no_foreground":
+        mask[:3] = 255
+    image, mask_path = _support(tmp_path, mask, **kwargs)
+    with pytest.raises(predict.InputError) as error:
+        predict.read_support(image, mask_path, stub)
+    text = str(error.value)
+    assert message in text and text.startswith(mask_path) and "\n" not in text
+
+
+def test_unreadable_and_non_image_support(tmp_path, stub):
+    missing = str(tmp_path / "missing.jpg")
+    with pytest.raises(predict.InputError, match=f"^{missing}: cannot read the support image"):
+        predict.read_support(missing, missing, stub)
+    text = tmp_path / "support.jpg"
+    text.write_text("hello")
+    with pytest.raises(predict.InputError, match="the support image is not an image TensorFlow can decode"):
+        predict.read_support(str(text), missing, stub)
+
+
+def test_palette_mask_values_are_indices_and_merged_limits(tmp_path, stub):
+    mask = np.zeros((20, 30), np.uint8)
+    mask[:5], mask[5:9] = 11, 254
+    image, path = _support(tmp_path, mask, mode="P")
+    support = predict.read_support(image, path, stub)
+    assert support.class_values == (11, 254)
+    # The re-encoded mask is the 8-bit grayscale PNG the serving function reads.
+    np.testing.assert_array_equal(serving.decode_mask_png(support.mask_png).numpy(), mask)
+    merged = predict.Predictor(fn=None, num_classes=12, mask_values="merged", source="stub")
+    with pytest.raises(predict.InputError, match="value 254 is not a merged ATR-OS id 1..11"):
+        predict.read_support(image, path, merged)
+
+
+# ----------------------------------------------------------------------------- predict_files logic
+def fake_predictor(values=(5, 9), poison_size=(13, 13)):
+    """A serving-shaped function without a model: label = values[(row // 4) % len]; a
+    request holding a poison_size image fails as a bad request would."""
+
+    def fn(query_images, support_image, support_mask):
+        images = [tf.io.decode_image(q, channels=3).numpy() for q in query_images.numpy()]
+        sizes = np.array([im.shape[:2] for im in images], np.int32)
+        if any(tuple(s) == poison_size for s in sizes):
+            raise tf.errors.InvalidArgumentError(None, None, "assertion failed: [poisoned]\n more")
+        h, w = sizes.max(0)
+        class_values = np.array([0, *values], np.int32)
+        labels = np.full((len(images), h, w), 255, np.int32)
+        for i, (ih, iw) in enumerate(sizes):
+            labels[i, :ih, :iw] = class_values[1:][(np.arange(ih) // 4) % len(values)][:, None]
+        return {"labels": tf.constant(labels), "class_values": tf.constant(class_values),
+                "image_sizes": tf.constant(sizes),
+                "probabilities": tf.zeros([len(images), h, w, len(class_values)])}
+
+    return predict.Predictor(fn=fn, num_classes=12, mask_values="user", source="fake")
+
+
+def test_bad_request_in_a_batch_fails_alone(tmp_path):
+    folder = tmp_path / "q"
+    folder.mkdir()
+    for name, size in (("1.png", (16, 8)), ("2.png", (13, 13)), ("3.png", (9, 20)), ("4.png", (8, 8))):
+        save_image(folder / name, np.full((*size, 3), 100))
+    support = predict.Support("s", "m", b"", b"", (5, 9))
+    summary = predict.predict_files(fake_predictor(), support, [str(folder)], str(tmp_path / "out"),
+                                    batch_size=3, progress=False)
+    assert [os.path.basename(q["file"]) for q in summary["queries"]] == ["1.png", "3.png", "4.png"]
+    assert summary["failures"] == [{"file": str(folder / "2.png"), "error": "assertion failed: [poisoned]"}]
+    labels = np.asarray(Image.open(tmp_path / "out" / "3.png"))
+    expected = np.array([5, 9])[(np.arange(9) // 4) % 2][:, None].repeat(20, 1)
+    np.testing.assert_array_equal(labels, expected)
+    areas = summary["queries"][1]["areas"]
+    assert areas["class 5"]["pixels"] == 5 * 20 and areas["class 9"]["pixels"] == 4 * 20
+    assert areas["background"]["pixels"] == 0
+
+
+def test_same_names_from_two_folders_do_not_overwrite(tmp_path):
+    for sub in ("x", "y"):
+        (tmp_path / sub).mkdir()
+        save_image(tmp_path / sub / "p.png", np.zeros((8, 8, 3)))
+    support = predict.Support("s", "m", b"", b"", (5, 9))
+    summary = predict.predict_files(fake_predictor(), support, [str(tmp_path / "x"), str(tmp_path / "y")],
+                                    str(tmp_path / "out"), progress=False)
+    assert [os.path.basename(q["label"]) for q in summary["queries"]] == ["p.png", "p-1.png"]
+
+
+def test_missing_query_file_is_a_failure(tmp_path):
+    support = predict.Support("s", "m", b"", b"", (5, 9))
+    missing = str(tmp_path / "gone.jpg")
+    summary = predict.predict_files(fake_predictor(), support, [missing], str(tmp_path / "out"),
+                                    progress=False)
+    assert summary["queries"] == []
+    assert summary["failures"][0]["error"].startswith(f"{missing}: cannot read the query")
+
+
+# ----------------------------------------------------------------------------- small parts
+def test_palette_extends_show_palette():
+    palette = predict.palette()
+    np.testing.assert_array_equal(palette[: len(show.PALETTE)], show.PALETTE)
+    np.testing.assert_array_equal(palette[255], show.IGNORE_COLOUR)
+    assert len({tuple(c) for c in palette}) == 256  # every value its own colour
+
+
+def test_class_names(tmp_path):
+    path = tmp_path / "names.json"
+    path.write_text('{"7": "sneaker"}')
+    assert predict.read_class_names(str(path)) == {7: "sneaker"}
+    assert predict.read_class_names('["bg", "hat"]') == {0: "bg", 1: "hat"}
+    assert predict.read_class_names('{"1": "x"}', default=("background", "hat"))[1] == "x"
+    with pytest.raises(predict.InputError, match="not a JSON file or JSON text"):
+        predict.read_class_names("{nope")
+    with pytest.raises(predict.InputError, match="keys must be mask values"):
+        predict.read_class_names('{"hat": "x"}')
+
+
+def test_collect_queries(tmp_path):
+    for name in ("b.JPG", "a.png", "c.txt", ".hidden.png"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    files, skipped = predict.collect_queries([str(tmp_path), "x.tif"])
+    assert files == [str(tmp_path / "a.png"), str(tmp_path / "b.JPG"), "x.tif"]
+    assert skipped == [str(tmp_path / "c.txt")]
+
+
+def test_saved_model_version_resolution(tmp_path):
+    for v in ("1", "3", "10"):
+        (tmp_path / v).mkdir()
+        if v != "10":
+            (tmp_path / v / "saved_model.pb").write_bytes(b"")
+    assert predict.saved_model_version(str(tmp_path)) == str(tmp_path / "3")
+    assert predict.saved_model_version(str(tmp_path / "1")) == str(tmp_path / "1")
+    assert predict.saved_model_version(str(tmp_path / "10")) is None
+    with pytest.raises(predict.InputError, match="neither a SavedModel"):
+        predict.load_predictor(str(tmp_path / "10"))
