@@ -7,19 +7,24 @@ comparisons only need fixed weights, and random ones give non-trivial outputs.
 """
 
 import base64
+import http.server
 import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent import futures
+
+import grpc
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
-from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from configs import synthetic_cpu
 from popnet_tf import classes, export_lib, serving, train_lib
@@ -373,13 +378,12 @@ def test_grpc_predict_request_decodes_through_signature(loaded, fresh_outputs):
         np.testing.assert_array_equal(result[key].numpy(), out[f"encoded/{key}"])
 
 
-def readme_rest_commands() -> str:
-    """The README's shell lines that write request.json (heredoc included)."""
+def readme_block(first_line: str) -> str:
+    """The README's code from `first_line` to the end of its fenced block."""
     with open(os.path.join(REPO, "README.md")) as f:
         readme = f.read()
-    start = readme.index("cat > request.json <<EOF")
-    end = readme.index("\nEOF\n", start) + len("\nEOF\n")
-    return readme[start:end]
+    start = readme.index(first_line)
+    return readme[start:readme.index("```", start)]
 
 
 def _from_rest_json(value):
@@ -389,25 +393,99 @@ def _from_rest_json(value):
     return [_from_rest_json(v) for v in value]
 
 
-@pytest.mark.slow
-def test_rest_request_of_readme_decodes_through_signature(exported, loaded, fresh_outputs):
-    """The README's REST body, built by its own shell lines (base64 in a heredoc), is JSON
-    whose b64 values, decoded as TF Serving does, reproduce the direct call."""
-    _, paths, out = fresh_outputs
-    rest = exported["tmp"] / "rest"
-    rest.mkdir()
-    # The README's file names; the decoder reads the format from the bytes (PNG here).
+@pytest.fixture
+def readme_files(exported, fresh_outputs, tmp_path):
+    """A folder with the README's file names holding the encoded case's images (the
+    decoder reads the format from the bytes, PNG here)."""
+    _, paths, _ = fresh_outputs
     for readme_name, ours in (("photo1.jpg", "q0"), ("photo2.jpg", "q1"), ("reference.jpg", "s"),
                               ("reference_mask.png", "mask")):
-        (rest / readme_name).write_bytes(open(paths[ours], "rb").read())
-    subprocess.run(["bash", "-c", readme_rest_commands()], cwd=str(rest), check=True, timeout=60)
-    with open(rest / "request.json") as f:
-        body = json.load(f)
-    fn = loaded.signatures[body["signature_name"]]
-    assert set(body["inputs"]) == set(fn.structured_input_signature[1])
-    result = fn(**{k: tf.constant(_from_rest_json(v)) for k, v in body["inputs"].items()})
+        (tmp_path / readme_name).write_bytes(open(paths[ours], "rb").read())
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_readme_rest_request_against_a_stand_in_server(loaded, fresh_outputs, readme_files):
+    """The README's REST lines (heredoc with base64, curl, reading the answer) run as
+    written against a stand-in for TF Serving's REST predict API that turns the JSON
+    into tensors as TF Serving does ({"b64": ...} -> bytes), runs the signature and
+    answers {"outputs": ...}."""
+    _, _, out = fresh_outputs
+    requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append((self.path, body))
+            fn = loaded.signatures[body.get("signature_name", "serving_default")]
+            result = fn(**{k: tf.constant(_from_rest_json(v)) for k, v in body["inputs"].items()})
+            payload = json.dumps({"outputs": {k: v.numpy().tolist() for k, v in result.items()}})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(payload.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        commands = readme_block("cat > request.json <<EOF").replace(
+            "localhost:8501", f"127.0.0.1:{server.server_address[1]}")
+        result = subprocess.run(["bash", "-e", "-c", commands], cwd=str(readme_files),
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr
+    (path, body), = requests
+    assert path == "/v1/models/popnet:predict"
+    assert set(body["inputs"]) == set(serving.INPUT_NAMES)
+    with open(readme_files / "response.json") as f:
+        outputs = json.load(f)["outputs"]
     for key in serving.OUTPUT_NAMES:
-        np.testing.assert_array_equal(result[key].numpy(), out[f"encoded/{key}"])
+        np.testing.assert_allclose(np.array(outputs[key]), out[f"encoded/{key}"], atol=1e-6)
+    assert result.stdout.strip() == f"{[0, 5, 9, 200]} {[[64, 64], [32, 64]]}"
+
+
+@pytest.mark.slow
+def test_readme_grpc_request_against_a_stand_in_server(loaded, fresh_outputs, readme_files,
+                                                       monkeypatch):
+    """The README's gRPC client code runs as written against a stand-in
+    PredictionService (tensorflow-serving-api's own servicer base) that unpacks the
+    request's tensors with tf.make_ndarray, runs the signature and packs the filtered
+    outputs, as TF Serving does."""
+    _, _, out = fresh_outputs
+    seen = []
+
+    class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):
+            seen.append(request)
+            fn = loaded.signatures[request.model_spec.signature_name]
+            assert set(request.inputs) == set(fn.structured_input_signature[1])
+            result = fn(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
+            response = predict_pb2.PredictResponse()
+            for key in request.output_filter or result:
+                response.outputs[key].CopyFrom(tf.make_tensor_proto(result[key].numpy()))
+            return response
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        code = readme_block("import grpc\n").replace("localhost:8500", f"127.0.0.1:{port}")
+        monkeypatch.chdir(readme_files)
+        namespace = {}
+        exec(compile(code, "README.md (gRPC example)", "exec"), namespace)
+    finally:
+        server.stop(None)
+    request, = seen
+    assert request.model_spec.name == "popnet" and list(request.output_filter) == [
+        "labels", "class_values", "image_sizes"]
+    np.testing.assert_array_equal(namespace["labels"], out["encoded/labels"])
+    np.testing.assert_array_equal(namespace["sizes"], out["encoded/image_sizes"])
 
 
 # ----------------------------------------------------------------------------- bad requests
