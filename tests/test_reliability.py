@@ -149,7 +149,8 @@ def tmpfs(path, size, read_only=False):
     try:
         yield path
     finally:
-        subprocess.run(["umount", path], capture_output=True, timeout=30)
+        if subprocess.run(["umount", path], capture_output=True, timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", path], capture_output=True, timeout=30)  # still busy
 
 
 def fill(path):
