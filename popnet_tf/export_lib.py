@@ -39,7 +39,12 @@ FORMAT_VERSION = 1
 
 
 def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
-    """The config (and the whole record) a workdir was trained with, from W/run.json."""
+    """The config (and the whole record) a workdir was trained with, from W/run.json.
+
+    Example:
+        >>> config, record = load_run_config("workdirs/synthetic_cpu_fold1")
+        >>> config.data.eval_size, record["fold"]
+    """
     path = os.path.join(workdir, train_lib.RUN_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(
@@ -52,7 +57,11 @@ def load_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
 
 
 def last_trained_stage(workdir: str) -> int:
-    """The highest one-shot stage (3, else 2) with a checkpoint in the workdir."""
+    """The highest one-shot stage (3, else 2) with a checkpoint in the workdir.
+
+    Example:
+        >>> last_trained_stage("workdirs/synthetic_cpu_fold1")   # 3
+    """
     for stage in (3, 2):
         if tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, stage)):
             return stage
@@ -62,7 +71,12 @@ def last_trained_stage(workdir: str) -> int:
 
 
 def restore_model(workdir: str, stage: int | None = None):
-    """(model, config, stage, record): the stage restored from its latest checkpoint."""
+    """(model, config, stage, record): the stage restored from its latest checkpoint,
+    its earlier stages and its prototype store included.
+
+    Example:
+        >>> model, config, stage, _ = restore_model("workdirs/synthetic_cpu_fold1")
+    """
     config, record = load_run_config(workdir)
     stage = stage or last_trained_stage(workdir)
     if stage not in (2, 3):
@@ -76,14 +90,24 @@ def restore_model(workdir: str, stage: int | None = None):
 
 
 def next_version(out_dir: str) -> int:
-    """1 + the largest integer-named subfolder of out_dir (1 when none)."""
+    """1 + the largest integer-named subfolder of out_dir (1 when none).
+
+    Example:
+        >>> next_version("exported/popnet")   # 3 when 1/ and 2/ exist
+    """
+    if not os.path.isdir(out_dir):
+        return 1
     versions = [int(n) for n in os.listdir(out_dir)
-                if n.isdigit() and os.path.isdir(os.path.join(out_dir, n))] if os.path.isdir(out_dir) else []
+                if n.isdigit() and os.path.isdir(os.path.join(out_dir, n))]
     return max(versions, default=0) + 1
 
 
 def build_archive(parser: serving.OneShotParser) -> keras.export.ExportArchive:
-    """An ExportArchive holding the parser's model and one endpoint per signature."""
+    """An ExportArchive holding the parser's model and one endpoint per signature.
+
+    Example:
+        >>> build_archive(serving.OneShotParser(model, 608)).write_out("/tmp/popnet/1")
+    """
     archive = keras.export.ExportArchive()
     archive.track(parser.model)
     for name in serving.SIGNATURES:

@@ -80,7 +80,11 @@ class Predictor:
 
 def saved_model_version(path: str) -> str | None:
     """The SavedModel folder of `path`: itself if it holds saved_model.pb, else its
-    largest integer-named subfolder that does (an export base folder); None if neither."""
+    largest integer-named subfolder that does (an export base folder); None if neither.
+
+    Example:
+        >>> saved_model_version("exported/popnet")   # 'exported/popnet/2'
+    """
     if os.path.exists(os.path.join(path, "saved_model.pb")):
         return path
     if not os.path.isdir(path):
@@ -186,7 +190,12 @@ def read_mask(path: str) -> np.ndarray:
 
 
 def read_support(image_path: str, mask_path: str, predictor: Predictor) -> Support:
-    """Reads and checks a support image and mask before any work (one-line InputErrors)."""
+    """Reads and checks a support image and mask before any work (one-line InputErrors).
+
+    Example:
+        >>> support = read_support("ref.jpg", "ref_mask.png", predictor)
+        >>> support.class_values   # (3, 7, 200)
+    """
     image_bytes = _read_bytes(image_path, "support image")
     image = decode_file(image_path, image_bytes, "support image")
     mask = read_mask(mask_path)
@@ -212,7 +221,11 @@ def read_support(image_path: str, mask_path: str, predictor: Predictor) -> Suppo
 
 def collect_queries(paths: list[str]) -> tuple[list[str], list[str]]:
     """(query files, skipped files): files are taken as given; folders contribute their
-    files with an image extension, sorted (others are skipped and reported)."""
+    files with an image extension, sorted (others are skipped and reported).
+
+    Example:
+        >>> collect_queries(["photos/", "extra.jpg"])   # (['photos/a.jpg', 'extra.jpg'], [])
+    """
     files, skipped = [], []
     for path in paths:
         if os.path.isdir(path):
@@ -228,7 +241,11 @@ def collect_queries(paths: list[str]) -> tuple[list[str], list[str]]:
 
 def read_class_names(arg: str | None, default=None) -> dict[int, str]:
     """--class_names: a JSON file or inline JSON, {"7": "sneaker", ...} or a list
-    (index = value). Values without a name are called "class <value>"."""
+    (index = value). Values without a name are called "class <value>".
+
+    Example:
+        >>> read_class_names('{"7": "sneaker"}')   # {7: 'sneaker'}
+    """
     names = {i: n for i, n in enumerate(default)} if default else {}
     if not arg:
         return names
@@ -273,7 +290,11 @@ _PALETTE = palette()
 
 
 def label_image(labels: np.ndarray) -> Image.Image:
-    """[H, W] class values -> palette PNG image (pixel value = class value)."""
+    """[H, W] class values -> palette PNG image (pixel value = class value).
+
+    Example:
+        >>> label_image(out["labels"][0]).save("photo.png")
+    """
     image = Image.fromarray(labels.astype(np.uint8), "P")
     image.putpalette(_PALETTE.reshape(-1).tolist())
     return image
@@ -284,7 +305,8 @@ def overlay_image(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     `show.overlay` does, with the 256-value palette."""
     image = image.astype(np.float32)
     fg = ((labels != serving.BACKGROUND) & (labels != serving.IGNORE))[..., None]
-    blended = (1 - show.OVERLAY_ALPHA) * image + show.OVERLAY_ALPHA * _PALETTE[labels].astype(np.float32)
+    colours = _PALETTE[labels].astype(np.float32)
+    blended = (1 - show.OVERLAY_ALPHA) * image + show.OVERLAY_ALPHA * colours
     return np.where(fg, blended, image).round().astype(np.uint8)
 
 

@@ -19,10 +19,10 @@ A request holds one support (image + mask) and N queries:
    0-11, each value is its own slot, and base classes use the store as in
    evaluation (SPEC §6).
 2. **Support, once.** The support is resized (aspect kept) and padded to the
-   model's `eval_size` exactly as in evaluation (`augment.eval_resize`), and
-   its prototypes are computed once for all the request's queries.
+   model's `eval_size` exactly as in evaluation (`augment.eval_resize`); its
+   features and prototypes are computed once for all the request's queries.
 3. **Queries, batched.** Each query is resized and padded the same way, the N
-   queries go through the encoder as one batch, the prediction head's
+   queries (and the support) go through the encoder as one batch, the prediction head's
    probabilities are cropped to the unpadded region and resized bilinearly to
    the query's original size, and the argmax gives the label map.
 
@@ -161,7 +161,8 @@ def fit_and_pad(images, eval_size: int):
     resized = tf.image.resize(images, tf.stack([new_h, new_w]), method="bilinear")
     pad = [[0, 0]] * (rank - 3) + [[0, eval_size - new_h], [0, eval_size - new_w], [0, 0]]
     padded = tf.pad(resized, pad, constant_values=augment.IMAGE_PAD)
-    return tf.ensure_shape(padded, [None] * (rank - 3) + [eval_size, eval_size, 3]), tf.stack([new_h, new_w])
+    padded = tf.ensure_shape(padded, [None] * (rank - 3) + [eval_size, eval_size, 3])
+    return padded, tf.stack([new_h, new_w])
 
 
 def restore_size(probs, valid_sizes, image_sizes):

@@ -549,6 +549,14 @@ def test_decode_mask_png_keeps_values():
     np.testing.assert_array_equal(serving.decode_mask_png(tf.constant(png_bytes(mask, "L"))), mask)
 
 
+def test_serving_imports_no_training_code():
+    code = ("import sys, popnet_tf.serving\n"
+            "bad = [m for m in ('popnet_tf.train_lib', 'popnet_tf.eval_lib', 'popnet_tf.data.episodes',"
+            " 'popnet_tf.export_lib') if m in sys.modules]\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
 def test_class_mapping_numpy_reference():
     rng = np.random.default_rng(5)
     mask = rng.choice([0, 17, 42, 254, 255], size=(20, 30))
