@@ -581,3 +581,38 @@ def test_fit_and_pad_geometry():
     assert np.all(padded.numpy()[19:] == 0)
     batch, valid = serving.fit_and_pad(np.stack([image, image]), 64)
     np.testing.assert_allclose(batch.numpy()[1], padded.numpy(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def stage2():
+    """A random-weight smoke stage 2 (5 classes: 4 slots), stage 1 inside."""
+    config = synthetic_cpu.get_config("smoke")
+    keras.utils.set_random_seed(11)
+    s1 = popnet.build_stage(config, 1)
+    popnet.build_variables(s1, 1, config.data.crop_size)
+    s2 = popnet.build_stage(config, 2, previous=s1)
+    popnet.build_variables(s2, 2, config.data.crop_size)
+    return s2
+
+
+def test_mean_head_and_stage2_slots(stage2):
+    """head="mean" serves (AGM + NCM) / 2 of the Keras model; stage 2 has 4 class slots."""
+    E = 32
+    rng = np.random.default_rng(4)
+    queries = rng.uniform(0, 255, (1, E, E, 3)).astype(np.float32)
+    support = rng.uniform(0, 255, (E, E, 3)).astype(np.float32)
+    mask = block_mask((E, E), (20, 40), seed=5)
+    fn = serving.OneShotParser(stage2, E, head="mean").function(serving.SIGNATURE_IMAGES)
+    out = fn(queries, support, mask)
+    slot_mask = np.select([mask == 20, mask == 40], [1, 2], mask)
+    batch = {"query_image": queries, "support_image": support[None], "support_mask": slot_mask[None]}
+    static, presence = stage2.support_prototypes(batch["support_image"], batch["support_mask"])
+    features = stage2.infused_features(queries)
+    ref = stage2.heads(features, static, presence, queries, compute_agm=True)
+    probs = 0.5 * (ref["agm_probs"].numpy() + ref["ncm_probs"].numpy())
+    np.testing.assert_allclose(out["probabilities"].numpy(), probs[..., :3], atol=TOL)
+    np.testing.assert_array_equal(out["class_values"].numpy(), [0, 20, 40])
+    five = np.zeros((E, E), np.int32)
+    five[:5] = np.arange(1, 6)[:, None]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more classes than the 4 the model has"):
+        fn(queries, support, five)
