@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.aspp_filters = 256
     c.model.low_level_filters = 48
     c.model.decoder_convs = 2
+    c.model.aspp_dropout = 0.1               # TF DeepLab's reference value
     c.model.agm_hidden_convs = 2             # the authors' per-class AGM decoder: two 3x3 convs
     c.model.momentum = 0.001                 # α of Eq. 2 (SPEC §6)
     c.model.initial_temperature = 10.0       # NCM τ (authors' code)

@@ -205,6 +205,11 @@ TWO_REPLICAS = textwrap.dedent("""
     config = synthetic_cpu.get_config("smoke")
     config.data.dir = {data!r}
     config.model.kim = False
+    config.model.aspp_dropout = 0.0  # replicas draw other dropout masks than one device
+    # SGD: its update is linear in the gradient, so all-reduce summation order stays at
+    # float precision; Adam's normalisation would amplify it on near-zero gradients.
+    config.train.optimizer = "sgd"
+    config.train.learning_rate = 0.01
     batch = next(iter(train_lib.epoch_dataset(config, config.data.dir, 3, 1, epoch=0)))
     batch = {{k: v.numpy() for k, v in batch.items()}}
     out = {{}}

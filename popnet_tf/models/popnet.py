@@ -28,6 +28,7 @@ def encoder_kwargs(config) -> dict:
         "aspp_filters": m.aspp_filters,
         "low_level_filters": m.low_level_filters,
         "decoder_convs": m.decoder_convs,
+        "aspp_dropout": m.aspp_dropout,
         "backbone_weights": m.backbone_weights or None,
     }
 
