@@ -194,6 +194,10 @@ def straight_run(stage1_workdir, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- kill / preemption
+# Minutes-long process-kill run: outside the 10-minute suite, run with
+# `python -m pytest -m benchmark tests/test_reliability.py`. In-process twins in
+# tests/test_train.py (resume) and this file (NaN, killed saves) run in every suite.
+@pytest.mark.benchmark
 @pytest.mark.slow
 def test_sigkill_at_random_point_then_resume_equals_uninterrupted(dataset, stage1_workdir,
                                                                   straight_run, tmp_path):
@@ -226,6 +230,10 @@ def test_sigkill_at_random_point_then_resume_equals_uninterrupted(dataset, stage
     assert_same_final_state(workdir, straight_run)
 
 
+# Minutes-long process-kill run: outside the 10-minute suite, run with
+# `python -m pytest -m benchmark tests/test_reliability.py`. In-process twins in
+# tests/test_train.py (resume) and this file (NaN, killed saves) run in every suite.
+@pytest.mark.benchmark
 @pytest.mark.slow
 def test_sigterm_checkpoints_mid_epoch_then_resume_equals_uninterrupted(dataset, stage1_workdir,
                                                                         straight_run, tmp_path):
@@ -558,6 +566,10 @@ def test_damaged_newest_checkpoint_named_with_fallback(tmp_path):
     assert np.all(value.numpy() == 1.0)
 
 
+# Minutes-long process-kill run: outside the 10-minute suite, run with
+# `python -m pytest -m benchmark tests/test_reliability.py`. In-process twins in
+# tests/test_train.py (resume) and this file (NaN, killed saves) run in every suite.
+@pytest.mark.benchmark
 @pytest.mark.slow
 def test_export_killed_midway_leaves_no_version(straight_run, tmp_path):
     """Atomic SavedModel export (popnet_tf.export_lib): SIGKILL while the SavedModel is
