@@ -103,8 +103,11 @@ class AttentionGuidance(keras.layers.Layer):
 
     With `hidden_convs = 0` φ and ω are affine, so φ(r_c) = (1 + m_c)·(W_φ h^q) + b_φ:
     one 1×1 product over h^q serves every class instead of building `[B, C, h, w, K]`
-    (C times less memory; same weights, same result). With `hidden_convs > 0` the
-    r_c are stacked as `[B·(C−1), h, w, K]` and go through the trunk.
+    (C times less memory; same weights, same result). With `hidden_convs > 0` only
+    the (sample, class) pairs present in the support go through the trunk, as one
+    `[P, h, w, K]` batch of r_c: absent classes are masked anyway, so their logits
+    and gradients were thrown away (8 of 11 classes are present in a stage-3
+    training episode; docs/PERFORMANCE.md has the measurements).
 
     Args:
         dim: int, K, the feature size (input and trunk width).
@@ -167,19 +170,7 @@ class AttentionGuidance(keras.layers.Layer):
 
             phi, omega = affine(self.phi), affine(self.omega)
         else:
-            shape = tf.shape(fg_maps)
-            batch, height, width, num_fg = shape[0], shape[1], shape[2], shape[3]
-            attended = fg_maps[..., None] * features[:, :, :, None, :] + features[:, :, :, None, :]
-            attended = tf.transpose(attended, [0, 3, 1, 2, 4])  # [B, C-1, h, w, K]
-            x = tf.reshape(attended, [batch * num_fg, height, width, self.dim])
-            for conv in self.trunk:
-                x = conv(x)
-
-            def per_class(head):  # [B·(C-1), h, w, 1] -> [B, h, w, C-1]
-                y = tf.reshape(head(x), [batch, num_fg, height, width])
-                return tf.transpose(y, [0, 2, 3, 1])
-
-            phi, omega = per_class(self.phi), per_class(self.omega)
+            phi, omega = self._trunk_logits(features, fg_maps, presence)
 
         # float32 before masking and averaging (MASKED_LOGIT overflows nothing there).
         phi = tf.cast(phi, tf.float32)
@@ -188,6 +179,24 @@ class AttentionGuidance(keras.layers.Layer):
         background = tf.math.divide_no_nan(
             tf.reduce_sum(omega * presence[:, None, None, :], axis=-1), num_present)  # [B, h, w]
         return tf.concat([background[..., None], _mask_absent(phi, presence)], axis=-1)
+
+    def _trunk_logits(self, features, fg_maps, presence):
+        """φ(r_c), ω(r_c) `[B, h, w, C-1]` through the trunk, for present classes only
+        (absent ones 0: they are masked by the caller)."""
+        shape = tf.shape(fg_maps)
+        batch, height, width, num_fg = shape[0], shape[1], shape[2], shape[3]
+        pairs = tf.cast(tf.where(presence > 0), tf.int32)  # [P, 2] (sample, class)
+        scale = 1.0 + tf.gather_nd(tf.transpose(fg_maps, [0, 3, 1, 2]), pairs)  # [P, h, w]
+        # gather_nd, not gather: its gradient is dense, not IndexedSlices.
+        x = scale[..., None] * tf.gather_nd(features, pairs[:, :1])  # r_c [P, h, w, K]
+        for conv in self.trunk:
+            x = conv(x)
+
+        def scatter(head):  # [P, h, w, 1] -> [B, h, w, C-1], zero where absent
+            y = tf.scatter_nd(pairs, head(x)[..., 0], tf.stack([batch, num_fg, height, width]))
+            return tf.transpose(y, [0, 2, 3, 1])
+
+        return scatter(self.phi), scatter(self.omega)
 
     def compute_output_shape(self, features_shape, maps_shape, presence_shape):
         return tuple(maps_shape)
