@@ -410,8 +410,17 @@ def _log_scalars(writer, logs, step, beta, optimizer):
         for key, value in logs.items():
             tf.summary.scalar(f"train/{key}", value)
         tf.summary.scalar("train/beta", beta)
-        lr = optimizer.learning_rate
-        tf.summary.scalar("train/learning_rate", lr() if callable(lr) else lr)
+        tf.summary.scalar("train/learning_rate", _learning_rate_used(optimizer))
+
+
+def _learning_rate_used(optimizer):
+    """The rate of the step just taken: the optimizer's counter has already moved on,
+    so its `learning_rate` would be the next step's."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+    schedule = inner._learning_rate
+    if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+        return schedule(inner.iterations - 1)
+    return inner.learning_rate
 
 
 def _log_validation(writer, summary, stage, epoch):
