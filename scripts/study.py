@@ -193,6 +193,19 @@ def _mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
+def _fold_means(per_fold: dict) -> list:
+    """{fold: [value per seed]} -> [mean over folds, per seed]."""
+    count = max((len(v) for v in per_fold.values()), default=0)
+    return [_mean([v[i] for v in per_fold.values() if i < len(v)]) for i in range(count)]
+
+
+def _change(before: float, after: float) -> str:
+    """'helps' / 'hurts' / 'tie' for a change of a metric (fractions), ties below 0.05 points."""
+    if abs(after - before) < 0.0005:
+        return "tie"
+    return "helps" if after > before else "hurts"
+
+
 def table_main(records, way: str, folds) -> str:
     last = "overall acc" if way == "kway" else "Bi-IoU"
     last_key = "overall_acc" if way == "kway" else "bi_iou"
@@ -205,11 +218,9 @@ def table_main(records, way: str, folds) -> str:
         human = {f: _metric(records, label, f, way, "human_miou") for f in folds}
         if not any(novel.values()):
             continue
-        tail = [v for f in folds for v in _metric(records, label, f, way, last_key)]
-        novel_mean = [_mean([novel[f][i] for f in folds if i < len(novel[f])])
-                      for i in range(max(len(v) for v in novel.values()))]
-        human_mean = [_mean([human[f][i] for f in folds if i < len(human[f])])
-                      for i in range(max(len(v) for v in human.values()))]
+        # Means over folds, one per seed (so ± is over seeds, never over folds).
+        tail = _fold_means({f: _metric(records, label, f, way, last_key) for f in folds})
+        novel_mean, human_mean = _fold_means(novel), _fold_means(human)
         p = paper.get(label)
         paper_cells = [f"{p[2]:.1f}", f"{p[5]:.1f}", f"{p[6]:.1f}"] if p else ["—", "—", "—"]
         lines.append("| " + " | ".join([
@@ -247,16 +258,15 @@ def findings(records, folds) -> str:
             ranking = sorted(means, key=means.get, reverse=True)
             verdict = "yes" if ranking[0] == "POPNet" else "no"
             out.append(f"- {way}: POPNet first on {name} MIoU (mean of folds)? **{verdict}** — "
-                       + ", ".join(f"{k} {100 * means[k]:.1f}" for k in ranking))
+                       + ", ".join(f"{k} {100 * means[k]:.2f}" for k in ranking))
     rows = []
     for _, label, _ in ABLATION:
         got = [r["results"] for r in records if r["part"] == "ablation" and r["label"] == label]
         if got:
             rows.append((label, _mean([g["novel_miou"] for g in got]), _mean([g["human_miou"] for g in got])))
     for (a, an, ah), (b, bn, bh) in zip(rows, rows[1:]):
-        out.append(f"- ablation, {a} → {b}: novel {100 * an:.1f} → {100 * bn:.1f} "
-                   f"({'helps' if bn > an else 'does not help'}), human {100 * ah:.1f} → "
-                   f"{100 * bh:.1f} ({'helps' if bh > ah else 'does not help'})")
+        out.append(f"- ablation, {a} → {b}: novel {100 * an:.2f} → {100 * bn:.2f} "
+                   f"({_change(an, bn)}), human {100 * ah:.2f} → {100 * bh:.2f} ({_change(ah, bh)})")
     return "\n".join(out) + "\n"
 
 
