@@ -142,6 +142,61 @@ def test_agm_matches_numpy(hidden_convs):
     np.testing.assert_array_equal(probs[1][..., [2, 4]], 0)  # absent classes: probability 0
 
 
+def plain_agm(layer, features, maps, presence):
+    """Eq. 3 in TensorFlow the obvious way: r_c formed for every class and put through
+    the trunk's convolutions (tf.nn.conv2d, "SAME") one class at a time, so its
+    values and gradients check the layer's rewrites (present pairs only, first conv
+    shared through its kernel taps)."""
+    num_classes = maps.shape[-1]
+    phis, omegas = [], []
+    for c in range(1, num_classes):
+        x = (1.0 + maps[..., c:c + 1]) * features  # r_c = m_c ⊙ h + h
+        for conv in layer.trunk:
+            x = tf.nn.relu(tf.nn.conv2d(x, conv.kernel, 1, "SAME") + conv.bias)
+        phis.append(tf.nn.conv2d(x, layer.phi.kernel, 1, "SAME")[..., 0] + layer.phi.bias)
+        omegas.append(tf.nn.conv2d(x, layer.omega.kernel, 1, "SAME")[..., 0] + layer.omega.bias)
+    phi, omega = tf.stack(phis, -1), tf.stack(omegas, -1)  # [B, h, w, C-1]
+    fg = tf.constant(presence[:, 1:])[:, None, None, :]
+    count = tf.reduce_sum(fg, -1)
+    background = tf.math.divide_no_nan(tf.reduce_sum(omega * fg, -1), count)
+    return tf.concat([background[..., None], tf.where(fg > 0, phi, NEG)], -1)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 3, 5])
+def test_agm_trunk_values_and_gradients_match_plain_formulation(kernel_size):
+    """hidden_convs=2 with absent classes (and a sample with none): logits and the
+    gradients of a loss w.r.t. features, maps and every weight equal those of the
+    plain per-class formulation. Even kernels check "same" padding's asymmetry."""
+    rng = np.random.default_rng(11 + kernel_size)
+    features, maps = random_inputs(rng)
+    layer = AttentionGuidance(6, hidden_convs=2, kernel_size=kernel_size)
+    layer(features, maps, PRESENCE)
+    randomise(layer, rng)
+    # A weighting that reaches every logit but not the masked constants.
+    weights = rng.normal(size=(3, 4, 5, 5)).astype(np.float32) * (
+        np.concatenate([np.ones((3, 1)), PRESENCE[:, 1:]], 1)[:, None, None, :])
+    f, m = tf.Variable(features), tf.Variable(maps)
+
+    def values_and_grads(fn):
+        with tf.GradientTape() as tape:
+            logits = fn(layer, f, m, PRESENCE)
+            loss = tf.reduce_sum(tf.tanh(logits) * weights)
+        return logits, tape.gradient(loss, [f, m, *layer.trainable_weights])
+
+    got, got_grads = values_and_grads(lambda lay, *a: lay(*a))
+    want, want_grads = values_and_grads(plain_agm)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4, rtol=1e-5)
+    assert len(got_grads) == 2 + 8  # features, maps, 2 trunk convs, φ, ω (kernel, bias)
+    for g, w in zip(got_grads, want_grads):
+        g = tf.convert_to_tensor(g).numpy()
+        assert np.abs(w.numpy()).sum() > 0
+        np.testing.assert_allclose(g, w.numpy(), atol=2e-4, rtol=1e-4)
+    # Absent classes' maps do not reach the logits at all.
+    grad_maps = tf.convert_to_tensor(got_grads[1]).numpy()
+    np.testing.assert_array_equal(grad_maps[1][..., [0, 2, 4]], 0)
+    np.testing.assert_array_equal(grad_maps[2], 0)
+
+
 def test_agm_mixed_precision_gives_float32_logits():
     rng = np.random.default_rng(5)
     features, maps = random_inputs(rng)

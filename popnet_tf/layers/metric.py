@@ -103,11 +103,22 @@ class AttentionGuidance(keras.layers.Layer):
 
     With `hidden_convs = 0` φ and ω are affine, so φ(r_c) = (1 + m_c)·(W_φ h^q) + b_φ:
     one 1×1 product over h^q serves every class instead of building `[B, C, h, w, K]`
-    (C times less memory; same weights, same result). With `hidden_convs > 0` only
-    the (sample, class) pairs present in the support go through the trunk, as one
-    `[P, h, w, K]` batch of r_c: absent classes are masked anyway, so their logits
-    and gradients were thrown away (8 of 11 classes are present in a stage-3
-    training episode; docs/PERFORMANCE.md has the measurements).
+    (C times less memory; same weights, same result).
+
+    With `hidden_convs > 0` two rewrites give the same result for less work
+    (docs/PERFORMANCE.md has the measurements):
+    - only the (sample, class) pairs present in the support go through the trunk,
+      as one `[P, h, w, K]` batch; absent classes are masked anyway, so their
+      logits and gradients were thrown away (8 of 11 classes in a stage-3 episode);
+    - the first trunk conv is linear in r_c = s_c ⊙ h^q with s_c = 1 + m_c a
+      per-pixel scalar, so with W_t its kernel tap at offset δ_t,
+          conv(r_c)(x) = b + Σ_t s_c(x + δ_t) · (W_t h^q)(x + δ_t):
+      the k² products W_t h^q are computed once for all classes (one conv's work)
+      and each class only weighs and sums them (k² multiply-adds per value)
+      instead of running its own k×k conv. The ReLU after it keeps the later
+      trunk convs per class. The price is memory: the k² products
+      `[B, h, w, k², K]` and the first conv of every class `[B, C-1, h, w, K]`,
+      absent ones included, are held for the backward pass.
 
     Args:
         dim: int, K, the feature size (input and trunk width).
@@ -180,16 +191,45 @@ class AttentionGuidance(keras.layers.Layer):
             tf.reduce_sum(omega * presence[:, None, None, :], axis=-1), num_present)  # [B, h, w]
         return tf.concat([background[..., None], _mask_absent(phi, presence)], axis=-1)
 
+    def _first_conv(self, features, fg_maps):
+        """The first trunk conv of every r_c, pre-activation: `[B, C-1, h, w, K]`.
+
+        conv(s_c ⊙ h)(x) = b + Σ_t s_c(x + δ_t) · (W_t h)(x + δ_t), s_c = 1 + m_c,
+        both zero outside the map as in the conv's "same" padding. The taps'
+        products V_t(x) = W_t h(x + δ_t) are k² matmuls shared by all classes;
+        the per-class part is a [T]·[T, K] product per pixel.
+        """
+        k, dim = self.kernel_size, self.dim
+        # Conv2D's "same" padding: (k - 1) // 2 before, the rest after (even k too).
+        before = (k - 1) // 2
+        pads = [[0, 0], [before, k - 1 - before], [before, k - 1 - before], [0, 0]]
+        shape = tf.shape(features)
+        batch, height, width = shape[0], shape[1], shape[2]
+        conv = self.trunk[0]
+        kernel = tf.cast(conv.kernel, self.compute_dtype)  # [k, k, K, K]
+        padded = tf.pad(features, pads)
+        scale = tf.pad(1.0 + fg_maps, pads)
+        taps_v, taps_s = [], []
+        for dy in range(k):  # k² kernel taps (static), not classes
+            for dx in range(k):
+                window = tf.reshape(padded[:, dy:dy + height, dx:dx + width, :], [-1, dim])
+                taps_v.append(tf.reshape(tf.matmul(window, kernel[dy, dx]),
+                                         [batch, height, width, dim]))  # V_t [B, h, w, K]
+                taps_s.append(scale[:, dy:dy + height, dx:dx + width, :])  # [B, h, w, C-1]
+        v = tf.stack(taps_v, axis=3)  # [B, h, w, T, K]
+        s = tf.stack(taps_s, axis=4)  # [B, h, w, C-1, T]
+        # A batched matmul rather than tf.einsum: the graph's FLOP count (bench) knows it.
+        out = tf.transpose(tf.matmul(s, v), [0, 3, 1, 2, 4])  # [B, C-1, h, w, K]
+        return out + tf.cast(conv.bias, self.compute_dtype)
+
     def _trunk_logits(self, features, fg_maps, presence):
         """φ(r_c), ω(r_c) `[B, h, w, C-1]` through the trunk, for present classes only
         (absent ones 0: they are masked by the caller)."""
         shape = tf.shape(fg_maps)
         batch, height, width, num_fg = shape[0], shape[1], shape[2], shape[3]
         pairs = tf.cast(tf.where(presence > 0), tf.int32)  # [P, 2] (sample, class)
-        scale = 1.0 + tf.gather_nd(tf.transpose(fg_maps, [0, 3, 1, 2]), pairs)  # [P, h, w]
-        # gather_nd, not gather: its gradient is dense, not IndexedSlices.
-        x = scale[..., None] * tf.gather_nd(features, pairs[:, :1])  # r_c [P, h, w, K]
-        for conv in self.trunk:
+        x = tf.nn.relu(tf.gather_nd(self._first_conv(features, fg_maps), pairs))  # [P, h, w, K]
+        for conv in self.trunk[1:]:
             x = conv(x)
 
         def scatter(head):  # [P, h, w, 1] -> [B, h, w, C-1], zero where absent
