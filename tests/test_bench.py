@@ -1,0 +1,330 @@
+"""popnet_tf.bench: every section runs at a tiny size and returns its keys; the FLOP
+counter and the derived figures against hand-computed values. The measurements
+themselves are not tested (they depend on the machine and its load)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from popnet_tf import bench
+
+TIMING_KEYS = {"wall_s", "cpu_s", "load_1min", "first_call_s", "runs"}
+
+
+# ---------------------------------------------------------------- FLOP counter
+def test_count_flops_matmul_is_two_n_cubed():
+    n = 32
+    counted = bench.count_flops(tf.function(lambda a, b: tf.linalg.matmul(a, b)),
+                                np.ones((n, n), np.float32), np.ones((n, n), np.float32))
+    assert counted["flops"] == 2 * n**3 and not counted["shapes_from_run"]
+
+
+def test_count_flops_takes_run_time_shapes():
+    """Rows picked by tf.where (unknown count in the graph) times a [4, 5] weight:
+    2 * rows * 4 * 5, rows known only when the graph runs."""
+    weight = tf.Variable(tf.ones([4, 5]))
+
+    @tf.function
+    def picked_product(x, keep):
+        rows = tf.gather_nd(x, tf.where(keep))  # [rows, 4]
+        return tf.linalg.matmul(rows, weight)
+
+    keep = np.array([True, False, True, True, False, True, True])
+    counted = bench.count_flops(picked_product, np.ones((7, 4), np.float32), keep)
+    assert counted["shapes_from_run"]
+    assert counted["flops"] == 2 * keep.sum() * 4 * 5
+
+
+def test_count_flops_reports_function_calls_it_cannot_see_into():
+    """A tf.cond on a tensor becomes an If op whose branches the profiler skips."""
+
+    @tf.function
+    def branchy(a, flag):
+        return tf.cond(flag, lambda: tf.linalg.matmul(a, a), lambda: a)
+
+    counted = bench.count_flops(branchy, np.ones((8, 8), np.float32), np.array(True))
+    assert counted["function_calls_not_counted"] == 1
+    plain = bench.count_flops(tf.function(lambda a: tf.linalg.matmul(a, a)),
+                              np.ones((8, 8), np.float32))
+    assert plain["function_calls_not_counted"] == 0
+
+
+def test_count_flops_counts_depthwise_gradients():
+    """The profiler knows the depthwise forward (2 k² per output value); the bench
+    adds both gradients at the same cost each."""
+    x = np.ones((1, 6, 6, 3), np.float32)
+    kernel = tf.Variable(tf.ones([3, 3, 3, 1]))
+
+    @tf.function
+    def grads(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "SAME")
+        return tape.gradient(y, [x, kernel])
+
+    forward = 2 * 3 * 3 * (6 * 6 * 3)  # 2 k_h k_w per output value
+    counted = bench.count_flops(grads, x)["flops"]
+    assert 3 * forward <= counted <= 3 * forward + 2 * x.size  # + a few elementwise ops
+
+
+# ---------------------------------------------------------------- helpers
+def test_band_mask_holds_every_class():
+    mask = bench.band_mask(48, (1, 2, 3, 4, 6, 8, 10, 11))
+    assert mask.shape == (48, 48) and mask.dtype == np.int32
+    assert set(np.unique(mask)) == {0, 1, 2, 3, 4, 6, 8, 10, 11}
+    shifted = bench.band_mask(48, (1, 2, 3, 4, 6, 8, 10, 11), 0.5)
+    assert set(np.unique(shifted)) == set(np.unique(mask)) and (shifted != mask).any()
+
+
+def test_load_config_overrides():
+    config = bench.load_config("oneshot")
+    assert not config.model.kim and config.model.backbone == "xception"
+    assert config.model.agm_hidden_convs == 2 and config.data.crop_size == 512
+    assert config.train.batch_size == 2
+    quick = bench.load_config("paper", quick=True)
+    assert quick.model.kim and quick.model.backbone == "small" and quick.data.crop_size == 32
+    with pytest.raises(ValueError, match="unknown model setting"):
+        bench.load_config("nope")
+
+
+def _timing(wall_s, cpu_s, runs=(None,)):
+    return {"wall_s": wall_s, "cpu_s": cpu_s, "load_1min": 0.5, "first_call_s": 2 * wall_s,
+            "warmup": 1, "repeats": len(runs),
+            "runs": [{"wall_s": wall_s, "cpu_s": cpu_s, "load_1min": 0.5} for _ in runs]}
+
+
+def fake_report(size=512, quick=False, queries=16, gpus=()):
+    """A report as main() builds it, with round numbers: peak 100 GFLOP/s; oneshot
+    training step 500 GFLOP in 10 s; one query 90 GFLOP (features 40) in 3 s; 4 or
+    16 queries sharing a support."""
+    return {
+        "command": "python -m popnet_tf.bench", "date": "2026-01-01 00:00 UTC", "quick": quick,
+        "machine": {"cpus": 2, "cpu_model": "test CPU", "platform": "Linux", "python": "3.11",
+                    "tensorflow": "2.21.0", "keras": "3", "gpus": list(gpus),
+                    "load_average": [0.5, 0.5, 0.5], "onednn_in_children": "on"},
+        "settings": {"oneshot": "one one-shot stage"}, "skipped": {},
+        "sections": {
+            "peak": {"gflops": 100.0, "gflops_per_cpu_s": 50.0, "size": 4096,
+                     **_timing(1.37, 2.7, runs=(1, 2, 3))},
+            "data": {"512x512": {"episodes_per_s": 120.0, "runs": [110.0, 120.0, 130.0],
+                                 "cpu_ms_per_episode": 9.0, "load_1min": 0.5},
+                     "112x112": {"episodes_per_s": 80.0, "runs": [80.0],
+                                 "cpu_ms_per_episode": 3.0, "load_1min": 0.5}},
+            "flops": {"oneshot": {"size": size, "batch_size": 2,
+                                  "encoder": {"gflop": 30.0}, "features": {"gflop": 40.0},
+                                  "episode_ncm": {"gflop": 90.0},
+                                  "episode_agm": {"gflop": 120.0},
+                                  "train_step": {"gflop": 500.0}}},
+            "train": {"oneshot": {"size": size, "batch_size": 2, "episodes_per_s": 0.2,
+                                  "peak_rss_mb": 4096.0, **_timing(10.0, 20.0)}},
+            "infer": {"oneshot": {
+                "size": size, "head": "ncm", "present_classes": 11,
+                "one_query": {"latency_s": 3.0, **_timing(3.0, 6.0)},
+                "shared_support": {"queries": queries, "queries_per_s": queries / 5.0,
+                                   "s_per_query": 5.0 / queries, **_timing(5.0, 10.0)}}}}}
+
+
+def test_achieved_flops_fraction_of_peak():
+    achieved = bench.derive(fake_report(queries=4))["achieved"]
+    assert achieved["train/oneshot"]["gflops"] == pytest.approx(50.0)
+    assert achieved["train/oneshot"]["fraction_of_peak"] == pytest.approx(0.5)
+    assert achieved["train/oneshot"]["gflops_per_cpu_s"] == pytest.approx(25.0)
+    assert achieved["infer/oneshot/one_query"]["gflops"] == pytest.approx(30.0)
+    # 4 queries + 1 support: 5 feature passes (200) + 4 heads (4 * 10) = 240 GFLOP.
+    assert achieved["infer/oneshot/shared_support"]["gflop"] == pytest.approx(240.0)
+    assert achieved["infer/oneshot/shared_support"]["fraction_of_peak"] == pytest.approx(0.48)
+
+
+def test_targets_met_not_met():
+    targets = bench.derive(fake_report())["targets"]
+    status = {t["target"]: t["status"] for t in targets}
+    assert {t["key"] for t in targets} == {key for key, *_ in bench.TARGETS}
+    assert all(s in ("met", "not met") for s in status.values()), status
+    assert status["training step, one one-shot stage, batch 2"] == "met"         # 10 s <= 21
+    assert status["inference (NCM), one query alone"] == "not met"               # 3 s > 2
+    assert status["inference (NCM), 16 queries sharing a support, per query"] == "met"
+    # 16 queries: 16 * 90 - 15 * 40 = 840 GFLOP in 5 s = 168 GFLOP/s > the 100 peak.
+    shared = [t for t in targets if t["key"] == "infer_fraction_of_peak"][0]
+    assert shared["value"] == pytest.approx(1.68) and shared["status"] == "met"
+    assert shared["goal"] == ">= 75%"
+    data = {t["target"]: t["status"] for t in targets if t["key"] == "data_episodes_per_s"}
+    assert data == {"data pipeline, training episodes/s at 512x512": "met",
+                    "data pipeline, training episodes/s at 112x112": "not met"}
+
+
+@pytest.mark.parametrize("wall_s,status", [(21.0, "met"), (21.5, "not met")])
+def test_train_step_target_is_21_s(wall_s, status):
+    report = fake_report()
+    report["sections"]["train"]["oneshot"]["wall_s"] = wall_s
+    row = [t for t in bench.derive(report)["targets"] if t["key"] == "train_step_s"][0]
+    assert row["status"] == status and row["goal"] == "<= 21 s" and row["value"] == wall_s
+
+
+def test_targets_not_measured_and_why():
+    report = fake_report(size=32, quick=True)
+    quick = {t["key"]: t["status"] for t in bench.derive(report)["targets"]}
+    assert quick["train_step_s"] == "not measured (measured at 32x32, the target is at 512x512)"
+    assert quick["data_episodes_per_s"] == "not measured (--quick: one short run)"
+    eight = {t["key"]: t["status"] for t in bench.derive(fake_report(queries=8))["targets"]}
+    assert eight["infer_shared_s_per_query"].startswith("not measured (8 queries")
+    assert eight["infer_one_query_s"] == "not met"
+    report = fake_report()
+    del report["sections"]["train"], report["sections"]["peak"], report["sections"]["data"]
+    report["skipped"]["data"] = "no dataset at nowhere"
+    missing = {t["key"]: t["status"] for t in bench.derive(report)["targets"]}
+    assert missing["train_step_s"] == ("not measured (the train section (oneshot) "
+                                       "was not run)")
+    assert missing["infer_fraction_of_peak"] == ("not measured (needs the peak and flops "
+                                                 "sections of the same run)")
+    assert missing["data_episodes_per_s"] == "not measured (no dataset at nowhere)"
+
+
+def test_gpu_rows():
+    rows = bench.derive(fake_report())["gpu"]
+    assert rows and all(r["status"] == "not measured (no GPU lent to this task)" for r in rows)
+    with_gpu = bench.derive(fake_report(gpus=["/physical_device:GPU:0"]))["gpu"]
+    assert all("GPU:0" in r["status"] for r in with_gpu)
+
+
+def test_summary_markdown_tables():
+    text = bench.summary_markdown(fake_report())
+    for heading in ("fp32 matrix-multiply peak", "Data pipeline", "FLOPs", "Training",
+                    "Inference", "Achieved FLOP/s", "Targets", "GPU"):
+        assert f"### {heading}" in text, heading
+    assert "| 4096^3 fp32 | 100 |" in text  # median of 3 runs
+    assert "| oneshot | 512x512 | 15 | 20 | 45 | 60 | 250 (125 per episode) |" in text  # GMACs
+    assert "| inference (NCM), one query alone | <= 2 s | 3 s | not met |" in text
+    assert "not measured (no GPU lent to this task)" in text
+    assert "--quick" not in text and "--quick" in bench.summary_markdown(fake_report(quick=True))
+
+
+def test_write_markdown_keeps_the_hand_written_part(tmp_path):
+    path = tmp_path / "docs" / "PERFORMANCE.md"
+    bench.write_markdown(str(path), fake_report())  # a new file: the template
+    text = path.read_text()
+    assert text.count(bench.BEGIN) == 1 and text.count(bench.END) == 1
+    assert text.index(bench.BEGIN) < text.index("### Targets") < text.index(bench.END)
+    assert text.index(bench.END) < text.index("## Changes and their effect")
+    # The lead writes above and below the markers; a second run replaces only between.
+    text = text.replace("## Changes and their effect",
+                        "## Changes and their effect\n\n- AGM shared first conv: 30 s -> 20 s")
+    path.write_text("Intro by hand.\n" + text)
+    bench.write_markdown(str(path), fake_report(quick=True))
+    again = path.read_text()
+    assert again.startswith("Intro by hand.\n")
+    assert "- AGM shared first conv: 30 s -> 20 s" in again
+    assert again.count(bench.BEGIN) == 1 and again.count("### Targets") == 1
+    assert "--quick" in again.split(bench.BEGIN)[1].split(bench.END)[0]
+    assert again.split(bench.END)[1] == text.split(bench.END)[1]
+
+
+def test_write_markdown_appends_markers_or_refuses_broken_ones(tmp_path):
+    path = tmp_path / "notes.md"
+    path.write_text("# Notes\n\nkept\n")
+    bench.write_markdown(str(path), fake_report())
+    text = path.read_text()
+    assert text.startswith("# Notes\n\nkept\n\n" + bench.BEGIN) and text.endswith(bench.END + "\n")
+    path.write_text(f"{bench.END}\n{bench.BEGIN}\n")
+    with pytest.raises(ValueError, match="markers"):
+        bench.write_markdown(str(path), fake_report())
+    assert path.read_text() == f"{bench.END}\n{bench.BEGIN}\n"  # left as it was
+
+
+# ---------------------------------------------------------------- sections (child processes)
+def test_peak_section():
+    r = bench.bench_peak(size=128, repeats=1)
+    assert TIMING_KEYS <= r.keys() and {"gflops", "gflops_per_cpu_s", "peak_rss_mb"} <= r.keys()
+    assert r["gflops"] > 0 and r["size"] == 128
+
+
+def test_flops_section_quick():
+    r = bench.bench_flops(["oneshot"], quick=True)["oneshot"]
+    for key in ("encoder", "features", "episode_ncm", "episode_agm", "train_step"):
+        assert r[key]["flops"] > 0, key
+    # One query and its support: two feature passes plus the heads; the AGM adds work.
+    assert r["episode_ncm"]["gflop"] > 2 * r["features"]["gflop"]
+    assert r["episode_agm"]["gflop"] > r["episode_ncm"]["gflop"]
+    assert r["train_step"]["shapes_from_run"]  # the AGM's present-class batch
+
+
+def test_train_and_infer_sections_quick():
+    train = bench.bench_train(["oneshot"], quick=True, repeats=1)["oneshot"]
+    assert TIMING_KEYS <= train.keys()
+    assert {"episodes_per_s", "peak_rss_mb", "rss_before_steps_mb", "batch_size"} <= train.keys()
+    assert train["present_classes"] == 8 and train["episodes_per_s"] > 0
+    infer = bench.bench_infer(["oneshot"], quick=True, repeats=1, queries=3)["oneshot"]
+    assert TIMING_KEYS <= infer["one_query"].keys() and infer["one_query"]["latency_s"] > 0
+    assert infer["shared_support"]["queries"] == 3
+    assert infer["shared_support"]["queries_per_s"] == pytest.approx(
+        3 / infer["shared_support"]["wall_s"])
+
+
+def test_child_failure_names_the_function():
+    with pytest.raises(RuntimeError, match="_train_child"):
+        bench._in_child("_train_child", setting="nope")
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    from popnet_tf.data import build_atr_os, synth
+
+    raw = str(tmp_path_factory.mktemp("atr"))
+    out = str(tmp_path_factory.mktemp("atr_os"))
+    synth.generate(raw, 40, seed=0, progress=False)
+    build_atr_os.build(raw, out, num_query_train=10, num_test_query=10, num_test_support=10,
+                       num_workers=0, progress=False)
+    return out
+
+
+def test_data_section(tiny_dataset):
+    r = bench.bench_data(tiny_dataset, steps=1, repeats=1, warmup=1)
+    from configs import synthetic_cpu
+
+    crop = synthetic_cpu.get_config().data.crop_size
+    assert set(r) == {"512x512", f"{crop}x{crop}"}
+    for name, entry in r.items():
+        assert {"episodes_per_s", "runs", "cpu_ms_per_episode", "load_1min"} <= entry.keys()
+        assert entry["episodes_per_s"] > 0, name
+
+
+def test_cli_writes_json_and_markdown(tmp_path):
+    out, md = tmp_path / "bench.json", tmp_path / "PERF.md"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, "-m", "popnet_tf.bench", "--only", "peak,data",
+                           "--quick", "--data", str(tmp_path / "none"), "--out", str(out),
+                           "--markdown", str(md)], cwd=bench._REPO, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "peak:" in proc.stdout and "data: no dataset at" in proc.stdout
+    report = json.loads(out.read_text())
+    assert {"machine", "sections", "derive", "quick", "command", "date"} <= report.keys()
+    assert report["machine"]["cpus"] == os.cpu_count() and "gflops" in report["sections"]["peak"]
+    assert report["sections"]["peak"]["repeats"] == len(report["sections"]["peak"]["runs"]) == 1
+    assert {"achieved", "targets", "gpu"} <= report["derive"].keys()
+    assert all(t["status"].startswith("not measured") for t in report["derive"]["targets"])
+    text = md.read_text()
+    assert "### fp32 matrix-multiply peak" in text and "no dataset at" in text
+    # --summary rewrites the Markdown from the JSON without measuring.
+    md.write_text(text.replace("## Changes and their effect", "## Changes and their effect\n- x"))
+    proc = subprocess.run([sys.executable, "-m", "popnet_tf.bench", "--summary", str(out),
+                           "--markdown", str(md)], cwd=bench._REPO, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "### Targets" in proc.stdout and "\n- x\n" in md.read_text()
+
+
+def test_help_explains_every_flag():
+    proc = subprocess.run([sys.executable, "-m", "popnet_tf.bench", "--helpshort"],
+                          cwd=bench._REPO, capture_output=True, text=True)
+    assert "Benchmarks" in proc.stdout, proc.stderr[-2000:]  # absl exits 1 after help
+    for flag in ("only", "settings", "quick", "data", "steps", "repeats", "warmup",
+                 "cache_decoded", "model_repeats", "model_warmup", "queries", "matmul_size",
+                 "intra_threads", "inter_threads", "onednn", "out", "markdown", "summary"):
+        # Every flag with a sentence of help ("--f: Text", "--[no]f: Text", "--f: <a|b>: Text").
+        assert re.search(rf"--(\[no\])?{flag}: (<[a-z|]+>: )?[A-Z]\w+", proc.stdout), flag
