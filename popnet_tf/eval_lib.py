@@ -22,6 +22,14 @@ from popnet_tf import classes, metrics
 from popnet_tf.data import episodes
 
 
+def test_prototypes(model, static, presence):
+    """The prototypes a stage predicts with at test: POPNet's `test_prototypes`
+    (store blend for base classes, with DP), a baseline's own (its identity store)."""
+    if hasattr(model, "test_prototypes"):
+        return model.test_prototypes(static, presence)
+    return model.store(static, presence, training=False, use_dynamic=True)
+
+
 def _to_label_resolution(probs, valid_size, label_shape):
     """[..., E, E, C] probabilities -> [..., h, w] labels at the ground truth's own
     resolution: crop the unpadded region, resize it bilinearly, take the argmax (SPEC §8)."""
@@ -112,7 +120,7 @@ def evaluate_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size,
     """
     supports = episodes.test_supports(data_dir, stage=stage, eval_size=eval_size)
     static, presence = model.support_prototypes(supports["image"], supports["mask"], training=False)
-    prototypes = model.store(static, presence, training=False, use_dynamic=True)  # [S, C, K]
+    prototypes = test_prototypes(model, static, presence)  # [S, C, K]
     num_supports = int(prototypes.shape[0])
     num_classes = classes.STAGE_NUM_CLASSES[stage]
     scorer = _compiled(model, ("kway", head), lambda: _kway_scorer(model, head))
@@ -205,7 +213,7 @@ def evaluate_oneway(model, *, data_dir, stage, fold, fold_set="paper", eval_size
     def make_predict():
         def predict(query_image, support_image, support_mask):
             static, presence = model.support_prototypes(support_image[None], support_mask[None])
-            prototypes = model.store(static, presence, training=False, use_dynamic=True)
+            prototypes = test_prototypes(model, static, presence)
             feats = model.infused_features(query_image[None], training=False)
             out = model.heads(feats, prototypes, presence, query_image[None], compute_agm=compute_agm)
             return _head_probs(out, head)[0]

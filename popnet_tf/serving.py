@@ -327,8 +327,9 @@ class OneShotParser:
         static, presence = self.model.pooling(features[:1], slot_mask[None])  # [1, C, K], [1, C]
         # A user's classes are new: static prototypes. Merged ids name training classes,
         # whose dynamic prototypes the store holds (SPEC §6, as in evaluation).
-        prototypes = self.model.store(static, presence, training=False,
-                                      use_dynamic=self.mask_values == "merged")
+        prototypes = self.model.store(
+            static, presence, training=False,
+            use_dynamic=self.mask_values == "merged" and getattr(self.model, "dynamic_prototypes", True))
         n = tf.shape(queries)[0]
         out = self.model.heads(features[1:], tf.tile(prototypes, [n, 1, 1]), tf.tile(presence, [n, 1]),
                                queries, compute_agm=self.head != "ncm")

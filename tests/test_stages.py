@@ -74,3 +74,31 @@ def test_store_used_for_seen_classes_only():
     alpha = config.model.momentum
     np.testing.assert_allclose(blended[0, 3], (1 - alpha) * 1.0 + alpha * static.numpy()[0, 3], rtol=1e-5)
     np.testing.assert_allclose(blended[0, 5], static.numpy()[0, 5], rtol=1e-6)
+
+
+def test_test_prototypes_follow_dynamic_prototypes_switch():
+    """Evaluation and serving read the store only for a stage that uses DP: the
+    ablation rows without DP keep static prototypes at test, even though the store
+    was filled in training."""
+    from popnet_tf import eval_lib
+
+    config = _config()
+    config.model.kim = False
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+    mask = np.zeros((1, 32, 32), np.int32)
+    mask[:, :16] = 3
+    got = {}
+    for dp in (True, False):
+        config.model.dynamic_prototypes = dp
+        model = popnet.build_stage(config, 3)
+        popnet.build_variables(model, 3, 32)
+        assert model.get_config()["dynamic_prototypes"] is dp
+        model.store.prototypes.assign(np.full(model.store.prototypes.shape, 2.0, np.float32))
+        model.store.seen.assign(np.ones(12, np.float32))
+        static, presence = model.support_prototypes(images, mask)
+        got[dp] = (eval_lib.test_prototypes(model, static, presence).numpy(), static.numpy())
+    alpha = config.model.momentum
+    np.testing.assert_allclose(got[True][0][0, 3], (1 - alpha) * 2.0 + alpha * got[True][1][0, 3],
+                               rtol=1e-5)
+    np.testing.assert_allclose(got[False][0], got[False][1], rtol=1e-6)

@@ -66,6 +66,7 @@ def build_stage(config, stage: int, previous=None) -> keras.Model:
         momentum=config.model.momentum,
         initial_temperature=config.model.initial_temperature,
         prediction_head=config.model.prediction_head,
+        dynamic_prototypes=config.model.dynamic_prototypes,
         name=f"stage{stage}",
     )
 

@@ -85,6 +85,9 @@ class OneShotStage(keras.Model):
         momentum: α of the prototype store's EMA (SPEC §6: 0.001).
         initial_temperature: NCM's τ at initialisation (10).
         prediction_head: "ncm" (default, SPEC §6), "agm" or "mean".
+        dynamic_prototypes: whether the stage uses its store (DP): base classes
+            read the store at test (`test_prototypes`). False (the ablation rows
+            without DP) keeps every class on its static support prototype.
     Call: {"query_image" [B,H,W,3], "support_image" [B,H',W',3],
         "support_mask" [B,H',W'] int} -> dict with "agm_logits", "ncm_logits",
         "agm_probs", "ncm_probs", "probs" (the prediction head's) at the query's
@@ -96,7 +99,7 @@ class OneShotStage(keras.Model):
     def __init__(self, num_classes: int, encoder: dict, previous=None,
                  agm_hidden_convs: int = 0, momentum: float = 0.001,
                  initial_temperature: float = 10.0, prediction_head: str = "ncm",
-                 **kwargs):
+                 dynamic_prototypes: bool = True, **kwargs):
         super().__init__(**kwargs)
         if prediction_head not in PREDICTION_HEADS:
             raise ValueError(f"prediction_head must be one of {PREDICTION_HEADS}, got {prediction_head!r}")
@@ -107,6 +110,7 @@ class OneShotStage(keras.Model):
         self.momentum = momentum
         self.initial_temperature = initial_temperature
         self.prediction_head = prediction_head
+        self.dynamic_prototypes = bool(dynamic_prototypes)
         filters = self.encoder_config.get("filters", 256)
         self.encoder = DeepLabV3PlusEncoder(**self.encoder_config, name="encoder")
         self.kim = KnowledgeInfusion(filters, name="kim") if previous is not None else None
@@ -129,6 +133,11 @@ class OneShotStage(keras.Model):
         """Static prototypes p_c (Eq. 1) [B, C, K] float32 and presence [B, C]."""
         features = self.infused_features(support_image, training=training)
         return self.pooling(features, support_mask)
+
+    def test_prototypes(self, static, presence):
+        """p̂ for evaluation and serving: the store's blend for the base classes it has
+        seen when the stage uses dynamic prototypes (SPEC §6), else the static p_c."""
+        return self.store(static, presence, training=False, use_dynamic=self.dynamic_prototypes)
 
     def heads(self, query_features, prototypes, presence, query_image, compute_agm=True):
         """Distance maps and the two heads' logits at the query's resolution."""
@@ -169,6 +178,7 @@ class OneShotStage(keras.Model):
             "momentum": self.momentum,
             "initial_temperature": self.initial_temperature,
             "prediction_head": self.prediction_head,
+            "dynamic_prototypes": self.dynamic_prototypes,
         }
         return config
 
