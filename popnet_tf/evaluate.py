@@ -5,8 +5,9 @@ Usage:
     python -m popnet_tf.evaluate --workdir W --fold 1 --way oneway --pairs_per_class 50
     python -m popnet_tf.evaluate --workdir W --way kway --max_queries 20   # a quick look
 
-The config and fold are those recorded in `W/run.json` by training (`--config`
-replaces the config, `--config.eval.head=agm` overrides one value). Writes
+The config and fold are those recorded in `W/run.json` by training. `--config`
+replaces the config, and only with it given can `--config.<key>=<value>` override
+one value (`--config=configs/synthetic_cpu.py --config.eval.head=agm`). Writes
 `W/eval/fold<F>_<way>/`:
     results.json   the §8 metrics as fractions 0–1 (human_miou, novel_miou,
                    base_miou, overall_acc, bi_iou for one-way, per_class_iou by
@@ -364,7 +365,8 @@ def _define_flags():
 
     config_flags.DEFINE_config_file(
         "config", None, "Config replacing the one in <workdir>/run.json (optional); "
-        "--config.<key>=<value> overrides one value.", lock_config=True)
+        "with it, --config.<key>=<value> overrides one value (not without --config).",
+        lock_config=True)
     flags.DEFINE_string("workdir", None, "Training workdir to evaluate.", required=True)
     flags.DEFINE_enum("fold", None, ["1", "2"], "Fold (default: the one in run.json).")
     flags.DEFINE_enum("way", "kway", list(WAYS), "k-way (ten supports) or one-way OSHP (SPEC §5).")
