@@ -19,7 +19,8 @@ reported too; it shows the work done whatever the load.
   without one the section is reported "not measured".
 - flops: FLOPs counted from the graph (TensorFlow's profiler, with the shapes
   the graph ran with where they are only known at run time: the AGM batch of
-  present classes): one encoder pass (one image), one inference episode (one
+  present classes; only the ops the runtime runs, not the gradients a tape
+  builds toward the frozen KIM stages, which nothing fetches): one encoder pass (one image), one inference episode (one
   query and its support) with NCM prediction (the default) and with the AGM
   head over 11 classes (the reference's work), and one training step. MACs =
   FLOPs / 2.
@@ -371,6 +372,36 @@ _FUNCTION_CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall", "If", "State
                       "While", "StatelessWhile", "Case", "StatelessCase")
 
 
+def runtime_graph_def(concrete):
+    """(GraphDef, number of ops dropped): the ops of a concrete function's graph
+    that its runtime runs.
+
+    The function runtime (`PruneFunctionBody`) keeps the ops that the return
+    values and the stateful ops (variable reads and updates, the optimiser's
+    assignments) depend on, data or control, and drops every other stateless
+    op. The same here, with `extract_sub_graph` from those ops (it follows
+    control inputs too).
+
+    Example:
+        >>> graph_def, dropped = runtime_graph_def(tf.function(f).get_concrete_function(x))
+    """
+    import tensorflow as tf
+
+    graph = concrete.graph
+    graph_def = graph.as_graph_def()
+    seeds = {t.op.name for t in concrete.outputs}
+    seeds.update(op.name for op in graph.control_outputs)
+    seeds.update(op.name for op in graph.get_operations()
+                 if op.op_def is not None and op.op_def.is_stateful and op.type != "Placeholder")
+    seeds &= {node.name for node in graph_def.node}
+    if not seeds:  # nothing returned and nothing stateful: nothing runs
+        empty = type(graph_def)()
+        empty.versions.CopyFrom(graph_def.versions)
+        return empty, len(graph_def.node)
+    kept = tf.compat.v1.graph_util.extract_sub_graph(graph_def, sorted(seeds))
+    return kept, len(graph_def.node) - len(kept.node)
+
+
 def count_flops(function, *args) -> dict:
     """FLOPs of one call of a `tf.function` on `args`, counted from its graph.
 
@@ -380,8 +411,16 @@ def count_flops(function, *args) -> dict:
     weights and every graph optimiser off, so every op runs under its own name),
     which is what `tf.compat.v1.profiler` does with a `RunMetadata`.
 
+    Only the ops the function runs are counted (`runtime_graph_def`): a traced
+    graph can hold ops that nothing uses, which the runtime prunes, e.g. the
+    gradients a `GradientTape` builds toward the frozen stages of a KIM model
+    (their Keras variables are not trainable, but the `tf.Variable`s under them
+    are, so the tape watches them and back-propagates through the frozen
+    encoders; nothing fetches those gradients).
+
     Returns {"flops": int, "gflop": float, "shapes_from_run": bool,
-    "function_calls_not_counted": int (0 for every model here)}.
+    "function_calls_not_counted": int (0 for every model here),
+    "ops_pruned": int (ops of the traced graph the runtime does not run)}.
 
     Example:
         >>> count_flops(tf.function(lambda x: x @ x), tf.ones([64, 64]))["flops"]
@@ -399,18 +438,23 @@ def count_flops(function, *args) -> dict:
     options["output"] = "none"
     variables = {id(v.handle): v for v in concrete.graph.variables}
     flat_args = [a for a in tf.nest.flatten(args)]
+    graph_def, pruned = runtime_graph_def(concrete)
+    kept = {node.name for node in graph_def.node}
     with tf.Graph().as_default() as graph:
         input_map = {}
         for external, internal in concrete.graph.captures:
+            if internal.op.name not in kept:  # used only by pruned ops
+                continue
             if external.dtype == tf.resource:  # a variable: zeros of its shape will do
                 v = variables[id(external)]
                 input_map[internal.name] = tf.Variable(tf.zeros(v.shape, v.dtype)).handle
             else:
                 input_map[internal.name] = tf.constant(external.numpy())
         for placeholder, value in zip(concrete.graph.inputs, flat_args):
-            input_map[placeholder.name] = tf.constant(np.asarray(value))
+            if placeholder.op.name in kept:
+                input_map[placeholder.name] = tf.constant(np.asarray(value))
         outputs = tf.graph_util.import_graph_def(
-            concrete.graph.as_graph_def(), input_map=input_map,
+            graph_def, input_map=input_map,
             return_elements=[t.name for t in concrete.outputs], name="f")
         static = model_analyzer.profile(graph, options=options)
         # The profiler counts the top-level graph only: ops inside called functions
@@ -427,7 +471,8 @@ def count_flops(function, *args) -> dict:
                                                        "Conv2DBackpropFilter"))
         if not incomplete:
             return {"flops": int(static.total_float_ops), "gflop": static.total_float_ops / 1e9,
-                    "shapes_from_run": False, "function_calls_not_counted": calls}
+                    "shapes_from_run": False, "function_calls_not_counted": calls,
+                    "ops_pruned": pruned}
         # Every optimiser off, so every op runs under its own name and the run
         # metadata names it: grappler (the meta optimizer) and the classic graph
         # optimiser, whose constant folding would otherwise fold the whole graph
@@ -445,7 +490,7 @@ def count_flops(function, *args) -> dict:
                 trace_level=tf.compat.v1.RunOptions.FULL_TRACE))
         counted = model_analyzer.profile(graph, run_meta=run_meta, options=options)
     return {"flops": int(counted.total_float_ops), "gflop": counted.total_float_ops / 1e9,
-            "shapes_from_run": True, "function_calls_not_counted": calls}
+            "shapes_from_run": True, "function_calls_not_counted": calls, "ops_pruned": pruned}
 
 
 def _flops_child(setting: str, quick: bool = False, with_train: bool = True) -> dict:

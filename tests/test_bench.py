@@ -66,11 +66,50 @@ def test_count_flops_counts_depthwise_gradients():
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "SAME")
-        return tape.gradient(y, [x, kernel])
+            loss = tf.reduce_sum(tf.square(y))  # dL/dy = 2y: the forward runs too
+        return tape.gradient(loss, [x, kernel])
 
     forward = 2 * 3 * 3 * (6 * 6 * 3)  # 2 k_h k_w per output value
     counted = bench.count_flops(grads, x)["flops"]
-    assert 3 * forward <= counted <= 3 * forward + 2 * x.size  # + a few elementwise ops
+    assert 3 * forward <= counted <= 3 * forward + 4 * x.size  # + a few elementwise ops
+
+
+def test_count_flops_skips_ops_nothing_uses():
+    """An expensive matmul whose result is dropped is pruned by the runtime: only
+    the cheap one returned is counted."""
+
+    @tf.function
+    def cheap(a, b):
+        unused = tf.linalg.matmul(b, b)  # 2 * 128^3, never run  # noqa: F841
+        return tf.linalg.matmul(a, a)
+
+    counted = bench.count_flops(cheap, np.ones((4, 4), np.float32),
+                                np.ones((128, 128), np.float32))
+    assert counted["flops"] == 2 * 4**3 and counted["ops_pruned"] >= 1
+
+
+def test_count_flops_gradients_of_some_variables_only():
+    """A tape watches both weights (tf.Variables are trainable, as under a frozen
+    Keras layer: the bench's KIM stages) and builds gradients through both; only
+    dL/dw2 is fetched, so the runtime runs the forward pass and h^T dy, not
+    dy w2^T nor x^T dh."""
+    w1, w2 = tf.Variable(tf.ones([16, 32])), tf.Variable(tf.ones([32, 4]))
+
+    @tf.function
+    def grad_w2(x):
+        with tf.GradientTape() as tape:
+            y = tf.linalg.matmul(tf.linalg.matmul(x, w1), w2)  # h = x w1 [8, 32]; y [8, 4]
+            loss = tf.reduce_sum(tf.square(y))  # dL/dy = 2y: the forward runs too
+        return tape.gradient(loss, [w2])
+
+    forward = 2 * 8 * 16 * 32 + 2 * 8 * 32 * 4
+    needed = forward + 2 * 32 * 8 * 4                    # + dL/dw2 = h^T dy
+    built = needed + 2 * 8 * 4 * 32 + 2 * 16 * 8 * 32    # + dL/dh, dL/dw1 (never run)
+    graph = grad_w2.get_concrete_function(np.ones((8, 16), np.float32)).graph
+    assert sum(op.type == "MatMul" for op in graph.get_operations()) == 5  # built: 5...
+    counted = bench.count_flops(grad_w2, np.ones((8, 16), np.float32))
+    assert needed <= counted["flops"] <= needed + 4 * 8 * 4 < built  # ...run: 3 (+ y²)
+    assert counted["ops_pruned"] > 0
 
 
 # ---------------------------------------------------------------- helpers
@@ -251,6 +290,22 @@ def test_flops_section_quick():
     assert r["episode_ncm"]["gflop"] > 2 * r["features"]["gflop"]
     assert r["episode_agm"]["gflop"] > r["episode_ncm"]["gflop"]
     assert r["train_step"]["shapes_from_run"]  # the AGM's present-class batch
+
+
+@pytest.mark.slow
+def test_flops_paper_train_step_is_oneshot_plus_frozen_forwards():
+    """configs/paper.py stage 3 trains what the oneshot setting trains, plus its
+    KIM (forward and backward), plus forward passes of the frozen stages 1-2 on
+    its 4 images (2 queries, 2 supports); no backward through the frozen stages.
+    features(paper) = 3 encoders + 2 KIMs; features(oneshot) = 1 encoder."""
+    r = bench.bench_flops(["oneshot", "paper"], quick=True)
+    one, paper = r["oneshot"], r["paper"]
+    kim = (paper["features"]["flops"] - 3 * paper["encoder"]["flops"]) / 2
+    frozen = paper["features"]["flops"] - one["features"]["flops"] - kim  # 2 enc + KIM 2
+    images = 2 * paper["batch_size"]
+    expected = one["train_step"]["flops"] + images * (frozen + 3 * kim)
+    assert paper["train_step"]["flops"] == pytest.approx(expected, rel=0.01)
+    assert paper["train_step"]["ops_pruned"] > one["train_step"]["ops_pruned"]
 
 
 def test_train_and_infer_sections_quick():
