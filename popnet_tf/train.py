@@ -47,7 +47,7 @@ def main(argv):
     logging.info("Training stage %d, fold %d, in %s", stage, fold, workdir)
     try:
         summary = train_lib.train(config, workdir, stage=stage, fold=fold, resume=_RESUME.value)
-    except train_lib._Preempted as e:  # noqa: SLF001 - the loop's own SIGTERM exception
+    except train_lib.Preempted as e:  # the loop's own SIGTERM exception
         # 143 = 128 + SIGTERM: what a scheduler sees from a job that SIGTERM ended.
         sys.stderr.write(f"PREEMPTED {e}\n")
         sys.exit(143)

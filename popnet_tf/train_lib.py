@@ -30,7 +30,8 @@ from absl import logging
 
 from popnet_tf import classes, eval_lib, integrity, losses, metrics
 from popnet_tf.data import episodes
-from popnet_tf.models import popnet
+from popnet_tf.models import baselines, popnet
+from popnet_tf.models.stages import PREDICTION_HEADS
 
 RUN_FILE = "run.json"
 RESULT_FILE = "result.json"
@@ -198,6 +199,62 @@ def get_strategy(name: str) -> tf.distribute.Strategy:
     raise ValueError(f"train.strategy must be auto, mirrored, multiworker or default, got {name!r}")
 
 
+# ----------------------------------------------------------------------------- config
+# The values each enumerated config field accepts, checked before any work.
+CONFIG_CHOICES = {
+    "train.optimizer": ("sgd", "adamw"),
+    "train.strategy": ("auto", "mirrored", "multiworker", "default"),
+    "train.beta_schedule": ("shift", "constant"),
+    "train.mixed_precision": ("float32", "mixed_float16", "mixed_bfloat16"),
+    "train.way": ("kway", "oneway"),
+    "model.method": ("popnet",) + baselines.METHODS,
+    "model.prediction_head": PREDICTION_HEADS,
+    "eval.head": PREDICTION_HEADS + ("model",),
+}
+# Fields that must be integers >= 1 (0 means "as the other field" for these two).
+_POSITIVE = ("train.batch_size", "train.epochs", "train.steps_per_epoch", "data.crop_size",
+             "data.oneway_crop_size", "data.eval_size", "model.filters")
+_ZERO_MEANS_DEFAULT = ("train.stage1_batch_size", "train.stage1_steps_per_epoch")
+
+
+def _field(config, dotted):
+    section, key = dotted.split(".")
+    return config[section][key]
+
+
+def check_config(config) -> None:
+    """Every problem of a config in one `RunConfigError`, before any data or model work:
+    an unknown choice (optimizer, strategy, β schedule, precision, backbone, method,
+    head, fold set), a non-positive size or count, α outside (0, 1].
+
+    Example:
+        >>> config = synthetic_cpu.get_config(); config.train.optimizer = "adam"
+        >>> check_config(config)  # RunConfigError: train.optimizer='adam': choose one of ...
+    """
+    from popnet_tf.models import backbones
+
+    choices = {**CONFIG_CHOICES, "model.backbone": backbones.BACKBONE_NAMES,
+               "data.fold_set": tuple(classes.FOLDS)}
+    problems = []
+    for dotted, allowed in choices.items():
+        value = _field(config, dotted)
+        if value not in allowed:
+            problems.append(f"{dotted}={value!r}: choose one of {', '.join(map(str, allowed))}")
+    for dotted in _POSITIVE + _ZERO_MEANS_DEFAULT:
+        value = _field(config, dotted)
+        low = 0 if dotted in _ZERO_MEANS_DEFAULT else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            problems.append(f"{dotted}={value!r}: must be an integer >= {low}")
+    if not 0.0 < float(config.model.momentum) <= 1.0:
+        problems.append(f"model.momentum={config.model.momentum!r}: α of Eq. 2 must be in (0, 1]")
+    if float(config.train.learning_rate) < 0:
+        problems.append(f"train.learning_rate={config.train.learning_rate!r}: must be >= 0")
+    if int(config.train.prototype_warmup) < 0:
+        problems.append(f"train.prototype_warmup={config.train.prototype_warmup!r}: must be >= 0")
+    if problems:
+        raise integrity.RunConfigError("bad config: " + "; ".join(problems))
+
+
 # ----------------------------------------------------------------------------- models
 def check_run_record(config, workdir: str, fold: int) -> None:
     """Refuses a workdir trained on another fold or class set (before any work)."""
@@ -286,7 +343,7 @@ def _seed_states(model: keras.Model) -> list:
     return [v for v in model.variables if id(v) not in weights]
 
 
-class _Preempted(Exception):
+class Preempted(Exception):
     pass
 
 
@@ -365,7 +422,7 @@ def train_stage(config, workdir: str, stage: int, fold: int, data_dir: str,
                 bar.update(i + 1, values=[*logs.items(), ("beta", float(beta.numpy()))])
                 if preempted["flag"]:
                     manager.save(checkpoint_number=global_step + 1)
-                    raise _Preempted(f"SIGTERM: stage {stage} checkpointed at epoch {epoch + 1} "
+                    raise Preempted(f"SIGTERM: stage {stage} checkpointed at epoch {epoch + 1} "
                                      f"step {i + 1}; continue with --resume")
             epoch_var.assign(epoch + 1)
             step_var.assign(0)
@@ -441,6 +498,7 @@ def train(config, workdir: str, stage: int, fold: int, resume: bool = False) -> 
     (SPEC §7: 1 → 2 → 3), and returns the last stage's evaluation summary."""
     if stage not in (1, 2, 3):
         raise ValueError(f"--stage must be 1, 2 or 3, got {stage!r}")
+    check_config(config)
     classes.novel_ids(3, fold, config.data.fold_set)  # validates fold and fold set
     integrity.check_workdir(workdir)  # read-only or full: fail before writing anything
     check_run_record(config, workdir, fold)

@@ -718,6 +718,11 @@ BAD_RUNS = {
                                      r"FATAL RunConfigError: .*/run\.json: this workdir was trained with "
                                      r"class_names=\[.*\], but this run asks for class_names=\[.*'bag'\]; "
                                      r"use another --workdir"),
+    "bad config values": (["--config.train.optimizer=adam", "--config.model.backbone=resnet50",
+                           "--config.train.batch_size=0"], None,
+                          r"FATAL RunConfigError: bad config: train\.optimizer='adam': choose one of "
+                          r"sgd, adamw; model\.backbone='resnet50': choose one of xception, small, "
+                          r"mobilenet_v2; train\.batch_size=0: must be an integer >= 1"),
     "unfinished stage without --resume": ([], _unfinished_stage_workdir,
                                           r"FATAL RunConfigError: .*/stage1/checkpoints holds an unfinished "
                                           r"stage-1 run; pass --resume to continue it, or choose a new "

@@ -240,3 +240,31 @@ def test_two_replicas_equal_one(tmp_path, data_config):
     out = json.loads(line[len("RESULT"):])
     np.testing.assert_allclose(out["two"]["losses"], out["one"]["losses"], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(out["two"]["store"], out["one"]["store"], rtol=1e-3, atol=1e-4)
+
+
+def test_check_config_lists_every_problem():
+    from popnet_tf import integrity
+
+    config = synthetic_cpu.get_config()
+    train_lib.check_config(config)  # the shipped configs pass
+    config.train.strategy = "tpu"
+    config.train.beta_schedule = "linear"
+    config.model.prediction_head = "both"
+    config.model.momentum = 0.0
+    config.train.steps_per_epoch = -1
+    with pytest.raises(integrity.RunConfigError) as err:
+        train_lib.check_config(config)
+    message = str(err.value)
+    for part in ("train.strategy='tpu'", "train.beta_schedule='linear'",
+                 "model.prediction_head='both'", "model.momentum=0.0", "train.steps_per_epoch=-1"):
+        assert part in message, message
+
+
+@pytest.mark.parametrize("name", ["configs.paper", "configs.synthetic_cpu", "configs.baselines.sgone",
+                                  "configs.baselines.panet", "configs.baselines.amp",
+                                  "configs.baselines.finetune", "configs.ablations.agm",
+                                  "configs.ablations.dml_ws_kim_dp"])
+def test_shipped_configs_pass_the_check(name):
+    import importlib
+
+    train_lib.check_config(importlib.import_module(name).get_config())
