@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): how fast popnet_tf trains and parses on this machine (issue #6).
+r"""Benchmarks (not tests): how fast popnet_tf trains and parses on this machine (issue #6).
 
     python -m popnet_tf.bench --out docs/bench.json --markdown docs/PERFORMANCE.md
 
@@ -11,6 +11,15 @@ reported too; it shows the work done whatever the load.
 - peak: the fp32 matrix-multiply peak of this machine, measured in this run
   (median GFLOP/s of a `--matmul_size`³ `tf.linalg.matmul`), against which the
   achieved FLOP/s of the other sections are compared.
+- conv: the convolutions of the 512x512 model, fp32, batch 2, forward and
+  forward+backward (median of `--repeats` after 2 warm-up calls): the dense ones
+  (Xception middle-flow pointwise 1x1 728->728 and ASPP 1x1 2048->256 at 32x32,
+  decoder 3x3 304->256 and AGM/decoder 3x3 256->256 at 128x128), and, not dense,
+  the first Xception conv (3x3 stride 2, 3->32, 512x512) and a depthwise 3x3
+  (728 channels, 32x32). FLOPs from the formula (`conv_flops`), GFLOP/s and
+  fraction of the matmul peak per shape, and of the dense shapes together
+  (their total FLOPs / total time): the issue's 75 % target where the work is
+  dense convolution.
 - data: training episodes/s of `episodes.train_episodes` (stage 3, fold 1,
   k-way, batch 2) at 512x512 (ATR's own size) and at the CPU config's size
   (`configs/synthetic_cpu.py`: long side resized, then cropped). Median over
@@ -20,10 +29,10 @@ reported too; it shows the work done whatever the load.
 - flops: FLOPs counted from the graph (TensorFlow's profiler, with the shapes
   the graph ran with where they are only known at run time: the AGM batch of
   present classes; only the ops the runtime runs, not the gradients a tape
-  builds toward the frozen KIM stages, which nothing fetches): one encoder pass (one image), one inference episode (one
-  query and its support) with NCM prediction (the default) and with the AGM
-  head over 11 classes (the reference's work), and one training step. MACs =
-  FLOPs / 2.
+  builds toward the frozen KIM stages, which nothing fetches): one encoder
+  pass (one image), one inference episode (one query and its support) with NCM
+  prediction (the default) and with the AGM head over 11 classes (the
+  reference's work), and one training step. MACs = FLOPs / 2.
 - train: seconds per step and episodes/s of the real training step
   (`train_lib.make_train_step`), and the process's peak memory.
 - infer: the served path (`serving.OneShotParser`, NCM head): latency of one
@@ -556,6 +565,134 @@ def bench_peak(size: int = 4096, repeats: int = 5, threads=(0, 0),
     return _in_child("_peak_child", threads, in_process, size=size, repeats=repeats)
 
 
+# ----------------------------------------------------------------------------- conv
+# The convolutions of the 512x512 model (Xception DeepLab v3+ OS16, K = 256), as
+# (key, what, input size, C_in, C_out, k, stride, kind). kind "dense": what the
+# issue's 75 % target is about; "stem" (3 input channels) and "depthwise" are
+# listed to show where a convolution cannot reach the matmul peak.
+_CONV_FIELDS = ("key", "what", "size", "cin", "cout", "k", "stride", "kind")
+CONV_SHAPES = (
+    ("middle_1x1", "Xception middle flow pointwise 1x1 728->728, 32x32", 32, 728, 728, 1, 1,
+     "dense"),
+    ("aspp_1x1", "ASPP 1x1 2048->256, 32x32", 32, 2048, 256, 1, 1, "dense"),
+    ("decoder_3x3", "decoder 3x3 304->256, 128x128", 128, 304, 256, 3, 1, "dense"),
+    ("agm_3x3", "AGM / decoder 3x3 256->256, 128x128", 128, 256, 256, 3, 1, "dense"),
+    ("stem_3x3_s2", "Xception first conv 3x3 stride 2 3->32, 512x512 in", 512, 3, 32, 3, 2,
+     "stem"),
+    ("depthwise_3x3", "depthwise 3x3, 728 channels, 32x32", 32, 728, 728, 3, 1, "depthwise"),
+)
+# --quick: the same kinds of convolution at tiny sizes.
+QUICK_CONV_SHAPES = (
+    ("middle_1x1", "pointwise 1x1 32->32, 8x8", 8, 32, 32, 1, 1, "dense"),
+    ("aspp_1x1", "1x1 64->16, 8x8", 8, 64, 16, 1, 1, "dense"),
+    ("decoder_3x3", "3x3 24->16, 16x16", 16, 24, 16, 3, 1, "dense"),
+    ("agm_3x3", "3x3 16->16, 16x16", 16, 16, 16, 3, 1, "dense"),
+    ("stem_3x3_s2", "3x3 stride 2 3->8, 32x32 in", 32, 3, 8, 3, 2, "stem"),
+    ("depthwise_3x3", "depthwise 3x3, 32 channels, 8x8", 8, 32, 32, 3, 1, "depthwise"),
+)
+CONV_BATCH = 2
+CONV_KINDS = {"dense": "dense", "stem": "not dense (3 input channels)",
+              "depthwise": "not dense (depthwise: memory-bound)"}
+
+
+def conv_shapes(quick: bool = False) -> list[dict]:
+    """The conv section's shapes as dicts (`CONV_SHAPES`, or `QUICK_CONV_SHAPES`)."""
+    return [dict(zip(_CONV_FIELDS, row)) for row in (QUICK_CONV_SHAPES if quick else CONV_SHAPES)]
+
+
+def conv_flops(shape: dict, batch: int = CONV_BATCH) -> dict:
+    """FLOPs of one conv from the formula: forward 2·H·W·C_in·C_out·k² per image
+    (H, W: the output's size, "same" padding; depthwise: C_out = 1 per channel);
+    each gradient costs what the forward does. The stem's backward is the filter
+    gradient only (the image needs none: the model never computes it), the
+    others' both gradients (backward = 2 x forward).
+
+    Example:
+        >>> conv_flops(conv_shapes()[0])["forward"]  # batch 2: 2 * 2 * 32² * 728²
+        2170814464
+    """
+    out = -(-shape["size"] // shape["stride"])
+    per_image = 2 * out * out * shape["cin"] * shape["k"] ** 2
+    forward = batch * per_image * (1 if shape["kind"] == "depthwise" else shape["cout"])
+    gradients = 1 if shape["kind"] == "stem" else 2
+    return {"out_size": out, "forward": forward, "forward_backward": (1 + gradients) * forward}
+
+
+def conv_functions(shape: dict, batch: int = CONV_BATCH, seed: int = 0):
+    """((forward, args), (forward_backward, args)) of a conv shape: `tf.function`s
+    and their (tensor) arguments, fp32. Each returns a corner of every result, so
+    the runtime computes every result in full and copies out almost nothing;
+    forward_backward returns the forward's too (the gradients of a conv do not
+    need its output: without it the runtime would skip the forward)."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    k, stride, cin = shape["k"], shape["stride"], shape["cin"]
+    depthwise = shape["kind"] == "depthwise"
+    out = conv_flops(shape, batch)["out_size"]
+    x = tf.constant(rng.standard_normal((batch, shape["size"], shape["size"], cin), np.float32))
+    w = tf.constant(rng.standard_normal((k, k, cin, 1 if depthwise else shape["cout"]),
+                                        np.float32) / np.float32(np.sqrt(k * k * cin)))
+    dy = tf.constant(rng.standard_normal((batch, out, out, shape["cout"]), np.float32))
+    input_grad = shape["kind"] != "stem"
+
+    def conv(x, w):
+        if depthwise:
+            return tf.nn.depthwise_conv2d(x, w, [1, stride, stride, 1], "SAME")
+        return tf.nn.conv2d(x, w, stride, "SAME")
+
+    def corner(t):
+        return t[:1, :1, :1, :1]
+
+    @tf.function
+    def forward(x, w):
+        return corner(conv(x, w))
+
+    @tf.function
+    def forward_backward(x, w, dy):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w] if input_grad else [w])
+            y = conv(x, w)
+        grads = tape.gradient(y, [x, w] if input_grad else [w], output_gradients=dy)
+        return [corner(y), *(corner(g) for g in grads)]
+
+    return (forward, (x, w)), (forward_backward, (x, w, dy))
+
+
+def _conv_child(quick: bool = False, repeats: int = 5, warmup: int = 2) -> dict:
+    import tensorflow as tf
+
+    def call(fn, args):
+        return lambda: [t.numpy() for t in tf.nest.flatten(fn(*args))]
+
+    shapes = {}
+    for shape in conv_shapes(quick):
+        flops = conv_flops(shape)
+        row = {**shape, "batch": CONV_BATCH, "out_size": flops["out_size"]}
+        for name, (fn, args) in zip(("forward", "forward_backward"), conv_functions(shape)):
+            timing = _time_calls(call(fn, args), warmup, repeats)
+            row[name] = {"flops": flops[name], "gflop": flops[name] / 1e9,
+                         "gflops": flops[name] / timing["wall_s"] / 1e9,
+                         "gflops_per_cpu_s": flops[name] / timing["cpu_s"] / 1e9
+                         if timing["cpu_s"] else None, **timing}
+        shapes[shape["key"]] = row
+    return {"batch": CONV_BATCH, "dtype": "float32", "quick": quick, "shapes": shapes}
+
+
+def bench_conv(quick: bool = False, repeats: int = 5, warmup: int = 2, threads=(0, 0),
+               in_process: bool = False) -> dict:
+    """Convolutions of the 512x512 model, fp32, batch 2: median time and GFLOP/s
+    of each shape's forward and forward+backward (`CONV_SHAPES`; FLOPs from
+    `conv_flops`). Fractions of the matmul peak: `conv_efficiency`.
+
+    Example:
+        >>> bench_conv(repeats=3)["shapes"]["decoder_3x3"]["forward_backward"]["gflops"]
+    """
+    return _in_child("_conv_child", threads, in_process, quick=quick, repeats=repeats,
+                     warmup=warmup)
+
+
 # ----------------------------------------------------------------------------- train
 def _train_step(model, config):
     """The real training step (`train_lib.make_train_step`) and a batch for it."""
@@ -716,6 +853,8 @@ TARGETS = (
     ("infer_fraction_of_peak", "16 queries sharing a support, one one-shot stage: achieved "
      "FLOP/s / matmul peak", 0.75, "min", "of peak"),
     ("data_episodes_per_s", "data pipeline, training episodes/s", 100.0, "min", "episodes/s"),
+    ("conv_dense_fraction_of_peak", "dense convolution (the model's dense conv shapes, "
+     "forward+backward): achieved / matmul peak", 0.75, "min", "of peak"),
 )
 TARGET_SIZE = 512     # the targets are at 512x512
 TARGET_QUERIES = 16   # and for 16 queries sharing a support
@@ -767,6 +906,44 @@ def achieved_flops(report: dict) -> dict:
     return achieved
 
 
+def conv_efficiency(report: dict) -> dict:
+    """The conv section against the matmul peak of the same report: GFLOP/s and
+    fraction of the peak of each shape and pass, and of the dense shapes together
+    (their total FLOPs over their total median time, per pass: the stem and the
+    depthwise conv are left out, they are not dense).
+
+    Returns {} without a conv section, else {"shapes": {key: {"kind", "forward":
+    {"gflops", "fraction_of_peak"}, "forward_backward": {...}}}, "dense":
+    {"forward": {"gflop", "wall_s", "gflops", "fraction_of_peak"},
+    "forward_backward": {...}, "shapes": [keys]}}.
+
+    Example:
+        >>> conv_efficiency(report)["dense"]["forward_backward"]["fraction_of_peak"]
+    """
+    conv = report["sections"].get("conv")
+    if not conv:
+        return {}
+    peak = report["sections"].get("peak", {}).get("gflops")
+
+    def fraction(gflops):
+        return gflops / peak if peak else None
+
+    passes = ("forward", "forward_backward")
+    shapes = {key: {"kind": r["kind"],
+                    **{p: {"gflops": r[p]["gflops"], "fraction_of_peak": fraction(r[p]["gflops"])}
+                       for p in passes}}
+              for key, r in conv["shapes"].items()}
+    dense_keys = [key for key, r in conv["shapes"].items() if r["kind"] == "dense"]
+    dense = {"shapes": dense_keys}
+    for p in passes:
+        gflop = sum(conv["shapes"][key][p]["gflop"] for key in dense_keys)
+        wall_s = sum(conv["shapes"][key][p]["wall_s"] for key in dense_keys)
+        gflops = gflop / wall_s if wall_s else None
+        dense[p] = {"gflop": gflop, "wall_s": wall_s, "gflops": gflops,
+                    "fraction_of_peak": fraction(gflops) if gflops else None}
+    return {"shapes": shapes, "dense": dense}
+
+
 def _target_values(report: dict, achieved: dict) -> dict:
     """key -> [(label, value or None, why not measured)] of each target."""
     sections, skipped = report["sections"], report.get("skipped", {})
@@ -800,6 +977,19 @@ def _target_values(report: dict, achieved: dict) -> dict:
         "infer_fraction_of_peak": [("", *fraction(f"infer/{TARGET_SETTING}/shared_support",
                                                   "infer"))],
     }
+    conv = conv_efficiency(report)
+    if not conv:
+        why = skipped.get("conv") or "the conv section was not run"
+        values["conv_dense_fraction_of_peak"] = [("", None, why)]
+    elif report["sections"]["conv"].get("quick"):
+        values["conv_dense_fraction_of_peak"] = [("", None, "measured at --quick's tiny shapes")]
+    elif not conv["dense"]["shapes"]:
+        values["conv_dense_fraction_of_peak"] = [("", None, "no dense shape was measured")]
+    elif conv["dense"]["forward_backward"]["fraction_of_peak"] is None:
+        values["conv_dense_fraction_of_peak"] = [("", None, "needs the peak section")]
+    else:
+        values["conv_dense_fraction_of_peak"] = [
+            ("", conv["dense"]["forward_backward"]["fraction_of_peak"], "")]
     data = sections.get("data") or {}
     if data:
         values["data_episodes_per_s"] = [(f"at {name}", r["episodes_per_s"], "")
@@ -846,15 +1036,16 @@ def gpu_rows(report: dict) -> list[dict]:
 
 def derive(report: dict) -> dict:
     """The report's `derive` section: achieved FLOP/s and fraction of the matmul
-    peak, the target checks, and the GPU rows.
+    peak (whole steps and requests; each convolution and the dense ones
+    together), the target checks, and the GPU rows.
 
     Example:
         >>> derive(report)["targets"][0]["status"]
         'met'
     """
     achieved = achieved_flops(report)
-    return {"achieved": achieved, "targets": check_targets(report, achieved),
-            "gpu": gpu_rows(report)}
+    return {"achieved": achieved, "conv": conv_efficiency(report),
+            "targets": check_targets(report, achieved), "gpu": gpu_rows(report)}
 
 
 # ----------------------------------------------------------------------------- Markdown
@@ -912,8 +1103,8 @@ def summary_markdown(report: dict) -> str:
                   "runs. It checks that every section runs; its figures are not comparable "
                   "with the targets.**", ""]
     lines += [f"Generated by `{report.get('command', 'python -m popnet_tf.bench')}` on "
-              f"{report.get('date', '?')}.", "",
-              f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['platform']}, Python "
+              f"{report.get('date', '?')}.", ""]
+    lines += [f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['platform']}, Python "
               f"{m['python']}, TensorFlow {m.get('tensorflow')}, Keras {m.get('keras')}, "
               f"GPUs: {', '.join(m.get('gpus') or []) or 'none'}; oneDNN in the measuring "
               f"processes: {m.get('onednn_in_children', '?')}; load average at the start "
@@ -940,6 +1131,39 @@ def summary_markdown(report: dict) -> str:
             [[f"{peak['size']}^3 fp32", _g(peak["gflops"]), _runs(peak),
               _g(peak["gflops_per_cpu_s"]), f"{peak['load_1min']:.1f}"]])
     lines += not_run("peak")
+
+    conv = sec.get("conv")
+    if conv:
+        eff = d.get("conv") or conv_efficiency(report)
+        repeats = next(iter(conv["shapes"].values()))["forward"]["repeats"]
+        lines += [f"### Convolutions ({conv['dtype']}, batch {conv['batch']}, the 512x512 "
+                  "model's shapes)", "",
+                  "FLOPs from the formula: forward 2·H·W·C_in·C_out·k² per image (H, W of the "
+                  "output; depthwise: C_out = 1), each gradient as much again (the stem: the "
+                  "filter gradient only, as in the model). Times: median of "
+                  f"{repeats} after warm-up.", ""]
+
+        def pct(x):
+            return f"{100 * x:.0f}%" if x is not None else "-"
+
+        rows = []
+        for key, r in conv["shapes"].items():
+            f, fb = eff["shapes"][key]["forward"], eff["shapes"][key]["forward_backward"]
+            rows.append([r["what"], CONV_KINDS.get(r["kind"], r["kind"]),
+                         _g(r["forward"]["gflop"]), _g(1000 * r["forward"]["wall_s"]),
+                         _g(f["gflops"]), pct(f["fraction_of_peak"]),
+                         _g(r["forward_backward"]["gflop"]),
+                         _g(1000 * r["forward_backward"]["wall_s"]), _g(fb["gflops"]),
+                         pct(fb["fraction_of_peak"]), f"{r['forward_backward']['load_1min']:.1f}"])
+        lines += _table(["conv", "kind", "forward GFLOP", "ms", "GFLOP/s", "of peak",
+                         "forward+backward GFLOP", "ms", "GFLOP/s", "of peak", "load"], rows)
+        dense = eff["dense"]
+        if dense["shapes"]:
+            lines += ["Dense shapes together (their total FLOPs / their total time): forward "
+                      f"{_g(dense['forward']['gflops'])} GFLOP/s "
+                      f"({pct(dense['forward']['fraction_of_peak'])} of the matmul peak), "
+                      f"forward+backward {_g(dense['forward_backward']['gflops'])} GFLOP/s "
+                      f"({pct(dense['forward_backward']['fraction_of_peak'])}).", ""]
 
     lines += ["### Data pipeline (training episodes, stage 3, fold 1, k-way, batch 2)", ""]
     if sec.get("data"):
@@ -1049,7 +1273,7 @@ def write_markdown(path: str, report: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- CLI
-SECTIONS = ("peak", "data", "flops", "train", "infer")
+SECTIONS = ("peak", "conv", "data", "flops", "train", "infer")
 
 
 def _define_flags():
@@ -1057,9 +1281,9 @@ def _define_flags():
 
     flags.DEFINE_list("only", list(SECTIONS),
                       f"Sections to run, comma-separated, of {list(SECTIONS)}: peak (fp32 "
-                      "matmul GFLOP/s), data (training episodes/s), flops (counted from the "
-                      "graph), train (training step time and peak memory), infer (latency, "
-                      "queries/s).")
+                      "matmul GFLOP/s), conv (the model's convolutions, GFLOP/s), data "
+                      "(training episodes/s), flops (counted from the graph), train (training "
+                      "step time and peak memory), infer (latency, queries/s).")
     flags.DEFINE_list("settings", list(MODEL_SETTINGS),
                       "Model settings of the flops, train and infer sections: "
                       + "; ".join(f"{k}: {v[2]}" for k, v in MODEL_SETTINGS.items())
@@ -1075,8 +1299,8 @@ def _define_flags():
                         "popnet_tf.data.build_atr_os, or any training run builds "
                         "tfrecords/synthetic). Missing: the section is reported not measured.")
     flags.DEFINE_integer("steps", 50, "Data section: batches (of 2 episodes) per timed run.")
-    flags.DEFINE_integer("repeats", 5, "Data and peak sections: timed runs; the median is "
-                         "reported with every run.")
+    flags.DEFINE_integer("repeats", 5, "Data, peak and conv sections: timed runs; the median "
+                         "is reported with every run.")
     flags.DEFINE_integer("warmup", 20, "Data section: batches pulled before timing (fills "
                          "shuffle buffers, lets tf.data tune its parallelism).")
     flags.DEFINE_bool("cache_decoded", False, "Data section: keep decoded images in memory "
@@ -1145,6 +1369,13 @@ def main(argv):
                                       1 if quick else FLAGS.repeats, **common)
         print(f"peak: {sections['peak']['gflops']:.1f} GFLOP/s fp32 matmul "
               f"(load {sections['peak']['load_1min']:.1f})")
+    if "conv" in FLAGS.only:
+        sections["conv"] = bench_conv(quick, 1 if quick else FLAGS.repeats,
+                                      warmup=1 if quick else 2, **common)
+        for key, r in sections["conv"]["shapes"].items():
+            print(f"conv {key} ({r['kind']}): forward {_g(r['forward']['gflops'])}, "
+                  f"forward+backward {_g(r['forward_backward']['gflops'])} GFLOP/s "
+                  f"(load {r['forward_backward']['load_1min']:.1f})")
     if "data" in FLAGS.only:
         if not os.path.isdir(FLAGS.data):
             report["skipped"]["data"] = (f"no dataset at {FLAGS.data} (build one with python -m "
@@ -1184,6 +1415,11 @@ def main(argv):
     for key, a in report["derive"]["achieved"].items():
         frac = a["fraction_of_peak"]
         print(f"{key}: {_g(a['gflops'])} GFLOP/s"
+              + (f" = {100 * frac:.0f}% of peak" if frac else ""))
+    dense = report["derive"]["conv"].get("dense") if report["derive"]["conv"] else None
+    for name in ("forward", "forward_backward") if dense and dense["shapes"] else ():
+        frac = dense[name]["fraction_of_peak"]
+        print(f"conv/dense/{name}: {_g(dense[name]['gflops'])} GFLOP/s"
               + (f" = {100 * frac:.0f}% of peak" if frac else ""))
     for t in report["derive"]["targets"]:
         print(f"target: {t['target']} {t['goal']}: {t['status']}")

@@ -138,10 +138,32 @@ def _timing(wall_s, cpu_s, runs=(None,)):
             "runs": [{"wall_s": wall_s, "cpu_s": cpu_s, "load_1min": 0.5} for _ in runs]}
 
 
+def _conv_row(key, kind, forward, forward_backward):
+    """A conv section row: forward and forward_backward as (GFLOP, median s)."""
+    row = {"key": key, "what": f"{key} conv", "kind": kind, "batch": 2, "size": 32,
+           "out_size": 32, "cin": 8, "cout": 8, "k": 3, "stride": 1}
+    for name, (gflop, wall_s) in (("forward", forward), ("forward_backward", forward_backward)):
+        row[name] = {"flops": int(gflop * 1e9), "gflop": gflop, "gflops": gflop / wall_s,
+                     "gflops_per_cpu_s": gflop / wall_s / 2, **_timing(wall_s, 2 * wall_s)}
+    return row
+
+
+def fake_conv_section():
+    """Dense: 60 GFLOP fwd+bwd in 0.7 s and 6 in 0.1 s, together 66 / 0.8 = 82.5
+    GFLOP/s; forward 20 in 0.25 s and 2 in 0.05 s, 22 / 0.3. The stem and the
+    depthwise conv are slow (with them the dense figure would fall below 75%)."""
+    rows = [_conv_row("decoder_3x3", "dense", (20.0, 0.25), (60.0, 0.7)),
+            _conv_row("middle_1x1", "dense", (2.0, 0.05), (6.0, 0.1)),
+            _conv_row("stem_3x3_s2", "stem", (0.2, 0.1), (0.4, 0.2)),
+            _conv_row("depthwise_3x3", "depthwise", (0.02, 0.01), (0.06, 0.03))]
+    return {"batch": 2, "dtype": "float32", "quick": False,
+            "shapes": {r["key"]: r for r in rows}}
+
+
 def fake_report(size=512, quick=False, queries=16, gpus=()):
     """A report as main() builds it, with round numbers: peak 100 GFLOP/s; oneshot
     training step 500 GFLOP in 10 s; one query 90 GFLOP (features 40) in 3 s; 4 or
-    16 queries sharing a support."""
+    16 queries sharing a support; convolutions: `fake_conv_section`."""
     return {
         "command": "python -m popnet_tf.bench", "date": "2026-01-01 00:00 UTC", "quick": quick,
         "machine": {"cpus": 2, "cpu_model": "test CPU", "platform": "Linux", "python": "3.11",
@@ -151,6 +173,7 @@ def fake_report(size=512, quick=False, queries=16, gpus=()):
         "sections": {
             "peak": {"gflops": 100.0, "gflops_per_cpu_s": 50.0, "size": 4096,
                      **_timing(1.37, 2.7, runs=(1, 2, 3))},
+            "conv": fake_conv_section(),
             "data": {"512x512": {"episodes_per_s": 120.0, "runs": [110.0, 120.0, 130.0],
                                  "cpu_ms_per_episode": 9.0, "load_1min": 0.5},
                      "112x112": {"episodes_per_s": 80.0, "runs": [80.0],
@@ -231,11 +254,78 @@ def test_gpu_rows():
     assert all("GPU:0" in r["status"] for r in with_gpu)
 
 
+def test_conv_efficiency_dense_row():
+    report = fake_report()
+    conv = bench.derive(report)["conv"]
+    dense = conv["dense"]
+    assert dense["shapes"] == ["decoder_3x3", "middle_1x1"]  # not the stem, not depthwise
+    assert dense["forward_backward"]["gflop"] == pytest.approx(66.0)
+    assert dense["forward_backward"]["wall_s"] == pytest.approx(0.8)
+    assert dense["forward_backward"]["fraction_of_peak"] == pytest.approx(0.825)
+    assert dense["forward"]["gflops"] == pytest.approx(22.0 / 0.3)
+    assert conv["shapes"]["stem_3x3_s2"]["forward_backward"]["fraction_of_peak"] == (
+        pytest.approx(0.02))
+    row = [t for t in bench.derive(report)["targets"]
+           if t["key"] == "conv_dense_fraction_of_peak"][0]
+    assert row["status"] == "met" and row["goal"] == ">= 75%"
+    assert row["value"] == pytest.approx(0.825)
+    assert row["target"].startswith("dense convolution (the model's dense conv shapes, "
+                                    "forward+backward)")
+    # Slower dense convs: 66 GFLOP in 1.0 s = 66% of the 100 GFLOP/s peak.
+    report["sections"]["conv"]["shapes"]["decoder_3x3"]["forward_backward"]["wall_s"] = 0.9
+    row = [t for t in bench.derive(report)["targets"]
+           if t["key"] == "conv_dense_fraction_of_peak"][0]
+    assert row["status"] == "not met" and row["value"] == pytest.approx(0.66)
+
+
+def test_conv_target_not_measured_and_why():
+    def status(report):
+        return [t["status"] for t in bench.derive(report)["targets"]
+                if t["key"] == "conv_dense_fraction_of_peak"][0]
+
+    report = fake_report()
+    del report["sections"]["peak"]
+    assert status(report) == "not measured (needs the peak section)"
+    assert bench.derive(report)["conv"]["dense"]["forward"]["fraction_of_peak"] is None
+    del report["sections"]["conv"]
+    assert status(report) == "not measured (the conv section was not run)"
+    assert bench.derive(report)["conv"] == {}
+    report = fake_report()
+    report["sections"]["conv"]["quick"] = True
+    assert status(report) == "not measured (measured at --quick's tiny shapes)"
+
+
+def test_conv_flops_formula_matches_the_counter():
+    """2·H·W·C_in·C_out·k² per image forward (depthwise: C_out = 1), each gradient
+    as much (the stem: the filter gradient only), against the graph's count."""
+    for shape in bench.conv_shapes(quick=True):
+        formula = bench.conv_flops(shape)
+        (forward, args), (forward_backward, fb_args) = bench.conv_functions(shape)
+        assert bench.count_flops(forward, *args)["flops"] == formula["forward"], shape["key"]
+        assert (bench.count_flops(forward_backward, *fb_args)["flops"]
+                == formula["forward_backward"]), shape["key"]
+    full = {s["key"]: s for s in bench.conv_shapes()}
+    assert bench.conv_flops(full["middle_1x1"])["forward"] == 2 * 2 * 32 * 32 * 728 * 728
+    assert bench.conv_flops(full["decoder_3x3"])["forward_backward"] == (
+        3 * 2 * 2 * 128 * 128 * 304 * 256 * 9)
+    stem = bench.conv_flops(full["stem_3x3_s2"])
+    assert stem["out_size"] == 256 and stem["forward_backward"] == 2 * stem["forward"]
+    assert bench.conv_flops(full["depthwise_3x3"])["forward"] == 2 * 2 * 32 * 32 * 728 * 9
+    assert [s["kind"] for s in full.values()].count("dense") == 4
+
+
 def test_summary_markdown_tables():
     text = bench.summary_markdown(fake_report())
-    for heading in ("fp32 matrix-multiply peak", "Data pipeline", "FLOPs", "Training",
-                    "Inference", "Achieved FLOP/s", "Targets", "GPU"):
+    for heading in ("fp32 matrix-multiply peak", "Convolutions", "Data pipeline", "FLOPs",
+                    "Training", "Inference", "Achieved FLOP/s", "Targets", "GPU"):
         assert f"### {heading}" in text, heading
+    # decoder: 20 GFLOP in 250 ms = 80 GFLOP/s; 60 in 700 ms = 85.7 GFLOP/s.
+    assert "| decoder_3x3 conv | dense | 20 | 250 | 80 | 80% | 60 | 700 | 85.7 | 86% |" in text
+    assert "| stem_3x3_s2 conv | not dense (3 input channels) |" in text
+    assert ("Dense shapes together (their total FLOPs / their total time): forward 73.3 "
+            "GFLOP/s (73% of the matmul peak), forward+backward 82.5 GFLOP/s (82%).") in text
+    assert ("| dense convolution (the model's dense conv shapes, forward+backward): achieved "
+            "/ matmul peak | >= 75% | 82% | met |") in text
     assert "| 4096^3 fp32 | 100 |" in text  # median of 3 runs
     assert "| oneshot | 512x512 | 15 | 20 | 45 | 60 | 250 (125 per episode) |" in text  # GMACs
     assert "| inference (NCM), one query alone | <= 2 s | 3 s | not met |" in text
@@ -318,6 +408,20 @@ def test_train_and_infer_sections_quick():
     assert infer["shared_support"]["queries"] == 3
     assert infer["shared_support"]["queries_per_s"] == pytest.approx(
         3 / infer["shared_support"]["wall_s"])
+
+
+def test_conv_section_quick():
+    r = bench.bench_conv(quick=True, repeats=1, warmup=1, in_process=True)
+    assert r["batch"] == 2 and r["dtype"] == "float32" and r["quick"]
+    assert list(r["shapes"]) == [s["key"] for s in bench.conv_shapes(quick=True)]
+    for key, row in r["shapes"].items():
+        assert row["kind"] in bench.CONV_KINDS, key
+        for name in ("forward", "forward_backward"):
+            assert TIMING_KEYS <= row[name].keys(), (key, name)
+            assert row[name]["flops"] == bench.conv_flops(row)[name]
+            assert row[name]["gflops"] == pytest.approx(row[name]["gflop"] / row[name]["wall_s"])
+    derived = bench.conv_efficiency({"sections": {"conv": r, "peak": {"gflops": 100.0}}})
+    assert derived["dense"]["shapes"] == ["middle_1x1", "aspp_1x1", "decoder_3x3", "agm_3x3"]
 
 
 def test_child_failure_names_the_function():
