@@ -314,6 +314,36 @@ def test_conv_flops_formula_matches_the_counter():
     assert [s["kind"] for s in full.values()].count("dense") == 4
 
 
+def test_merge_reports_replaces_only_what_was_measured():
+    old = fake_report()
+    old["settings"]["paper"] = "paper"
+    old["sections"]["flops"]["paper"] = {**old["sections"]["flops"]["oneshot"],
+                                         "train_step": {"gflop": 5844.0}}
+    new = {"command": "python -m popnet_tf.bench --only flops --settings paper --merge",
+           "date": "2026-01-02 00:00 UTC", "quick": False, "machine": {"cpus": 2},
+           "settings": {"paper": "paper"}, "skipped": {"data": "no dataset at nowhere"},
+           "sections": {"flops": {"paper": {**old["sections"]["flops"]["oneshot"],
+                                            "train_step": {"gflop": 3734.0}}},
+                        "peak": {**old["sections"]["peak"], "gflops": 200.0}}}
+    merged = bench.merge_reports(old, new)
+    assert merged["sections"]["flops"]["paper"]["train_step"]["gflop"] == 3734.0
+    assert merged["sections"]["flops"]["oneshot"] == old["sections"]["flops"]["oneshot"]
+    assert merged["sections"]["train"] == old["sections"]["train"]
+    assert merged["sections"]["data"] == old["sections"]["data"]  # kept: skipped this time
+    assert "data" not in merged["skipped"] and merged["sections"]["peak"]["gflops"] == 200.0
+    assert merged["command"] == old["command"] and merged["machine"] == old["machine"]
+    assert merged["updates"][-1]["sections"] == {"flops": ["paper"], "peak": None}
+    # derive is recomputed with the new peak: 500 GFLOP in 10 s = 25% of 200.
+    assert merged["derive"]["achieved"]["train/oneshot"]["fraction_of_peak"] == (
+        pytest.approx(0.25))
+    assert old["sections"]["flops"]["paper"]["train_step"]["gflop"] == 5844.0  # not mutated
+    text = bench.summary_markdown(merged)
+    assert ("Updated by `python -m popnet_tf.bench --only flops --settings paper --merge` on "
+            "2026-01-02 00:00 UTC: flops (paper); peak.") in text
+    with pytest.raises(ValueError, match="--quick"):
+        bench.merge_reports(old, {**new, "quick": True})
+
+
 def test_summary_markdown_tables():
     text = bench.summary_markdown(fake_report())
     for heading in ("fp32 matrix-multiply peak", "Convolutions", "Data pipeline", "FLOPs",
@@ -478,12 +508,46 @@ def test_cli_writes_json_and_markdown(tmp_path):
     assert "### Targets" in proc.stdout and "\n- x\n" in md.read_text()
 
 
+def test_cli_merge_updates_only_the_sections_run(tmp_path):
+    """--only peak --merge into a saved report: the new peak replaces the old one,
+    every other section stays, derive is recomputed, the run is listed."""
+    out, md = tmp_path / "bench.json", tmp_path / "PERF.md"
+    saved = fake_report(size=32, quick=True)
+    out.write_text(json.dumps(saved))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, "-m", "popnet_tf.bench", "--quick", "--only", "peak",
+                           "--out", str(out), "--merge", "--markdown", str(md)],
+                          cwd=bench._REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"merged into {out}: peak" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["sections"]["peak"]["size"] == 256  # --quick's matmul, not the saved 4096
+    for name in ("conv", "data", "flops", "train", "infer"):
+        assert report["sections"][name] == saved["sections"][name], name
+    assert report["command"] == saved["command"]
+    assert report["updates"][0]["sections"] == {"peak": None}
+    peak = report["sections"]["peak"]["gflops"]
+    assert report["derive"]["achieved"]["train/oneshot"]["fraction_of_peak"] == (
+        pytest.approx(50.0 / peak))
+    assert "Updated by `python -m popnet_tf.bench --quick --only peak" in md.read_text()
+    # A full-size run does not merge into a --quick report; --merge needs --out.
+    proc = subprocess.run([sys.executable, "-m", "popnet_tf.bench", "--only", "peak",
+                           "--matmul_size", "64", "--repeats", "1", "--out", str(out),
+                           "--merge"], cwd=bench._REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "--quick" in proc.stderr
+    assert json.loads(out.read_text()) == report  # left as it was
+    proc = subprocess.run([sys.executable, "-m", "popnet_tf.bench", "--only", "peak", "--merge"],
+                          cwd=bench._REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "--merge needs --out" in proc.stderr
+
+
 def test_help_explains_every_flag():
     proc = subprocess.run([sys.executable, "-m", "popnet_tf.bench", "--helpshort"],
                           cwd=bench._REPO, capture_output=True, text=True)
     assert "Benchmarks" in proc.stdout, proc.stderr[-2000:]  # absl exits 1 after help
     for flag in ("only", "settings", "quick", "data", "steps", "repeats", "warmup",
                  "cache_decoded", "model_repeats", "model_warmup", "queries", "matmul_size",
-                 "intra_threads", "inter_threads", "onednn", "out", "markdown", "summary"):
+                 "intra_threads", "inter_threads", "onednn", "out", "markdown", "summary",
+                 "merge"):
         # Every flag with a sentence of help ("--f: Text", "--[no]f: Text", "--f: <a|b>: Text").
         assert re.search(rf"--(\[no\])?{flag}: (<[a-z|]+>: )?[A-Z]\w+", proc.stdout), flag
