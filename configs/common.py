@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.prototype_warmup = 15            # epochs with static prototypes (SPEC §6)
     c.train.beta_schedule = "shift"          # β = 1 − epoch/max_epoch; "constant" for ablations
     c.train.beta_constant = 0.5
-    c.train.mixed_precision = "float32"      # or "mixed_float16", "mixed_bfloat16"
+    c.train.mixed_precision = "float32"      # or "mixed_float16", "mixed_bfloat16", "auto" (bf16 where native)
     c.train.jit_compile = False
     c.train.strategy = "auto"
     c.train.checkpoints_to_keep = 3

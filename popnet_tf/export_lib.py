@@ -84,7 +84,7 @@ def restore_model(workdir: str, stage: int | None = None):
     if not train_lib.stage_finished(workdir, stage):
         logging.warning("%s: stage %d has checkpoints but no %s: exporting an unfinished stage.",
                         workdir, stage, train_lib.RESULT_FILE)
-    keras.mixed_precision.set_global_policy(config.train.mixed_precision)
+    keras.mixed_precision.set_global_policy(train_lib.precision_policy(config.train.mixed_precision))
     model = train_lib.restore_stage(config, workdir, stage)
     return model, config, stage, record
 

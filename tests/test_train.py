@@ -268,3 +268,12 @@ def test_shipped_configs_pass_the_check(name):
     import importlib
 
     train_lib.check_config(importlib.import_module(name).get_config())
+
+
+def test_auto_precision_follows_native_bfloat16(monkeypatch):
+    monkeypatch.setattr(train_lib, "native_bfloat16", lambda: True)
+    assert train_lib.precision_policy("auto") == "mixed_bfloat16"
+    monkeypatch.setattr(train_lib, "native_bfloat16", lambda: False)
+    assert train_lib.precision_policy("auto") == "float32"
+    assert train_lib.precision_policy("mixed_float16") == "mixed_float16"
+    assert isinstance(train_lib.native_bfloat16(), bool)  # reads this machine without failing
