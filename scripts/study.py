@@ -98,7 +98,8 @@ def load_config(path: str, scale: str):
     return module.get_config("smoke" if scale == "smoke" else None)
 
 
-def apply_scale(config, scale: str, seed: int, oneway_training: bool = False):
+def apply_scale(config, scale: str, seed: int, oneway_training: bool = False,
+                reduce_steps: int = REDUCE_STEPS):
     """The study's changes to a config: seed, training-time validation off, and the
     reduced scale's fewer steps per epoch. Returns (config, eval kwargs, changes)."""
     changes = {}
@@ -114,7 +115,7 @@ def apply_scale(config, scale: str, seed: int, oneway_training: bool = False):
         for key in ("steps_per_epoch", "stage1_steps_per_epoch"):
             old = config.train.get(key, 0)
             if old:  # stage1_steps_per_epoch 0 means "as steps_per_epoch"
-                config.train[key] = max(1, math.ceil(old / REDUCE_STEPS))
+                config.train[key] = max(1, math.ceil(old / reduce_steps))
                 changes[f"train.{key}"] = f"{old} -> {config.train[key]}"
         kway_queries, pairs = REDUCED_KWAY_QUERIES, min(pairs, REDUCED_ONEWAY_PAIRS)
     elif scale == "smoke":
@@ -308,7 +309,7 @@ def write_markdown(path: str, records, args, changes, total_s: float, results_di
     notes = open(notes_path).read() if os.path.exists(notes_path) else "(none yet)\n"
     rel = os.path.relpath(results_dir, os.path.dirname(os.path.abspath(path)))
     scale_text = {
-        "reduced": (f"**Reduced scale**: `train.steps_per_epoch` divided by {REDUCE_STEPS} "
+        "reduced": (f"**Reduced scale**: `train.steps_per_epoch` divided by {args.reduce} "
                     f"(every other training value as configured), k-way scored on the first "
                     f"{REDUCED_KWAY_QUERIES} q_test queries × the 10 supports, one-way on "
                     f"{REDUCED_ONEWAY_PAIRS} pairs per class. Changes: "
@@ -367,6 +368,10 @@ def main(argv=None):
     parser.add_argument("--out", default="docs/RESULTS.md", help="Markdown file to write.")
     parser.add_argument("--scale", choices=("smoke", "reduced", "cpu"), default="reduced")
     parser.add_argument("--seeds", default="0", help="Comma-separated seeds.")
+    parser.add_argument("--reduce", type=int, default=REDUCE_STEPS,
+                        help="Reduced scale: divide the configs' steps per epoch by this "
+                             f"(default {REDUCE_STEPS}; the workdirs are per scale, so use a "
+                             "new --workdirs when changing it).")
     parser.add_argument("--workdirs", default="workdirs/study", help="Root of the runs' workdirs.")
     parser.add_argument("--parts", default="main,ablation", help="main, ablation or both.")
     parser.add_argument("--folds", default="1,2", help="Folds of the main comparison.")
@@ -408,7 +413,7 @@ def main(argv=None):
     for seed in seeds:
         for part, name, label, config_file, fold, ways in plan:
             config, eval_kwargs, changes = apply_scale(loaded[config_file].copy_and_resolve_references(),
-                                                       args.scale, seed)
+                                                       args.scale, seed, reduce_steps=args.reduce)
             workdir = os.path.join(args.workdirs, args.scale, f"{name}_fold{fold}_seed{seed}")
             logging.info("Study: %s %s fold %d seed %d -> %s", part, name, fold, seed, workdir)
             train_s = train_run(config, workdir, fold, stage1_cache)
@@ -417,7 +422,8 @@ def main(argv=None):
                 oneway_dir = None
                 if way == "oneway" and args.oneway_training:
                     oneway_config, _, _ = apply_scale(loaded[config_file].copy_and_resolve_references(),
-                                                      args.scale, seed, oneway_training=True)
+                                                      args.scale, seed, oneway_training=True,
+                                                      reduce_steps=args.reduce)
                     oneway_dir = workdir + "_oneway"
                     train_s += train_run(oneway_config, oneway_dir, fold, {})
                 results = evaluate_run(oneway_dir or workdir, way, eval_kwargs)
