@@ -29,10 +29,12 @@ reported too; it shows the work done whatever the load.
 - flops: FLOPs counted from the graph (TensorFlow's profiler, with the shapes
   the graph ran with where they are only known at run time: the AGM batch of
   present classes; only the ops the runtime runs, not the gradients a tape
-  builds toward the frozen KIM stages, which nothing fetches): one encoder
-  pass (one image), one inference episode (one query and its support) with NCM
-  prediction (the default) and with the AGM head over 11 classes (the
-  reference's work), and one training step. MACs = FLOPs / 2.
+  builds toward the frozen KIM stages, which nothing fetches; each conv
+  gradient counted as its forward, 2 k² C_in per output-gradient value, where
+  TensorFlow's count is wrong for "valid" padding: the small backbone's atrous
+  ASPP): one encoder pass (one image), one inference episode (one query and
+  its support) with NCM prediction (the default) and with the AGM head over 11
+  classes (the reference's work), and one training step. MACs = FLOPs / 2.
 - train: seconds per step and episodes/s of the real training step
   (`train_lib.make_train_step`), and the process's peak memory.
 - infer: the served path (`serving.OneShotParser`, NCM head): latency of one
@@ -342,8 +344,24 @@ def episode_function(model, head: str):
 # ----------------------------------------------------------------------------- FLOPs
 def _register_missing_flops():
     """FLOP counts for ops TensorFlow's profiler does not know: the depthwise conv
-    gradients (Xception) and two-operand einsum (cosine maps). Registered once."""
+    gradients (Xception) and two-operand einsum (cosine maps); and for the conv
+    gradients, whose TensorFlow count is wrong for "valid" padding (replaced).
+    Registered once."""
     from tensorflow.python.framework import graph_util, ops
+
+    def conv_backprop(graph, node):
+        # Each gradient costs what the forward does: 2 k_h k_w C_in per value of the
+        # output gradient (= per output value of the forward). TensorFlow counts per
+        # value of the forward's *input* over the strides: right for "same" padding,
+        # but for "valid" (the space-to-batch convs of atrous convolution: ASPP) it
+        # counts the padded input's positions, 2.3-5x the outputs at 32x32, rates 6-18.
+        out_grad = graph_util.tensor_shape_from_node_def_name(graph, node.input[2])
+        out_grad.assert_is_fully_defined()
+        kernel = graph_util.tensor_shape_from_node_def_name(
+            graph, node.input[1] if node.op == "Conv2DBackpropInput" else node.name)
+        kernel.assert_is_fully_defined()
+        k_h, k_w, c_in = (int(d) for d in kernel[:3])
+        return ops.OpStats("flops", 2 * out_grad.num_elements() * k_h * k_w * c_in)
 
     def depthwise_backprop(graph, node):
         # Both gradients cost what the forward does: 2 k_h k_w per output-gradient value.
@@ -378,6 +396,17 @@ def _register_missing_flops():
         try:
             ops.RegisterStatistics(name, "flops")(fn)
         except KeyError:  # already registered (a second call, or a future TensorFlow)
+            pass
+    # TensorFlow registers these two; its registry has no public way to replace one.
+    registered = getattr(getattr(ops, "_stats_registry", None), "_registry", None)
+    for name in ("Conv2DBackpropInput", "Conv2DBackpropFilter"):
+        key = f"{name},flops"
+        if isinstance(registered, dict) and getattr(
+                registered.get(key, {}).get("type"), "__name__", None) != "conv_backprop":
+            registered.pop(key, None)
+        try:
+            ops.RegisterStatistics(name, "flops")(conv_backprop)
+        except KeyError:  # ours already (a second call), or TensorFlow's if not replaceable
             pass
 
 

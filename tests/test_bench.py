@@ -74,6 +74,37 @@ def test_count_flops_counts_depthwise_gradients():
     assert 3 * forward <= counted <= 3 * forward + 4 * x.size  # + a few elementwise ops
 
 
+@pytest.mark.parametrize("padding,stride,dilation", [("VALID", 1, 1), ("VALID", 2, 1),
+                                                    ("SAME", 2, 1), ("SAME", 1, 3)])
+def test_count_flops_conv_gradients_cost_the_forward_each(padding, stride, dilation):
+    """Each conv gradient costs 2 k² C_in per value of the output gradient, what
+    the forward costs. TensorFlow's own count goes by the forward's input over
+    the strides: with "valid" padding, as in the space-to-batch convs of an atrous
+    conv (dilation 3 here; the small backbone's ASPP), it counted 1.3-2.8x that
+    (a gradient step of 3.6-6.6x the forward here), and with a stride that does
+    not divide the size, less (2.7x)."""
+    x = np.ones((2, 9, 9, 4), np.float32)
+    kernel = tf.Variable(tf.ones([3, 3, 4, 5]))
+
+    def conv(x):
+        return tf.nn.convolution(x, kernel, strides=stride, padding=padding,
+                                 dilations=dilation)
+
+    @tf.function
+    def grads(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.square(conv(x)))  # dL/dy = 2y: the forward runs too
+        return tape.gradient(loss, [x, kernel])
+
+    forward = bench.count_flops(tf.function(conv), x)["flops"]
+    out = tf.function(conv)(x)
+    if dilation == 1:  # a plain Conv2D: 2 k² C_in per output value
+        assert forward == 2 * 3 * 3 * 4 * out.shape.num_elements()
+    counted = bench.count_flops(grads, x)["flops"]
+    assert 3 * forward <= counted <= 3 * forward + 4 * out.shape.num_elements()
+
+
 def test_count_flops_skips_ops_nothing_uses():
     """An expensive matmul whose result is dropped is pruned by the runtime: only
     the cheap one returned is counted."""
