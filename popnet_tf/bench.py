@@ -906,7 +906,9 @@ NO_GPU = "not measured (no GPU lent to this task)"
 
 def achieved_flops(report: dict) -> dict:
     """Achieved GFLOP/s and fraction of the matmul peak of each train/infer figure,
-    from the flops and peak sections of the same report.
+    from the flops and peak sections of the same report. A figure is paired only
+    with a FLOP count of the same size (and, for training, batch): a report
+    updated with --merge, or a config changed between runs, can hold both.
 
     n queries sharing a support cost n + 1 feature passes and n heads, i.e.
     n · episode − (n − 1) · features.
@@ -925,13 +927,16 @@ def achieved_flops(report: dict) -> dict:
                 "fraction_of_peak": gflop / wall_s / peak if peak else None,
                 "gflops_per_cpu_s": gflop / timing["cpu_s"] if timing["cpu_s"] else None}
 
+    def same(count, r, *keys):
+        return all(count.get(k) == r.get(k) for k in keys)
+
     for setting, r in sections.get("train", {}).items():
         f = flops.get(setting, {}).get("train_step")
-        if f:
+        if f and same(flops[setting], r, "size", "batch_size"):
             achieved[f"train/{setting}"] = entry(f["gflop"], r)
     for setting, r in sections.get("infer", {}).items():
         f = flops.get(setting, {})
-        if "episode_ncm" in f and "features" in f:
+        if "episode_ncm" in f and "features" in f and same(f, r, "size"):
             one = f["episode_ncm"]["gflop"]
             n = r["shared_support"]["queries"]
             shared = n * one - (n - 1) * f["features"]["gflop"]
@@ -999,7 +1004,8 @@ def _target_values(report: dict, achieved: dict) -> dict:
             return None, why
         a = achieved.get(key)
         if a is None or a["fraction_of_peak"] is None:
-            return None, "needs the peak and flops sections of the same run"
+            return None, ("needs the peak section and a flops count of the same size and "
+                          "batch")
         return a["fraction_of_peak"], ""
 
     values = {

@@ -234,6 +234,20 @@ def test_achieved_flops_fraction_of_peak():
     assert achieved["infer/oneshot/shared_support"]["fraction_of_peak"] == pytest.approx(0.48)
 
 
+def test_achieved_flops_pairs_only_counts_of_the_same_size_and_batch():
+    """A train figure at batch 2 with a FLOP count at batch 8 (a merged report, or
+    a config changed between runs) is no achieved figure."""
+    report = fake_report()
+    report["sections"]["flops"]["oneshot"]["batch_size"] = 8
+    achieved = bench.derive(report)["achieved"]
+    assert "train/oneshot" not in achieved and "infer/oneshot/one_query" in achieved
+    report["sections"]["flops"]["oneshot"]["size"] = 112
+    targets = {t["key"]: t["status"] for t in bench.derive(report)["targets"]}
+    assert not bench.derive(report)["achieved"]
+    assert targets["train_fraction_of_peak"] == ("not measured (needs the peak section and a "
+                                                 "flops count of the same size and batch)")
+
+
 def test_targets_met_not_met():
     targets = bench.derive(fake_report())["targets"]
     status = {t["target"]: t["status"] for t in targets}
@@ -273,8 +287,8 @@ def test_targets_not_measured_and_why():
     missing = {t["key"]: t["status"] for t in bench.derive(report)["targets"]}
     assert missing["train_step_s"] == ("not measured (the train section (oneshot) "
                                        "was not run)")
-    assert missing["infer_fraction_of_peak"] == ("not measured (needs the peak and flops "
-                                                 "sections of the same run)")
+    assert missing["infer_fraction_of_peak"] == ("not measured (needs the peak section and a "
+                                                 "flops count of the same size and batch)")
     assert missing["data_episodes_per_s"] == "not measured (no dataset at nowhere)"
 
 
