@@ -421,28 +421,32 @@ def runtime_graph_def(concrete):
 
     The function runtime (`PruneFunctionBody`) keeps the ops that the return
     values and the stateful ops (variable reads and updates, the optimiser's
-    assignments) depend on, data or control, and drops every other stateless
-    op. The same here, with `extract_sub_graph` from those ops (it follows
-    control inputs too).
+    assignments) depend on, through data or control inputs, and drops every
+    other stateless op. The same here (what `extract_sub_graph`, deprecated,
+    does from those ops).
 
     Example:
         >>> graph_def, dropped = runtime_graph_def(tf.function(f).get_concrete_function(x))
     """
-    import tensorflow as tf
-
     graph = concrete.graph
     graph_def = graph.as_graph_def()
+    nodes = {node.name: node for node in graph_def.node}
     seeds = {t.op.name for t in concrete.outputs}
     seeds.update(op.name for op in graph.control_outputs)
     seeds.update(op.name for op in graph.get_operations()
                  if op.op_def is not None and op.op_def.is_stateful and op.type != "Placeholder")
-    seeds &= {node.name for node in graph_def.node}
-    if not seeds:  # nothing returned and nothing stateful: nothing runs
-        empty = type(graph_def)()
-        empty.versions.CopyFrom(graph_def.versions)
-        return empty, len(graph_def.node)
-    kept = tf.compat.v1.graph_util.extract_sub_graph(graph_def, sorted(seeds))
-    return kept, len(graph_def.node) - len(kept.node)
+    kept, stack = set(), [name for name in seeds if name in nodes]
+    while stack:
+        name = stack.pop()
+        if name not in kept:
+            kept.add(name)
+            # inputs: "op", "op:1", "^op" (control)
+            stack.extend(i.lstrip("^").split(":")[0] for i in nodes[name].input)
+    pruned = type(graph_def)()
+    pruned.versions.CopyFrom(graph_def.versions)
+    pruned.library.CopyFrom(graph_def.library)
+    pruned.node.extend(node for node in graph_def.node if node.name in kept)
+    return pruned, len(graph_def.node) - len(pruned.node)
 
 
 def count_flops(function, *args) -> dict:
