@@ -457,7 +457,7 @@ def test_flops_section_quick():
     assert r["train_step"]["shapes_from_run"]  # the AGM's present-class batch
 
 
-@pytest.mark.slow
+@pytest.mark.benchmark  # 48 s: run with `python -m pytest -m benchmark tests/test_bench.py`
 def test_flops_paper_train_step_is_oneshot_plus_frozen_forwards():
     """configs/paper.py stage 3 trains what the oneshot setting trains, plus its
     KIM (forward and backward), plus forward passes of the frozen stages 1-2 on

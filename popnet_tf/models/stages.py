@@ -126,7 +126,10 @@ class OneShotStage(keras.Model):
         features = self.encoder(image, training=training)
         if self.kim is None:
             return features
-        prior = self.previous.infused_features(image, training=False)
+        # Frozen: no gradient goes back into the previous stage. Its variables are still
+        # watched by the tape (Keras' trainable=False does not unwatch them), so without
+        # this the step's graph holds ~2,600 dead gradient ops the runtime prunes.
+        prior = ops.stop_gradient(self.previous.infused_features(image, training=False))
         return self.kim([prior, features], training=training)
 
     def support_prototypes(self, support_image, support_mask, training=False):
