@@ -95,7 +95,7 @@ MODEL_SETTINGS = {
                 "one one-shot stage (no KIM), Xception DeepLab v3+, K=256, AGM 2x3x3 convs "
                 "(the reference's configuration)"),
     "paper": ("configs.paper", {}, "configs/paper.py stage 3, stages 1-2 frozen inside (KIM)"),
-    "cpu": ("configs.synthetic_cpu", {}, "configs/synthetic_cpu.py stage 3 (small backbone, KIM)"),
+    "cpu": ("configs.synthetic_cpu", {}, "configs/synthetic_cpu.py stage 3 (small backbone, KIM, batch 8, its train.mixed_precision: bfloat16 where native)"),
 }
 # --quick: every setting at a seconds-long size (model code paths unchanged).
 QUICK_OVERRIDES = {"model.backbone": "small", "model.filters": 16, "model.aspp_filters": 16,
@@ -261,18 +261,26 @@ def load_config(setting: str, quick: bool = False):
 
 
 def build_model(config, stage: int = STAGE):
-    """The stage model with the stages it needs (frozen inside), random weights."""
+    """The stage model with the stages it needs (frozen inside), random weights, in the
+    config's precision as training would use it (`train.mixed_precision`, "auto" resolved
+    for this machine: the CPU config runs bfloat16 where the CPU computes it natively)."""
     import keras
 
+    from popnet_tf import train_lib
     from popnet_tf.models import popnet
 
-    previous = None
-    for s in popnet.stages_needed(config, stage):
-        keras.utils.set_random_seed(config.seed + s)
-        model = popnet.build_stage(config, s, previous=previous)
-        popnet.build_variables(model, s, 64)
-        popnet.configure_batch_norm(model, config.model.bn_momentum)
-        previous = model
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(train_lib.precision_policy(config.train.mixed_precision))
+    try:
+        previous = None
+        for s in popnet.stages_needed(config, stage):
+            keras.utils.set_random_seed(config.seed + s)
+            model = popnet.build_stage(config, s, previous=previous)
+            popnet.build_variables(model, s, 64)
+            popnet.configure_batch_norm(model, config.model.bn_momentum)
+            previous = model
+    finally:  # the layers keep their own policy; later code gets the old default back
+        keras.mixed_precision.set_global_policy(before)
     return previous
 
 
