@@ -157,6 +157,38 @@ def _version_dir(out_dir: str, version: int | None) -> tuple[int, str]:
     return version, final
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: no signal, only the existence check
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(out_dir: str) -> list[str]:
+    """Deletes `.tmp-<version>-<pid>` folders of exports whose process is gone (killed
+    mid-write: SIGKILL skips `write_version`'s cleanup). A running export's folder is
+    left alone. Returns the removed paths.
+
+    Example:
+        >>> remove_stale_temporaries("exported/popnet")
+        ['exported/popnet/.tmp-3-41235']
+    """
+    removed = []
+    for name in sorted(os.listdir(out_dir)):
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != ".tmp" or not parts[2].isdigit():
+            continue
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path) and not _alive(int(parts[2])):
+            shutil.rmtree(path, ignore_errors=True)
+            logging.info("Removed %s, left by an export that was killed.", path)
+            removed.append(path)
+    return removed
+
+
 def write_version(parser: serving.OneShotParser, out_dir: str, *, version: int | None = None,
                   info: dict | None = None) -> str:
     """Writes the parser's SavedModel (and its metadata, plus `info`) as out_dir/<version>/.
@@ -168,6 +200,7 @@ def write_version(parser: serving.OneShotParser, out_dir: str, *, version: int |
         >>> write_version(serving.OneShotParser(model, 608), "exported/popnet")
     """
     os.makedirs(out_dir, exist_ok=True)
+    remove_stale_temporaries(out_dir)
     version, final = _version_dir(out_dir, version)
     stage = {n: s for s, n in classes.STAGE_NUM_CLASSES.items()}.get(parser.num_classes)
     metadata = {

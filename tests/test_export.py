@@ -616,3 +616,20 @@ def test_mean_head_and_stage2_slots(stage2):
     five[:5] = np.arange(1, 6)[:, None]
     with pytest.raises(tf.errors.InvalidArgumentError, match="more classes than the 4 the model has"):
         fn(queries, support, five)
+
+
+def test_stale_temporaries_of_killed_exports_are_removed(tmp_path):
+    """A killed export leaves `.tmp-<version>-<pid>`; the next export removes it, but not
+    a folder of a running process or anything else."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".tmp-4-{dead.pid}"
+    running = tmp_path / f".tmp-5-{os.getpid()}"
+    other = tmp_path / ".tmp-notes"
+    for path in (stale, running, other, tmp_path / "3"):
+        path.mkdir()
+    (stale / "saved_model.pb").write_bytes(b"half")
+    removed = export_lib.remove_stale_temporaries(str(tmp_path))
+    assert removed == [str(stale)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [running.name, other.name, "3"])
