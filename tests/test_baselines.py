@@ -254,3 +254,20 @@ def test_baseline_configs_differ_in_exactly_the_intended_keys():
             "eval.head": "model"}
     paper_config = panet.get_config("paper")
     assert paper_config.model.backbone == "xception" and paper_config.model.method == "panet"
+
+
+@pytest.mark.parametrize("method", ["sgone", "panet", "amp", "finetune"])
+def test_train_step_under_mixed_bfloat16(method):
+    """The CPU config trains in bfloat16 where the CPU has it (train.mixed_precision=auto):
+    every baseline runs a training step with a finite loss under that policy (AMP's float32
+    imprinting weights were once read as bfloat16 and failed to mix with its proxies)."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        config, model = _model(method)
+        with tf.GradientTape() as tape:
+            loss, _ = train_lib._oneshot_loss(model, _batch(), 2, tf.constant(0.5), tf.constant(False))
+        grads = tape.gradient(loss, model.trainable_variables)
+        assert np.isfinite(float(loss))
+        assert all(g is None or np.all(np.isfinite(tf.cast(g, tf.float32).numpy())) for g in grads)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

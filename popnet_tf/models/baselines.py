@@ -422,12 +422,14 @@ class MaskedProxyImprinting(keras.layers.Layer):
     def build(self, *args, **kwargs):
         self.class_weights = []
         for r, d in enumerate(self.dims):
+            # autocast=False: imprinting and cosines are float32 maths also inside a
+            # mixed-precision model (read as bfloat16 they would not mix with the proxies).
             weights = self.add_weight(shape=(self.num_classes, d), initializer="glorot_uniform",
-                                      dtype="float32", name=f"weights_{r}")
+                                      dtype="float32", autocast=False, name=f"weights_{r}")
             setattr(self, f"weights_{r}", weights)  # an attribute each: seen by tf.train.Checkpoint
             self.class_weights.append(weights)
         self.seen = self.add_weight(shape=(self.num_classes,), initializer="zeros",
-                                    dtype="float32", trainable=False, name="seen")
+                                    dtype="float32", trainable=False, autocast=False, name="seen")
         self.temperature = self.add_weight(
             shape=(), initializer=keras.initializers.Constant(self.initial_temperature),
             dtype="float32", autocast=False, name="temperature")
