@@ -38,7 +38,8 @@ def get_config(arg=None):
 
     # Batch 8, not the paper's 2, for every stage: on 2 cores a step of 8 episodes does
     # 1.5x the episodes per second of a step of 2 (docs/PERFORMANCE.md), and stage 3
-    # reached validation base MIoU 0.23 after 2 epochs instead of 0.11.
+    # reached validation base MIoU 0.23 after 2 epochs instead of 0.11 (that run also
+    # had bfloat16 and static prototypes in training: the three were not separated).
     t.batch_size = 8
     t.stage1_batch_size = 8
     t.epochs = 6
