@@ -158,7 +158,7 @@ def fit_and_pad(images, eval_size: int):
     shape = tf.shape(images)
     rank = images.shape.rank
     new_h, new_w = augment.eval_size_of(shape[rank - 3], shape[rank - 2], eval_size)
-    resized = tf.image.resize(images, tf.stack([new_h, new_w]), method="bilinear")
+    resized = augment.resize_image(images, tf.stack([new_h, new_w]))
     pad = [[0, 0]] * (rank - 3) + [[0, eval_size - new_h], [0, eval_size - new_w], [0, 0]]
     padded = tf.pad(resized, pad, constant_values=augment.IMAGE_PAD)
     padded = tf.ensure_shape(padded, [None] * (rank - 3) + [eval_size, eval_size, 3])

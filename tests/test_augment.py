@@ -196,3 +196,42 @@ def test_eval_resize_geometry(height, width, eval_size, expected):
     assert np.all(out_mask.numpy()[nh:] == 255) and np.all(out_mask.numpy()[:, nw:] == 255)
     assert np.all(out_image.numpy()[nh:] == 0) and np.all(out_image.numpy()[:, nw:] == 0)
     assert out_image.numpy()[:nh, :nw].mean() > 50
+
+
+def _checkerboard(height, width, cell=1) -> np.ndarray:
+    """An RGB image of alternating black and white cells: all detail, mean 127.5."""
+    rows, cols = np.indices((height, width)) // cell
+    return np.repeat((((rows + cols) % 2) * 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def test_resize_image_filters_when_shrinking():
+    """A 1-pixel checkerboard shrunk 3x is mid-grey: the kernel averages over 3x3 blocks
+    and more. Plain bilinear samples land on single pixels (centres 3i + 1), so the
+    unfiltered result is black or white."""
+    image = _checkerboard(48, 36)
+    small = augment.resize_image(image, (16, 12)).numpy()
+    assert small.shape == (16, 12, 3) and small.dtype == np.float32
+    # Interior pixels (the border's kernel is cut off and renormalised).
+    np.testing.assert_allclose(small[2:-2, 2:-2], 127.5, atol=8.0)
+    aliased = tf.image.resize(image.astype(np.float32), (16, 12), method="bilinear").numpy()
+    assert np.abs(aliased[2:-2, 2:-2] - 127.5).max() > 100  # what the filter prevents
+
+
+def test_resize_image_enlarging_is_plain_bilinear():
+    image = np.random.default_rng(0).integers(0, 256, (7, 5, 3)).astype(np.uint8)
+    np.testing.assert_allclose(
+        augment.resize_image(image, (14, 10)).numpy(),
+        tf.image.resize(image.astype(np.float32), (14, 10), method="bilinear").numpy(),
+        atol=1e-3)
+
+
+def test_training_and_evaluation_crops_are_filtered():
+    """Both the training crop and the evaluation resize of a shrunk checkerboard are grey."""
+    image = _checkerboard(120, 90)  # 3x the 40x30 it is shrunk to
+    mask = np.zeros((120, 90), np.uint8)
+    crop, _ = _augment(image, mask, 3, crop_size=32, scale_range=(1.0, 1.0), resize_long_side=40)
+    valid = crop[4:-4, 4:26]  # inside the 40x30 image, away from the padding
+    np.testing.assert_allclose(valid, 127.5, atol=10.0)
+    resized, _, size = augment.eval_resize(image, mask.astype(np.int32), 40)
+    np.testing.assert_array_equal(size.numpy(), [40, 30])
+    np.testing.assert_allclose(resized.numpy()[2:38, 2:28], 127.5, atol=8.0)
