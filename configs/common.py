@@ -30,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.backbone = "xception"            # SPEC §6: DeepLab v3+ Xception, OS16
     c.model.backbone_weights = ""            # path of a user's .weights.h5 ("" = random init)
+    # Extra arguments of models.backbones.build_backbone (e.g. "small": widths, blocks).
+    c.model.backbone_kwargs = ml_collections.ConfigDict()
     c.model.filters = 256                    # K, SPEC §6
     c.model.aspp_rates = (6, 12, 18)         # DeepLab v3+ at OS16
     c.model.aspp_filters = 256
@@ -42,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.prediction_head = "ncm"          # SPEC §6
     c.model.kim = True                       # three stages joined by KIM
     c.model.dynamic_prototypes = True        # DP
+    # Start a one-shot stage's encoder from the trained previous stage's encoder
+    # (False: random initialisation, or the backbone_weights file).
+    c.model.init_from_previous = False
     c.model.bn_momentum = 0.9                # PyTorch's default (its 0.1), the authors' framework
     # "popnet", or a baseline of the paper (Experiments, Baselines; configs/baselines/):
     # "sgone", "panet", "amp", "finetune" (popnet_tf/models/baselines.py).
@@ -63,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.momentum = 0.9
     c.train.weight_decay = 5e-4
     c.train.poly_power = 0.9
+    c.train.ema_momentum = 0.0               # > 0: end each stage with this moving average of its weights
     c.train.prototype_warmup = 15            # epochs with static prototypes (SPEC §6)
     c.train.beta_schedule = "shift"          # β = 1 − epoch/max_epoch; "constant" for ablations
     c.train.beta_constant = 0.5

@@ -25,6 +25,8 @@ def get_config(arg=None):
     d.eval_size = 144
 
     m.backbone = "small"
+    m.backbone_kwargs.widths = (16, 32, 64, 128)   # channels at strides 2, 4, 8, 16
+    m.backbone_kwargs.blocks = (1, 1, 1)           # basic blocks at strides 4, 8, 16
     m.filters = 64
     m.aspp_filters = 64
     m.aspp_rates = (2, 4, 6)         # the stride-16 map is only ~9x9 here

@@ -174,10 +174,12 @@ def make_optimizer(config, total_steps: int) -> keras.optimizers.Optimizer:
     t = config.train
     schedule = keras.optimizers.schedules.PolynomialDecay(
         t.learning_rate, decay_steps=max(total_steps, 1), end_learning_rate=0.0, power=t.poly_power)
+    # Optional moving average of the weights, swapped in when a stage ends (train_stage).
+    ema = {"use_ema": bool(t.ema_momentum), "ema_momentum": float(t.ema_momentum or 0.99)}
     if t.optimizer == "sgd":
-        opt = keras.optimizers.SGD(schedule, momentum=t.momentum, weight_decay=t.weight_decay)
+        opt = keras.optimizers.SGD(schedule, momentum=t.momentum, weight_decay=t.weight_decay, **ema)
     elif t.optimizer == "adamw":
-        opt = keras.optimizers.AdamW(schedule, weight_decay=t.weight_decay)
+        opt = keras.optimizers.AdamW(schedule, weight_decay=t.weight_decay, **ema)
     else:
         raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {t.optimizer!r}")
     if precision_policy(t.mixed_precision) == "mixed_float16":
@@ -247,6 +249,9 @@ def check_config(config) -> None:
             problems.append(f"{dotted}={value!r}: must be an integer >= {low}")
     if not 0.0 < float(config.model.momentum) <= 1.0:
         problems.append(f"model.momentum={config.model.momentum!r}: α of Eq. 2 must be in (0, 1]")
+    if not 0.0 <= float(config.train.ema_momentum) < 1.0:
+        problems.append(f"train.ema_momentum={config.train.ema_momentum!r}: must be in [0, 1) "
+                        "(0: no moving average)")
     if float(config.train.learning_rate) < 0:
         problems.append(f"train.learning_rate={config.train.learning_rate!r}: must be >= 0")
     if int(config.train.prototype_warmup) < 0:
@@ -363,6 +368,8 @@ def train_stage(config, workdir: str, stage: int, fold: int, data_dir: str,
     with strategy.scope():
         model = popnet.build_stage(config, stage, previous=previous)
         popnet.build_variables(model, stage, config.data.crop_size)
+        if config.model.get("init_from_previous") and previous is not None:
+            popnet.init_encoder_from(model, previous)  # a resumed run restores over it
         popnet.configure_batch_norm(model, config.model.bn_momentum,
                                     synchronized=strategy.num_replicas_in_sync > 1)
         optimizer = make_optimizer(config, total_steps)
@@ -426,6 +433,10 @@ def train_stage(config, workdir: str, stage: int, fold: int, data_dir: str,
                                      f"step {i + 1}; continue with --resume")
             epoch_var.assign(epoch + 1)
             step_var.assign(0)
+            if epoch + 1 == epochs and t.ema_momentum:
+                # The stage ends with the weights' moving average (train.ema_momentum);
+                # the last checkpoint holds them, so later stages and evaluation use them.
+                optimizer.finalize_variable_values(model.trainable_variables)
             manager.save(checkpoint_number=(epoch + 1) * steps)
             if t.validate_every and ((epoch + 1) % t.validate_every == 0 or epoch + 1 == epochs):
                 val = evaluate_stage(model, config, data_dir, stage, fold,

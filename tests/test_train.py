@@ -109,6 +109,70 @@ def test_previous_stage_frozen(data_config):
     assert not any(v is w for v in model.trainable_variables for w in stage1.weights)
 
 
+def test_init_from_previous_copies_the_encoder(data_config):
+    """model.init_from_previous: stage 2's encoder starts as stage 1's trained one (same
+    outputs), holds its own variables, and an encoder of another shape is refused."""
+    config = data_config
+    keras.utils.set_random_seed(2)
+    stage1 = popnet.build_stage(config, 1)
+    popnet.build_variables(stage1, 1, config.data.crop_size)
+    for v in stage1.encoder.weights:  # "trained": anything but the initialisation
+        v.assign(np.random.default_rng(len(v.path)).normal(0, 0.1, v.shape).astype(np.float32))
+    stage2 = popnet.build_stage(config, 2, previous=stage1)
+    popnet.build_variables(stage2, 2, config.data.crop_size)
+    image = np.random.default_rng(0).uniform(0, 255, (1, 40, 40, 3)).astype(np.float32)
+    assert not np.allclose(stage2.encoder(image), stage1.encoder(image))
+    popnet.init_encoder_from(stage2, stage1)
+    np.testing.assert_array_equal(stage2.encoder(image), stage1.encoder(image))
+    ids = {id(w) for w in stage1.weights}
+    assert not any(id(w) in ids for w in stage2.encoder.weights)
+    assert stage2.encoder.trainable and not stage1.trainable
+
+    other = smoke_config(os.path.dirname(config.data.dir))
+    other.model.filters = config.model.filters * 2
+    wide = popnet.build_stage(other, 2, previous=stage1)
+    popnet.build_variables(wide, 2, config.data.crop_size)
+    with pytest.raises(ValueError, match="init_from_previous"):
+        popnet.init_encoder_from(wide, stage1)
+
+
+def test_backbone_kwargs_reach_the_backbone(data_config):
+    config = smoke_config(os.path.dirname(data_config.data.dir))
+    config.model.backbone_kwargs.widths = (8, 8, 16, 24)
+    model = popnet.build_stage(config, 1)
+    popnet.build_variables(model, 1, config.data.crop_size)
+    assert model.encoder.backbone.output["high"].shape[-1] == 24
+    assert popnet.encoder_kwargs(config)["backbone_kwargs"]["widths"] == (8, 8, 16, 24)
+
+
+def test_stage_ends_with_the_moving_average_of_its_weights(tmp_path, data_config):
+    """train.ema_momentum = m: the last checkpoint of a stage holds, for every trainable
+    weight, m²·w1 + m(1−m)·w2 + (1−m)·w3 of the weights w1..w3 after each of its three
+    steps (read from a run without the average, one step per epoch); BatchNorm
+    statistics stay the raw ones."""
+    runs = {}
+    for name, momentum in (("raw", 0.0), ("ema", 0.5)):
+        config = smoke_config(str(tmp_path), stage1_epochs=3, stage1_steps_per_epoch=1,
+                              validate_every=0, ema_momentum=momentum)
+        config.data.dir = data_config.data.dir
+        workdir = str(tmp_path / name)
+        train_lib.check_run_record(config, workdir, 1)
+        train_lib.train_stage(config, workdir, 1, 1, config.data.dir)
+        state = tf.train.get_checkpoint_state(train_lib.checkpoint_dir(workdir, 1))
+        runs[name] = [tf.train.load_checkpoint(p) for p in state.all_model_checkpoint_paths]
+    assert len(runs["raw"]) == 3
+    ema = runs["ema"][-1]
+    keys = [k for k in ema.get_variable_to_shape_map()
+            if k.startswith("model/") and "OPTIMIZER_SLOT" not in k]
+    trainable = [k for k in keys if "moving_" not in k and "seed_generator" not in k]
+    assert trainable and len(trainable) < len(keys)
+    for key in keys:
+        w1, w2, w3 = (r.get_tensor(key) for r in runs["raw"])
+        expected = 0.25 * w1 + 0.25 * w2 + 0.5 * w3 if key in trainable else w3
+        np.testing.assert_allclose(ema.get_tensor(key), expected, rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
+
+
 def test_train_resume_equals_uninterrupted(tmp_path, data_config):
     """Killing after epoch 1 and resuming gives the weights and store of a straight run."""
     config = smoke_config(str(tmp_path), stage1_epochs=2)
@@ -252,11 +316,13 @@ def test_check_config_lists_every_problem():
     config.model.prediction_head = "both"
     config.model.momentum = 0.0
     config.train.steps_per_epoch = -1
+    config.train.ema_momentum = 1.0
     with pytest.raises(integrity.RunConfigError) as err:
         train_lib.check_config(config)
     message = str(err.value)
     for part in ("train.strategy='tpu'", "train.beta_schedule='linear'",
-                 "model.prediction_head='both'", "model.momentum=0.0", "train.steps_per_epoch=-1"):
+                 "model.prediction_head='both'", "model.momentum=0.0", "train.steps_per_epoch=-1",
+                 "train.ema_momentum=1.0"):
         assert part in message, message
 
 

@@ -30,7 +30,16 @@ def encoder_kwargs(config) -> dict:
         "decoder_convs": m.decoder_convs,
         "aspp_dropout": m.aspp_dropout,
         "backbone_weights": m.backbone_weights or None,
+        "backbone_kwargs": _plain(m.get("backbone_kwargs")),
     }
+
+
+def _plain(value):
+    """A ConfigDict (or None) as a plain dict of plain values (lists as tuples)."""
+    if value is None:
+        return {}
+    items = value.to_dict().items() if hasattr(value, "to_dict") else dict(value).items()
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in items}
 
 
 def stages_needed(config, stage: int) -> tuple[int, ...]:
@@ -69,6 +78,27 @@ def build_stage(config, stage: int, previous=None) -> keras.Model:
         dynamic_prototypes=config.model.dynamic_prototypes,
         name=f"stage{stage}",
     )
+
+
+def init_encoder_from(model: keras.Model, previous: keras.Model) -> None:
+    """Starts a stage's encoder from the trained previous stage's encoder.
+
+    Without a pre-trained backbone (the paper's is COCO's; nothing can be downloaded
+    here), the previous stage is the best starting point at hand: it has already
+    learned to find the person (stage 1) or its main areas (stage 2). The stage keeps
+    its own encoder (SPEC §6): the weights are copied, not shared, and the previous
+    stage stays frozen. Both encoders must have the same architecture.
+    """
+    source, target = previous.encoder, model.encoder
+
+    def architecture(layer):
+        return {k: v for k, v in layer.get_config().items()
+                if k not in ("name", "trainable", "dtype")}
+
+    if architecture(source) != architecture(target):
+        raise ValueError(f"{model.name}: model.init_from_previous needs the same encoder "
+                         f"as {previous.name}")
+    target.set_weights(source.get_weights())
 
 
 def configure_batch_norm(model: keras.Model, momentum: float | None = None,
