@@ -307,9 +307,10 @@ def test_fresh_process_resizes_like_evaluation(exported, fresh_outputs):
     and probabilities resized back to 96x40 (expected built here with TF image ops)."""
     a, _, out = fresh_outputs
     E = exported["E"]
-    query = tf.image.resize(a["tall_query"][0], (64, 27), method="bilinear")  # 40*64/96 = 26.7
+    query = tf.image.resize(a["tall_query"][0], (64, 27), method="bilinear", antialias=True)  # 40*64/96 = 26.7
     query = np.pad(query.numpy(), [[0, 0], [0, E - 27], [0, 0]])
-    support = tf.image.resize(a["wide_support"], (40, 64), method="bilinear").numpy()  # 50*64/80
+    support = tf.image.resize(a["wide_support"], (40, 64), method="bilinear",
+                              antialias=True).numpy()  # 50*64/80
     support = np.pad(support, [[0, E - 40], [0, 0], [0, 0]])
     rows = np.minimum(((np.arange(40) + 0.5) * 50 / 40).astype(int), 49)  # nearest, half-pixel
     cols = np.minimum(((np.arange(64) + 0.5) * 80 / 64).astype(int), 79)
@@ -572,11 +573,12 @@ def test_class_mapping_numpy_reference():
 
 
 def test_fit_and_pad_geometry():
-    """Long side to E, short side rounded half up, padding bottom/right with 0."""
+    """Long side to E, short side rounded half up, antialiased shrink, padding
+    bottom/right with 0."""
     image = np.random.default_rng(1).uniform(0, 255, (30, 100, 3)).astype(np.float32)
     padded, valid = serving.fit_and_pad(image, 64)
     np.testing.assert_array_equal(valid.numpy(), [19, 64])  # 30*64/100 = 19.2
-    expected = tf.image.resize(image, (19, 64), method="bilinear").numpy()
+    expected = tf.image.resize(image, (19, 64), method="bilinear", antialias=True).numpy()
     np.testing.assert_allclose(padded.numpy()[:19], expected, atol=1e-4)
     assert np.all(padded.numpy()[19:] == 0)
     batch, valid = serving.fit_and_pad(np.stack([image, image]), 64)
