@@ -117,12 +117,20 @@ def epoch_dataset(config, data_dir: str, stage: int, fold: int, epoch: int) -> t
     common = dict(batch_size=batch_size(config, stage), scale_range=tuple(d.scale_range),
                   resize_long_side=d.resize_long_side or None, seed=seed)
     if stage == 1:
-        ds = episodes.stage1_train_dataset(data_dir, crop_size=d.crop_size, **common)
+        ds = episodes.stage1_train_dataset(data_dir, crop_size=crop_size(config, 1), **common)
     else:
-        crop = d.crop_size if t.way == "kway" else d.oneway_crop_size
         ds = episodes.train_episodes(data_dir, stage=stage, fold=fold, fold_set=d.fold_set,
-                                     way=t.way, crop_size=crop, **common)
+                                     way=t.way, crop_size=crop_size(config, stage), **common)
     return ds.take(steps_per_epoch(config, stage))
+
+
+def crop_size(config, stage: int) -> int:
+    """Training crop side of a stage: stage 1 may have its own (supervised, cheap per
+    pixel), the one-shot stages use the k-way or one-way crop."""
+    d = config.data
+    if stage == 1:
+        return d.stage1_crop_size or d.crop_size
+    return d.crop_size if config.train.way == "kway" else d.oneway_crop_size
 
 
 def batch_size(config, stage: int) -> int:
@@ -216,7 +224,8 @@ CONFIG_CHOICES = {
 # Fields that must be integers >= 1 (0 means "as the other field" for these two).
 _POSITIVE = ("train.batch_size", "train.epochs", "train.steps_per_epoch", "data.crop_size",
              "data.oneway_crop_size", "data.eval_size", "model.filters")
-_ZERO_MEANS_DEFAULT = ("train.stage1_batch_size", "train.stage1_steps_per_epoch")
+_ZERO_MEANS_DEFAULT = ("train.stage1_batch_size", "train.stage1_steps_per_epoch",
+                       "data.stage1_crop_size")
 
 
 def _field(config, dotted):

@@ -68,6 +68,20 @@ def _fixed_batch(config, stage, fold=1):
     return next(iter(data))
 
 
+def test_stage1_crop_size_applies_to_stage1_only(data_config):
+    """data.stage1_crop_size sizes stage 1's batches; 0 falls back to crop_size; the
+    one-shot stages keep crop_size (k-way) or oneway_crop_size (one-way)."""
+    config = smoke_config(os.path.dirname(data_config.data.dir))
+    config.data.stage1_crop_size = 40
+    assert _fixed_batch(config, 1)["image"].shape[1:3] == (40, 40)
+    query = _fixed_batch(config, 2)["query_image"]
+    assert query.shape[1:3] == (config.data.crop_size,) * 2
+    config.data.stage1_crop_size = 0
+    assert train_lib.crop_size(config, 1) == config.data.crop_size
+    config.train.way = "oneway"
+    assert train_lib.crop_size(config, 3) == config.data.oneway_crop_size
+
+
 def _stage_with_optimizer(config, stage, previous=None, steps=100):
     model = popnet.build_stage(config, stage, previous=previous)
     popnet.build_variables(model, stage, config.data.crop_size)
@@ -317,12 +331,13 @@ def test_check_config_lists_every_problem():
     config.model.momentum = 0.0
     config.train.steps_per_epoch = -1
     config.train.ema_momentum = 1.0
+    config.data.stage1_crop_size = -8
     with pytest.raises(integrity.RunConfigError) as err:
         train_lib.check_config(config)
     message = str(err.value)
     for part in ("train.strategy='tpu'", "train.beta_schedule='linear'",
                  "model.prediction_head='both'", "model.momentum=0.0", "train.steps_per_epoch=-1",
-                 "train.ema_momentum=1.0"):
+                 "train.ema_momentum=1.0", "data.stage1_crop_size=-8"):
         assert part in message, message
 
 
