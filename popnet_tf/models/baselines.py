@@ -104,10 +104,6 @@ class _BaselineStage(keras.Model):
         self.encoder = DeepLabV3PlusEncoder(**self.encoder_config, name="encoder")
         self.store = IdentityStore(name="store")
 
-    def build(self, input_shape):
-        # As OneShotStage.build: the sub-layers build themselves on their first call.
-        self.built = True
-
     def infused_features(self, image, training=False):
         """No KIM: the stage's own encoder features g [B, h, w, K]."""
         return self.encoder(image, training=training)

@@ -120,11 +120,6 @@ class OneShotStage(keras.Model):
         self.ncm = NearestCentroid(initial_temperature, name="ncm")
         _freeze(previous)
 
-    def build(self, input_shape):
-        # Every weight lives in a sub-layer, which builds on its first call from the
-        # shapes it is given (the episode is a dict, so Keras cannot infer them here).
-        self.built = True
-
     # --- building blocks, public so evaluation and export can reuse a support ---
     def infused_features(self, image, training=False):
         """h = ζ([h_prev; g]) with the frozen previous stage, or g without KIM."""
