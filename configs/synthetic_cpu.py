@@ -21,7 +21,12 @@ def get_config(arg=None):
     d.resize_long_side = 144        # ATR's 400x600 shrunk to 96x144
     d.crop_size = 112
     d.oneway_crop_size = 112
-    d.scale_range = (0.75, 1.25)    # narrower than the paper's 0.5-2 at this tiny size
+    # Stage 1 sees the whole 96x144 image: at batch 8, 12 epochs, a 144 crop cost 11% more
+    # time than 112 and raised foreground IoU from 0.746 to 0.790.
+    d.stage1_crop_size = 144
+    # Narrower than the paper's 0.5-2 at this tiny size: 0.9-1.1 instead of 0.75-1.25
+    # raised stage 1's foreground IoU from 0.746 to 0.787 (same time).
+    d.scale_range = (0.9, 1.1)
     d.eval_size = 144
 
     m.backbone = "small"
@@ -32,6 +37,13 @@ def get_config(arg=None):
     m.aspp_rates = (2, 4, 6)         # the stride-16 map is only ~9x9 here
     m.low_level_filters = 24
     m.agm_hidden_convs = 0
+    # No dropout: the stages underfit in this schedule (train IoU ≈ test IoU); stage 1
+    # 0.768 without, 0.746 with TF DeepLab's 0.1.
+    m.aspp_dropout = 0.0
+    # Stages 2 and 3 start from the previous stage's encoder (the same architecture) rather
+    # than from random weights, standing in for the paper's pre-trained backbone: with the
+    # same stage 1, stage 2 base MIoU 0.572 -> 0.633 and stage 3 0.259 -> 0.313.
+    m.init_from_previous = True
     # α of Eq. 2: the paper's 0.001 averages over ~1000 steps of a 120k-step schedule;
     # this run has 1500 steps per stage, so the store would still hold ~20% of its
     # first (random-feature) estimate at the end. 0.01 keeps the same "recent
@@ -43,10 +55,15 @@ def get_config(arg=None):
     # reached validation base MIoU 0.23 after 2 epochs instead of 0.11 (that run also
     # had bfloat16 and static prototypes in training: the three were not separated).
     t.batch_size = 8
-    t.stage1_batch_size = 8
     t.epochs = 6
-    t.stage1_epochs = 12             # foreground IoU 0.60 after 4 epochs, 0.74 after 12
-    t.steps_per_epoch = 250
+    t.steps_per_epoch = 200
+    # Stage 1 underfits rather than saturates: its foreground IoU follows the pixels it
+    # is trained on (batch 8 crop 112: 0.746 after 12 epochs, 0.812 after 24; batch 16:
+    # 0.818 after 12). With the crop, scale and dropout above, batch 16 reached 0.848
+    # after 12 epochs and 0.855 after 14; the one-shot stages give back 50 steps an
+    # epoch (250 -> 200) to pay for it.
+    t.stage1_batch_size = 16
+    t.stage1_epochs = 14
     t.stage1_steps_per_epoch = 200
     # Random initialisation (no pre-trained backbone can be downloaded): SGD at the
     # paper's 1e-3 barely moves in a few thousand steps; AdamW at 3e-3 learned fastest
@@ -78,6 +95,7 @@ def get_config(arg=None):
         d.crop_size = 48
         d.oneway_crop_size = 48
         d.eval_size = 64
+        d.stage1_crop_size = 0
         m.filters = 16
         m.aspp_filters = 16
         m.low_level_filters = 8
