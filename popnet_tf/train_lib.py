@@ -115,7 +115,8 @@ def epoch_dataset(config, data_dir: str, stage: int, fold: int, epoch: int) -> t
     d, t = config.data, config.train
     seed = config.seed * 100003 + stage * 1009 + epoch
     common = dict(batch_size=batch_size(config, stage), scale_range=tuple(d.scale_range),
-                  resize_long_side=d.resize_long_side or None, seed=seed)
+                  resize_long_side=d.resize_long_side or None, seed=seed,
+                  cache_decoded=bool(d.cache_decoded))
     if stage == 1:
         ds = episodes.stage1_train_dataset(data_dir, crop_size=crop_size(config, 1), **common)
     else:
@@ -425,8 +426,10 @@ def train_stage(config, workdir: str, stage: int, fold: int, data_dir: str,
                                       unit_name="step")
             logging.info("Stage %d epoch %d/%d (beta %.3f, dynamic prototypes %s)", stage,
                          epoch + 1, epochs, float(beta.numpy()), bool(use_dynamic.numpy()))
+            timer = _EpochTimer()
             for i, batch in enumerate(dist, start=skip):
                 logs = {k: float(v) for k, v in step_fn(batch).items()}
+                timer.step_done()
                 if not np.isfinite(logs["loss"]):
                     raise FloatingPointError(
                         f"stage {stage}: non-finite loss {logs['loss']} at epoch {epoch + 1} step "
@@ -440,6 +443,7 @@ def train_stage(config, workdir: str, stage: int, fold: int, data_dir: str,
                     manager.save(checkpoint_number=global_step + 1)
                     raise Preempted(f"SIGTERM: stage {stage} checkpointed at epoch {epoch + 1} "
                                      f"step {i + 1}; continue with --resume")
+            timer.lap("training")
             epoch_var.assign(epoch + 1)
             step_var.assign(0)
             if epoch + 1 == epochs and t.ema_momentum:
@@ -447,11 +451,14 @@ def train_stage(config, workdir: str, stage: int, fold: int, data_dir: str,
                 # the last checkpoint holds them, so later stages and evaluation use them.
                 optimizer.finalize_variable_values(model.trainable_variables)
             manager.save(checkpoint_number=(epoch + 1) * steps)
+            timer.lap("checkpoint")
             if t.validate_every and ((epoch + 1) % t.validate_every == 0 or epoch + 1 == epochs):
                 val = evaluate_stage(model, config, data_dir, stage, fold,
                                      max_queries=config.eval.val_queries, progress=False,
                                      num_examples=config.eval.num_logged_examples)
                 _log_validation(writer, val, stage, epoch + 1)
+                timer.lap("validation")
+            logging.info("Stage %d epoch %d/%d took %s", stage, epoch + 1, epochs, timer)
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
@@ -463,6 +470,31 @@ def train_stage(config, workdir: str, stage: int, fold: int, data_dir: str,
                       {"stage": stage, "fold": fold, "summary": summary,
                        "checkpoint": manager.latest_checkpoint})
     return summary
+
+
+class _EpochTimer:
+    """Wall time of an epoch's parts, for the log: the first step (data start-up and
+    tracing) apart from the rest, then each `lap` since the previous one."""
+
+    def __init__(self):
+        self._last = time.perf_counter()
+        self._parts = []
+        self._first = None
+
+    def step_done(self):
+        if self._first is None:
+            self._first = time.perf_counter() - self._last
+
+    def lap(self, name: str):
+        now = time.perf_counter()
+        self._parts.append((name, now - self._last))
+        self._last = now
+
+    def __str__(self):
+        text = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self._parts)
+        if self._first is not None:
+            text += f" (first step {self._first:.1f} s)"
+        return text
 
 
 def _is_main_thread() -> bool:
