@@ -222,7 +222,8 @@ CONFIG_CHOICES = {
     "model.prediction_head": PREDICTION_HEADS,
     "eval.head": PREDICTION_HEADS + ("model",),
 }
-# Fields that must be integers >= 1 (0 means "as the other field" for these two).
+# Fields that must be integers >= 1; those of _ZERO_MEANS_DEFAULT may also be 0 ("as the
+# general field": batch_size, steps_per_epoch, crop_size).
 _POSITIVE = ("train.batch_size", "train.epochs", "train.steps_per_epoch", "data.crop_size",
              "data.oneway_crop_size", "data.eval_size", "model.filters")
 _ZERO_MEANS_DEFAULT = ("train.stage1_batch_size", "train.stage1_steps_per_epoch",

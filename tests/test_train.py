@@ -82,6 +82,44 @@ def test_stage1_crop_size_applies_to_stage1_only(data_config):
     assert train_lib.crop_size(config, 3) == config.data.oneway_crop_size
 
 
+def test_cache_decoded_reaches_both_dataset_builders(data_config, monkeypatch):
+    """data.cache_decoded is passed to stage 1's and the one-shot stages' datasets."""
+    from popnet_tf.data import episodes
+
+    seen = {}
+
+    def recorder(name, real):
+        def wrapped(*args, **kwargs):
+            seen[name] = kwargs["cache_decoded"]
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(episodes, "stage1_train_dataset",
+                        recorder(1, episodes.stage1_train_dataset))
+    monkeypatch.setattr(episodes, "train_episodes", recorder(2, episodes.train_episodes))
+    config = smoke_config(os.path.dirname(data_config.data.dir))
+    config.data.cache_decoded = True
+    for stage in (1, 2):
+        train_lib.epoch_dataset(config, config.data.dir, stage, 1, epoch=0)
+    assert seen == {1: True, 2: True}
+    config.data.cache_decoded = False
+    train_lib.epoch_dataset(config, config.data.dir, 1, 1, epoch=0)
+    assert seen[1] is False
+
+
+def test_epoch_timer_reports_first_step_and_laps(monkeypatch):
+    clock = iter([10.0, 12.5, 40.0, 41.0, 44.5])  # a second step reads no clock
+    monkeypatch.setattr(train_lib.time, "perf_counter", lambda: next(clock))
+    timer = train_lib._EpochTimer()   # 10.0
+    timer.step_done()                 # 12.5: first step 2.5 s
+    timer.step_done()                 # not the first: ignored
+    timer.lap("training")             # 40.0
+    timer.lap("checkpoint")           # 41.0
+    timer.lap("validation")           # 44.5
+    assert str(timer) == ("training 30.0 s, checkpoint 1.0 s, validation 3.5 s "
+                          "(first step 2.5 s)")
+
+
 def _stage_with_optimizer(config, stage, previous=None, steps=100):
     model = popnet.build_stage(config, stage, previous=previous)
     popnet.build_variables(model, stage, config.data.crop_size)
