@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import keras
 import numpy as np
@@ -301,11 +302,17 @@ def test_save_load_equal_outputs(tmp_path, data_config):
     model(batch, training=True, use_dynamic=False)  # fill the store
     path = str(tmp_path / "stage2.keras")
     model.save(path)
-    loaded = keras.models.load_model(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # Keras' "unbuilt state" warning
+        loaded = keras.models.load_model(path)
     want = model(batch, training=False)["ncm_probs"]
     got = loaded(batch, training=False)["ncm_probs"]
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
     np.testing.assert_allclose(loaded.store.prototypes.numpy(), model.store.prototypes.numpy())
+    # Every weight, the AGM's too (the NCM prediction above never reads it).
+    assert len(loaded.weights) == len(model.weights)
+    for want_v, got_v in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(got_v.numpy(), want_v.numpy(), err_msg=want_v.path)
 
 
 TWO_REPLICAS = textwrap.dedent("""

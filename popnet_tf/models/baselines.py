@@ -85,6 +85,12 @@ class IdentityStore(keras.layers.Layer):
     """The `store` of a model without dynamic prototypes: returns its input, so
     `eval_lib` can treat every stage model alike. No weights."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # Nothing to build. Built from the start: the baselines' call never uses it,
+        # and Keras warns about a model holding an unbuilt layer.
+        self.built = True
+
     def call(self, prototypes, presence, training=False, use_dynamic=True):
         del presence, training, use_dynamic
         return tf.convert_to_tensor(prototypes)

@@ -130,14 +130,10 @@ def dummy_batch(stage: int, size: int, batch: int = 1) -> dict:
 
 
 def build_variables(model: keras.Model, stage: int, size: int) -> None:
-    """Creates every variable (AGM included) by one training-mode call on zeros,
-    so checkpoints restore into a complete model."""
+    """Creates every variable (the AGM included: the stage's `build` makes it) by
+    one inference call on zeros, so checkpoints restore into a complete model."""
     batch = dummy_batch(stage, size)
     if stage == 1:
         model(batch["image"], training=False)
     else:
-        out = model(batch, training=False, use_dynamic=False)
-        agm = getattr(model, "agm", None)  # baselines have no AGM
-        if agm is not None and not agm.built:  # the NCM prediction path skips the AGM
-            model.heads(out["features"], out["prototypes"], out["presence"],
-                        batch["query_image"], compute_agm=True)
+        model(batch, training=False, use_dynamic=False)

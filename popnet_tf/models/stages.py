@@ -120,6 +120,22 @@ class OneShotStage(keras.Model):
         self.ncm = NearestCentroid(initial_temperature, name="ncm")
         _freeze(previous)
 
+    def build(self, input_shape):
+        """Creates every variable from the inputs' shapes (a dict like the call's).
+
+        Keras builds a subclassed model by tracing `call` on symbolic inputs, but the
+        NCM prediction path never calls the AGM, so the traced build left it unbuilt
+        (Keras warned; `keras.models.load_model` would build without it). The AGM's
+        weights depend only on K, so it is built after the trace: last, as the trace
+        left it, so the initialisers' seeds are drawn in the same order as before.
+        """
+        inputs = {key: keras.KerasTensor(shape, dtype="int32" if key == "support_mask"
+                                         else "float32")
+                  for key, shape in input_shape.items()}
+        self.compute_output_spec(inputs, training=False, use_dynamic=False)
+        if not self.agm.built:
+            self.agm.build()
+
     # --- building blocks, public so evaluation and export can reuse a support ---
     def infused_features(self, image, training=False):
         """h = ζ([h_prev; g]) with the frozen previous stage, or g without KIM."""
