@@ -125,12 +125,14 @@ def epoch_dataset(config, data_dir: str, stage: int, fold: int, epoch: int) -> t
     return ds.take(steps_per_epoch(config, stage))
 
 
-def crop_size(config, stage: int) -> int:
-    """Training crop side of a stage: stage 1 may have its own (supervised, cheap per
-    pixel), the one-shot stages use the k-way or one-way crop."""
+def crop_size(config, stage: int) -> int | tuple[int, int]:
+    """Training crop of a stage, a side S or (rows, cols): stage 1 may have its own
+    (supervised, cheap per pixel; `data.stage1_crop_width` makes it rectangular), the
+    one-shot stages use the k-way or one-way crop."""
     d = config.data
     if stage == 1:
-        return d.stage1_crop_size or d.crop_size
+        rows = d.stage1_crop_size or d.crop_size
+        return (rows, d.stage1_crop_width) if d.stage1_crop_width else rows
     return d.crop_size if config.train.way == "kway" else d.oneway_crop_size
 
 
@@ -227,7 +229,7 @@ CONFIG_CHOICES = {
 _POSITIVE = ("train.batch_size", "train.epochs", "train.steps_per_epoch", "data.crop_size",
              "data.oneway_crop_size", "data.eval_size", "model.filters")
 _ZERO_MEANS_DEFAULT = ("train.stage1_batch_size", "train.stage1_steps_per_epoch",
-                       "data.stage1_crop_size")
+                       "data.stage1_crop_size", "data.stage1_crop_width")
 
 
 def _field(config, dotted):

@@ -44,22 +44,23 @@ def _augment(image, mask, seed, **kwargs):
     return out_image.numpy(), out_mask.numpy()
 
 
-@pytest.mark.parametrize("crop_size", [32, 48])
+@pytest.mark.parametrize("crop_size", [32, 48, (48, 32), (24, 40)])
 def test_image_and_mask_stay_aligned(crop_size):
     labels = _block_labels(60, 40)
     image = _encode_labels(labels)
+    rows, cols = augment.crop_shape(crop_size)
     checked = 0
     for seed in range(40):
         out_image, out_mask = _augment(image, labels, seed, crop_size=crop_size, scale_range=(0.5, 2.0))
-        assert out_image.shape == (crop_size, crop_size, 3) and out_image.dtype == np.float32
-        assert out_mask.shape == (crop_size, crop_size) and out_mask.dtype == np.uint8
+        assert out_image.shape == (rows, cols, 3) and out_image.dtype == np.float32
+        assert out_mask.shape == (rows, cols) and out_mask.dtype == np.uint8
         inner = _uniform_3x3(out_mask)
         # Away from label edges the bilinear image equals the label's grey exactly.
         np.testing.assert_allclose(out_image[..., 0][inner], out_mask[inner] * 20.0, atol=1e-3)
         # Padding (the source has no 255) is 0 in the image and 255 in the mask.
         assert np.all(out_image[out_mask == 255] == 0)
         checked += inner.sum()
-    assert checked > 40 * crop_size * crop_size // 4
+    assert checked > 40 * rows * cols // 4
 
 
 def test_jpeg_window_decode_matches_decoded_image():
@@ -78,7 +79,8 @@ def test_jpeg_window_decode_matches_decoded_image():
         assert np.all(from_jpeg[augment.augment_mask(labels, g).numpy() == 255] == 0)
 
 
-def test_scale_one_pastes_the_source_flipped_or_not():
+@pytest.mark.parametrize("crop_size", [40, (26, 33)])
+def test_scale_one_pastes_the_source_flipped_or_not(crop_size):
     # At scale 1 and a crop larger than the image, the crop is the source
     # (or its mirror) pasted at a random offset, padding elsewhere.
     rng = np.random.default_rng(1)
@@ -86,7 +88,8 @@ def test_scale_one_pastes_the_source_flipped_or_not():
     image = rng.integers(0, 256, size=(20, 30, 3)).astype(np.uint8)
     flips, offsets = 0, set()
     for seed in range(30):
-        out_image, out_mask = _augment(image, labels, seed, crop_size=40, scale_range=(1.0, 1.0))
+        out_image, out_mask = _augment(image, labels, seed, crop_size=crop_size, scale_range=(1.0, 1.0))
+        assert out_mask.shape == augment.crop_shape(crop_size)
         rows = np.flatnonzero((out_mask != 255).any(axis=1))
         cols = np.flatnonzero((out_mask != 255).any(axis=0))
         assert len(rows) == 20 and len(cols) == 30
@@ -130,18 +133,33 @@ def test_random_scale_changes_the_size():
     assert min(sizes) <= 14 and max(sizes) >= 34, sizes
 
 
-def test_crop_of_a_large_image_has_no_padding_and_moves():
+@pytest.mark.parametrize("crop_size", [16, (16, 24)])
+def test_crop_of_a_large_image_has_no_padding_and_moves(crop_size):
     labels = _block_labels(64, 64, seed=5)
+    rows, cols = augment.crop_shape(crop_size)
     seen = set()
     for seed in range(10):
-        _, out_mask = _augment(_encode_labels(labels), labels, seed, crop_size=16, scale_range=(1.0, 1.0))
-        assert not np.any(out_mask == 255)
+        _, out_mask = _augment(_encode_labels(labels), labels, seed, crop_size=crop_size,
+                               scale_range=(1.0, 1.0))
+        assert out_mask.shape == (rows, cols) and not np.any(out_mask == 255)
         # the crop is a window of the (possibly mirrored) source: find it
         hits = [(y, x, f) for f, src in ((0, labels), (1, labels[:, ::-1]))
-                for y in range(49) for x in range(49) if np.array_equal(src[y:y + 16, x:x + 16], out_mask)]
+                for y in range(65 - rows) for x in range(65 - cols)
+                if np.array_equal(src[y:y + rows, x:x + cols], out_mask)]
         assert hits
         seen.add(hits[0])
     assert len(seen) >= 8
+
+
+@pytest.mark.parametrize("crop_size, expected", [(8, (8, 8)), ((6, 4), (6, 4)), ([3, 5], (3, 5))])
+def test_crop_shape(crop_size, expected):
+    assert augment.crop_shape(crop_size) == expected
+
+
+@pytest.mark.parametrize("crop_size", [0, (4, 0), (1, 2, 3), -2])
+def test_crop_shape_refuses_bad_sizes(crop_size):
+    with pytest.raises(ValueError, match="crop_size"):
+        augment.crop_shape(crop_size)
 
 
 def test_resize_long_side_and_table():

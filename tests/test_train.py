@@ -77,7 +77,11 @@ def test_stage1_crop_size_applies_to_stage1_only(data_config):
     assert _fixed_batch(config, 1)["image"].shape[1:3] == (40, 40)
     query = _fixed_batch(config, 2)["query_image"]
     assert query.shape[1:3] == (config.data.crop_size,) * 2
+    config.data.stage1_crop_width = 32  # portrait: rows x cols
+    assert _fixed_batch(config, 1)["image"].shape[1:3] == (40, 32)
+    assert _fixed_batch(config, 1)["mask"].shape[1:3] == (40, 32)
     config.data.stage1_crop_size = 0
+    config.data.stage1_crop_width = 0
     assert train_lib.crop_size(config, 1) == config.data.crop_size
     config.train.way = "oneway"
     assert train_lib.crop_size(config, 3) == config.data.oneway_crop_size
@@ -377,12 +381,14 @@ def test_check_config_lists_every_problem():
     config.train.steps_per_epoch = -1
     config.train.ema_momentum = 1.0
     config.data.stage1_crop_size = -8
+    config.data.stage1_crop_width = -1
     with pytest.raises(integrity.RunConfigError) as err:
         train_lib.check_config(config)
     message = str(err.value)
     for part in ("train.strategy='tpu'", "train.beta_schedule='linear'",
                  "model.prediction_head='both'", "model.momentum=0.0", "train.steps_per_epoch=-1",
-                 "train.ema_momentum=1.0", "data.stage1_crop_size=-8"):
+                 "train.ema_momentum=1.0", "data.stage1_crop_size=-8",
+                 "data.stage1_crop_width=-1"):
         assert part in message, message
 
 

@@ -1,8 +1,8 @@
 """Training augmentation and evaluation resizing of (image, mask) pairs (SPEC §7).
 
 Training: optional resize so the long side is `resize_long_side`, random scale in
-`scale_range`, padding (image 0, mask 255) and a random `crop_size` x `crop_size`
-crop, random horizontal flip. Left/right classes are merged (SPEC §2), so a flip
+`scale_range`, padding (image 0, mask 255) and a random crop of `crop_size` (S x S,
+or rows x cols for a pair), random horizontal flip. Left/right classes are merged (SPEC §2), so a flip
 needs no label swap.
 
 The crop is planned before any pixel is touched: the window of the *source* image
@@ -63,14 +63,36 @@ class Geometry(NamedTuple):
     stop: tf.Tensor        # [2] int32
     length: tf.Tensor      # [2] int32
     offset: tf.Tensor      # [2] int32, >= 0
-    row_index: tf.Tensor   # [S] int32
-    col_index: tf.Tensor   # [S] int32
+    row_index: tf.Tensor   # [rows] int32
+    col_index: tf.Tensor   # [cols] int32
     flip: tf.Tensor        # bool scalar
     scale: tf.Tensor       # float32 scalar, nominal scale source -> crop
 
     @property
-    def crop_size(self) -> int:
-        return int(self.row_index.shape[0])
+    def crop_shape(self) -> tuple[int, int]:
+        """(rows, cols) of the crop."""
+        return int(self.row_index.shape[0]), int(self.col_index.shape[0])
+
+
+def crop_shape(crop_size) -> tuple[int, int]:
+    """(rows, cols) of a crop given as a side S (square) or a (rows, cols) pair.
+
+    Portrait photos such as ATR's (2:3) fill a rows x cols crop of the same shape
+    with image; a square crop of their height is one third padding, which costs
+    as much to compute as image and teaches nothing (its labels are ignored).
+
+    Example:
+        >>> crop_shape(512), crop_shape((144, 112))  # (512, 512), (144, 112)
+    """
+    if isinstance(crop_size, (tuple, list)):
+        if len(crop_size) != 2:
+            raise ValueError(f"crop_size must be a side or (rows, cols), got {crop_size!r}")
+        rows, cols = (int(v) for v in crop_size)
+    else:
+        rows = cols = int(crop_size)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"crop_size must be positive, got {crop_size!r}")
+    return rows, cols
 
 
 def _round(x: tf.Tensor) -> tf.Tensor:
@@ -78,9 +100,10 @@ def _round(x: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.floor(x + 0.5), tf.int32)
 
 
-def _plan(size, scaled, offset, crop_size: int):
+def _plan(size, scaled, offset, crop: tuple[int, int]):
     """Plans both axes at once ([2] tensors): source `size` scaled to `scaled`,
-    crop starting at scaled coordinate `offset` (negative = padding first).
+    a (rows, cols) `crop` starting at scaled coordinate `offset` (negative =
+    padding first).
 
     Only the visible part of the scaled image is produced: the source window
     that covers it is resized straight to the visible length. Its scale differs
@@ -89,7 +112,7 @@ def _plan(size, scaled, offset, crop_size: int):
     """
     ratio = tf.cast(size, tf.float32) / tf.cast(scaled, tf.float32)   # source px per scaled px
     visible_start = tf.maximum(offset, 0)
-    visible_stop = tf.minimum(offset + crop_size, scaled)
+    visible_stop = tf.minimum(offset + tf.constant(crop, tf.int32), scaled)
     length = visible_stop - visible_start                               # >= 1
     start = tf.cast(tf.floor(tf.cast(visible_start, tf.float32) * ratio), tf.int32)
     stop = tf.cast(tf.math.ceil(tf.cast(visible_stop, tf.float32) * ratio), tf.int32)
@@ -97,16 +120,18 @@ def _plan(size, scaled, offset, crop_size: int):
     stop = tf.clip_by_value(stop, start + 1, size)
     # Nearest-neighbour source index of every crop pixel: the pixel whose centre
     # is nearest to where the bilinear (half-pixel) resize of the window samples.
-    within = offset[:, None] + tf.range(crop_size, dtype=tf.int32)[None] - visible_start[:, None]  # [2, S]
     step = tf.cast(stop - start, tf.float32) / tf.cast(length, tf.float32)                         # [2]
-    source = start[:, None] + tf.cast(tf.floor((tf.cast(within, tf.float32) + 0.5) * step[:, None]), tf.int32)
-    source = tf.clip_by_value(source, start[:, None], stop[:, None] - 1)
-    shown = (within >= 0) & (within < length[:, None])
-    index = tf.where(shown, source, size[:, None])                                                 # [2, S]
+    index = []
+    for axis in (0, 1):  # rows, cols: the two axes may differ in length
+        within = offset[axis] + tf.range(crop[axis], dtype=tf.int32) - visible_start[axis]      # [S_axis]
+        source = start[axis] + tf.cast(tf.floor((tf.cast(within, tf.float32) + 0.5) * step[axis]), tf.int32)
+        source = tf.clip_by_value(source, start[axis], stop[axis] - 1)
+        shown = (within >= 0) & (within < length[axis])
+        index.append(tf.where(shown, source, size[axis]))
     return start, stop, length, visible_start - offset, index
 
 
-def sample_geometry(seed, height, width, *, crop_size: int,
+def sample_geometry(seed, height, width, *, crop_size,
                     scale_range=(0.5, 2.0), resize_long_side: int | None = None,
                     flip: bool = True) -> Geometry:
     """Draws a random scale, crop position and flip for a `height` x `width` image.
@@ -114,7 +139,7 @@ def sample_geometry(seed, height, width, *, crop_size: int,
     Args:
         seed: int32/int64 tensor [2], the stateless seed of this image.
         height, width: int32 scalars, the source size.
-        crop_size: int, side S of the square crop.
+        crop_size: int S (an S x S crop) or (rows, cols).
         scale_range: (low, high), the random scale, drawn uniformly (paper 0.5-2).
         resize_long_side: int or None; the scale applies after a resize that
             brings the long side to this length (folded into one resize).
@@ -122,8 +147,9 @@ def sample_geometry(seed, height, width, *, crop_size: int,
 
     Returns:
         A `Geometry`. The crop's position is uniform over all placements of the
-        S x S window on the scaled image; where the scaled image is smaller than
-        S, the image is placed uniformly inside the window instead (padding).
+        crop window on the scaled image; along an axis where the scaled image is
+        smaller than the window, the image is placed uniformly inside the window
+        instead (padding).
 
     Example:
         >>> g = sample_geometry(tf.constant([1, 2]), 600, 400, crop_size=512)
@@ -131,6 +157,7 @@ def sample_geometry(seed, height, width, *, crop_size: int,
     low, high = float(scale_range[0]), float(scale_range[1])
     if not 0 < low <= high:
         raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range!r}")
+    crop = crop_shape(crop_size)
     size = tf.cast(tf.stack([height, width]), tf.int32)
     # One draw for everything: scale, row offset, column offset, flip.
     u = tf.random.stateless_uniform([4], seed=seed, dtype=tf.float32)
@@ -138,11 +165,12 @@ def sample_geometry(seed, height, width, *, crop_size: int,
     if resize_long_side:
         scale = scale * float(resize_long_side) / tf.cast(tf.reduce_max(size), tf.float32)
     scaled = tf.maximum(_round(tf.cast(size, tf.float32) * scale), 1)
-    low_offset = tf.minimum(0, scaled - crop_size)
-    span = tf.abs(scaled - crop_size) + 1                    # placements per axis
+    window = tf.constant(crop, tf.int32)
+    low_offset = tf.minimum(0, scaled - window)
+    span = tf.abs(scaled - window) + 1                       # placements per axis
     offset = low_offset + tf.minimum(tf.cast(u[1:3] * tf.cast(span, tf.float32), tf.int32), span - 1)
     do_flip = u[3] < 0.5 if flip else tf.constant(False)
-    start, stop, length, place, index = _plan(size, scaled, offset, crop_size)
+    start, stop, length, place, index = _plan(size, scaled, offset, crop)
     col_index = tf.where(do_flip, tf.reverse(index[1], [0]), index[1])
     return Geometry(start, stop, length, place, index[0], col_index, do_flip, scale)
 
@@ -151,27 +179,28 @@ def augment_mask(mask, geometry: Geometry, table=None) -> tf.Tensor:
     """Resamples a [H, W] uint8 mask into the crop (nearest), padding with 255.
 
     `table`, an optional 256-entry uint8 lookup (e.g. a stage's label space),
-    is applied to the result. Returns [S, S] uint8.
+    is applied to the result. Returns [rows, cols] uint8.
     """
     mask = tf.convert_to_tensor(mask)
     # One extra row and column of 255 that the padding indices point at.
     padded = tf.pad(mask, [[0, 1], [0, 1]], constant_values=MASK_PAD)
     # Row gathers copy whole rows; gathering columns through a transpose is
     # ~5x faster than a gather on axis 1, which copies one byte at a time.
-    out = tf.gather(padded, geometry.row_index, axis=0)                 # [S, W+1]
-    out = tf.transpose(tf.gather(tf.transpose(out), geometry.col_index, axis=0))   # [S, S]
+    out = tf.gather(padded, geometry.row_index, axis=0)                 # [rows, W+1]
+    out = tf.transpose(tf.gather(tf.transpose(out), geometry.col_index, axis=0))   # [rows, cols]
     if table is not None:
         out = tf.gather(tf.convert_to_tensor(table, tf.uint8), tf.cast(out, tf.int32))
-    return tf.ensure_shape(out, [geometry.crop_size, geometry.crop_size])
+    return tf.ensure_shape(out, list(geometry.crop_shape))
 
 
 def augment_image(image, geometry: Geometry) -> tf.Tensor:
-    """Produces the [S, S, 3] float32 crop of an image (bilinear, pad 0).
+    """Produces the [rows, cols, 3] float32 crop of an image (bilinear, pad 0).
 
     `image` is either a decoded [H, W, 3] uint8 tensor or the JPEG bytes (a
     scalar string); for bytes only the window the crop shows is decoded.
     """
-    crop_size = geometry.crop_size
+    rows, cols = geometry.crop_shape
+    crop = tf.constant([rows, cols], tf.int32)
     start, stop, length = geometry.start, geometry.stop, geometry.length
     image = tf.convert_to_tensor(image)
     if image.dtype == tf.string:
@@ -182,26 +211,27 @@ def augment_image(image, geometry: Geometry) -> tf.Tensor:
     # placement of a flipped window mirrors too.
     window = tf.cond(geometry.flip, lambda: tf.reverse(window, [1]), lambda: window)
     offset = tf.where(geometry.flip & tf.constant([False, True]),
-                      crop_size - geometry.offset - length, geometry.offset)
+                      crop - geometry.offset - length, geometry.offset)
     resized = resize_image(window, length)
 
     def pad():
         # Concatenation with zero blocks: ~4x faster than tf.pad across columns.
-        after = crop_size - offset - length
+        after = crop - offset - length
         top = tf.zeros(tf.stack([offset[0], length[1], 3]))
         bottom = tf.zeros(tf.stack([after[0], length[1], 3]))
         rows = tf.concat([top, resized, bottom], 0)
-        left = tf.zeros(tf.stack([crop_size, offset[1], 3]))
-        right = tf.zeros(tf.stack([crop_size, after[1], 3]))
+        left = tf.zeros(tf.stack([crop[0], offset[1], 3]))
+        right = tf.zeros(tf.stack([crop[0], after[1], 3]))
         return tf.concat([left, rows, right], 1)
 
-    out = tf.cond(tf.reduce_all(length == crop_size), lambda: resized, pad)
-    return tf.ensure_shape(out, [crop_size, crop_size, 3])
+    out = tf.cond(tf.reduce_all(length == crop), lambda: resized, pad)
+    return tf.ensure_shape(out, [rows, cols, 3])
 
 
-def random_augment(image, mask, seed, *, crop_size: int, scale_range=(0.5, 2.0),
+def random_augment(image, mask, seed, *, crop_size, scale_range=(0.5, 2.0),
                    resize_long_side: int | None = None, table=None):
-    """Augments a decoded pair: returns ([S, S, 3] float32, [S, S] uint8).
+    """Augments a decoded pair: returns ([rows, cols, 3] float32, [rows, cols] uint8)
+    for `crop_size` S (rows = cols = S) or (rows, cols).
 
     Example:
         >>> img, msk = random_augment(image_u8, mask_u8, tf.constant([0, 5]), crop_size=128)

@@ -213,11 +213,12 @@ def _check_supports_exist(data_dir: str, manifest: dict, table, stage: int, fold
                          f"of stage {stage} outside fold {fold}'s novel classes; nothing can be a support")
 
 
-def _check_common(stage: int, crop_size: int, batch_size: int, scale_range) -> None:
+def _check_common(stage: int, crop_size, batch_size: int, scale_range) -> None:
     if stage not in classes.STAGE_NUM_CLASSES:
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
-    if int(crop_size) < 1 or int(batch_size) < 1:
-        raise ValueError(f"crop_size and batch_size must be positive, got {crop_size}, {batch_size}")
+    augment.crop_shape(crop_size)  # a positive side or (rows, cols)
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
         raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range!r}")
 
@@ -226,7 +227,7 @@ def _check_common(stage: int, crop_size: int, batch_size: int, scale_range) -> N
 # Training.
 
 
-def stage1_train_dataset(data_dir: str, *, batch_size: int, crop_size: int,
+def stage1_train_dataset(data_dir: str, *, batch_size: int, crop_size,
                          scale_range=(0.5, 2.0), resize_long_side: int | None = None,
                          seed: int = 0, cache_decoded: bool = False,
                          shuffle_buffer: int | None = None) -> tf.data.Dataset:
@@ -234,13 +235,14 @@ def stage1_train_dataset(data_dir: str, *, batch_size: int, crop_size: int,
 
     Args:
         data_dir: built ATR-OS dataset.
-        batch_size, crop_size: batch B and crop side S.
+        batch_size, crop_size: batch B and crop side S, or the crop's (rows, cols).
         scale_range, resize_long_side: augmentation (see `augment.sample_geometry`).
         seed: run seed; the same seed gives the same batches.
         cache_decoded: keep decoded images in memory (small datasets only).
         shuffle_buffer: shuffle buffer; None = the whole split.
     Returns:
-        Dataset of {"image": [B, S, S, 3] float32, "mask": [B, S, S] int32 (0/1/255)}.
+        Dataset of {"image": [B, S, S, 3] float32, "mask": [B, S, S] int32 (0/1/255)}
+        ([B, rows, cols, ...] for a (rows, cols) crop).
 
     Example:
         >>> ds = stage1_train_dataset("tfrecords/synthetic", batch_size=2, crop_size=128,
@@ -267,7 +269,7 @@ def stage1_train_dataset(data_dir: str, *, batch_size: int, crop_size: int,
 
 
 def train_episodes(data_dir: str, *, stage: int, fold: int, fold_set: str = classes.DEFAULT_FOLD_SET,
-                   way: str = KWAY, batch_size: int, crop_size: int, scale_range=(0.5, 2.0),
+                   way: str = KWAY, batch_size: int, crop_size, scale_range=(0.5, 2.0),
                    resize_long_side: int | None = None, seed: int = 0,
                    cache_decoded: bool = False, shuffle_buffer: int | None = None) -> tf.data.Dataset:
     """Infinite batches of one-shot training episodes (SPEC §4, §5, §7).
@@ -277,7 +279,8 @@ def train_episodes(data_dir: str, *, stage: int, fold: int, fold_set: str = clas
         stage: 2 or 3 (1 is accepted: its only foreground class is "human").
         fold, fold_set: the fold whose novel classes are hidden (SPEC §4).
         way: "kway" or "oneway".
-        batch_size, crop_size: batch B and crop side S (paper: 2; 512 k-way, 576 one-way).
+        batch_size, crop_size: batch B and crop side S (paper: 2; 512 k-way, 576 one-way),
+            or the crop's (rows, cols).
         scale_range, resize_long_side: augmentation (see `augment.sample_geometry`).
         seed: run seed; the same seed gives the same episodes.
         cache_decoded: keep decoded images in memory (small datasets only).
@@ -291,6 +294,7 @@ def train_episodes(data_dir: str, *, stage: int, fold: int, fold_set: str = clas
         ...                     batch_size=2, crop_size=128, resize_long_side=160, seed=3)
     """
     _check_common(stage, crop_size, batch_size, scale_range)
+    crop_rows, crop_cols = augment.crop_shape(crop_size)
     if way not in (KWAY, ONEWAY):
         raise ValueError(f"way must be {KWAY!r} or {ONEWAY!r}, got {way!r}")
     classes.novel_ids(stage, fold, fold_set)  # validates fold and fold_set
@@ -339,11 +343,11 @@ def train_episodes(data_dir: str, *, stage: int, fold: int, fold_set: str = clas
         # is traced once.
         empty = augment.Geometry(
             start=tf.zeros([2], tf.int32), stop=tf.ones([2], tf.int32), length=tf.ones([2], tf.int32),
-            offset=tf.zeros([2], tf.int32), row_index=tf.zeros([crop_size], tf.int32),
-            col_index=tf.zeros([crop_size], tf.int32), flip=tf.constant(False), scale=tf.constant(0.0))
+            offset=tf.zeros([2], tf.int32), row_index=tf.zeros([crop_rows], tf.int32),
+            col_index=tf.zeros([crop_cols], tf.int32), flip=tf.constant(False), scale=tf.constant(0.0))
         _, s_geometry, s_merged, present = tf.while_loop(
             no_foreground, attempt_crop,
-            (tf.constant(-1), empty, tf.zeros([crop_size, crop_size], tf.uint8), tf.zeros([256], tf.bool)))
+            (tf.constant(-1), empty, tf.zeros([crop_rows, crop_cols], tf.uint8), tf.zeros([256], tf.bool)))
         return {"query": {"image": query["image"], "mask": query["mask"]},
                 "support_image": support["image"], "support_geometry": s_geometry,
                 "support_merged": s_merged, "present": present,
