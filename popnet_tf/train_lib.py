@@ -126,14 +126,20 @@ def epoch_dataset(config, data_dir: str, stage: int, fold: int, epoch: int) -> t
 
 
 def crop_size(config, stage: int) -> int | tuple[int, int]:
-    """Training crop of a stage, a side S or (rows, cols): stage 1 may have its own
-    (supervised, cheap per pixel; `data.stage1_crop_width` makes it rectangular), the
-    one-shot stages use the k-way or one-way crop."""
+    """Training crop of a stage, a side S or (rows, cols). The one-shot stages use the
+    k-way crop (`data.crop_size` x `data.crop_width`, square when the width is 0) or
+    the one-way crop (square); stage 1 may have its own (supervised, cheap per pixel):
+    `data.stage1_crop_size` rows (0 = `crop_size`) x `data.stage1_crop_width` columns
+    (0 = as the k-way crop's: `crop_width`, or square)."""
     d = config.data
     if stage == 1:
         rows = d.stage1_crop_size or d.crop_size
-        return (rows, d.stage1_crop_width) if d.stage1_crop_width else rows
-    return d.crop_size if config.train.way == "kway" else d.oneway_crop_size
+        cols = d.stage1_crop_width or d.crop_width or rows
+    elif config.train.way == "kway":
+        rows, cols = d.crop_size, d.crop_width or d.crop_size
+    else:
+        return d.oneway_crop_size
+    return rows if rows == cols else (rows, cols)
 
 
 def batch_size(config, stage: int) -> int:
@@ -229,7 +235,7 @@ CONFIG_CHOICES = {
 _POSITIVE = ("train.batch_size", "train.epochs", "train.steps_per_epoch", "data.crop_size",
              "data.oneway_crop_size", "data.eval_size", "model.filters")
 _ZERO_MEANS_DEFAULT = ("train.stage1_batch_size", "train.stage1_steps_per_epoch",
-                       "data.stage1_crop_size", "data.stage1_crop_width")
+                       "data.stage1_crop_size", "data.stage1_crop_width", "data.crop_width")
 
 
 def _field(config, dotted):

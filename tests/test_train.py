@@ -69,9 +69,10 @@ def _fixed_batch(config, stage, fold=1):
     return next(iter(data))
 
 
-def test_stage1_crop_size_applies_to_stage1_only(data_config):
+def test_crop_sizes_of_each_stage(data_config):
     """data.stage1_crop_size sizes stage 1's batches; 0 falls back to crop_size; the
-    one-shot stages keep crop_size (k-way) or oneway_crop_size (one-way)."""
+    one-shot stages keep crop_size (k-way) or oneway_crop_size (one-way). The widths
+    (data.stage1_crop_width, data.crop_width) make the crops rows x cols."""
     config = smoke_config(os.path.dirname(data_config.data.dir))
     config.data.stage1_crop_size = 40
     assert _fixed_batch(config, 1)["image"].shape[1:3] == (40, 40)
@@ -83,6 +84,17 @@ def test_stage1_crop_size_applies_to_stage1_only(data_config):
     config.data.stage1_crop_size = 0
     config.data.stage1_crop_width = 0
     assert train_lib.crop_size(config, 1) == config.data.crop_size
+    # data.crop_width: the k-way crop's columns, which stage 1 follows unless it has its own.
+    config.data.crop_width = 40
+    batch = _fixed_batch(config, 2)
+    size = config.data.crop_size
+    assert batch["query_image"].shape[1:3] == (size, 40)
+    assert batch["support_mask"].shape[1:3] == (size, 40)
+    assert train_lib.crop_size(config, 1) == (size, 40)
+    config.data.stage1_crop_size = 44
+    assert train_lib.crop_size(config, 1) == (44, 40)
+    config.data.stage1_crop_width = 36
+    assert train_lib.crop_size(config, 1) == (44, 36)
     config.train.way = "oneway"
     assert train_lib.crop_size(config, 3) == config.data.oneway_crop_size
 
@@ -382,13 +394,14 @@ def test_check_config_lists_every_problem():
     config.train.ema_momentum = 1.0
     config.data.stage1_crop_size = -8
     config.data.stage1_crop_width = -1
+    config.data.crop_width = -3
     with pytest.raises(integrity.RunConfigError) as err:
         train_lib.check_config(config)
     message = str(err.value)
     for part in ("train.strategy='tpu'", "train.beta_schedule='linear'",
                  "model.prediction_head='both'", "model.momentum=0.0", "train.steps_per_epoch=-1",
                  "train.ema_momentum=1.0", "data.stage1_crop_size=-8",
-                 "data.stage1_crop_width=-1"):
+                 "data.stage1_crop_width=-1", "data.crop_width=-3"):
         assert part in message, message
 
 
