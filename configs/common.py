@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.crop_width = 0                    # columns of the k-way crop; 0: square
     c.data.oneway_crop_size = 576            # SPEC §7, one-way
     c.data.stage1_crop_size = 0              # 0: as crop_size
-    c.data.stage1_crop_width = 0             # columns of stage 1's crop; 0: as crop_width
+    c.data.stage1_crop_width = 0             # columns of stage 1's crop; 0: square (k-way's if size 0)
     c.data.scale_range = (0.5, 2.0)          # SPEC §7
     c.data.cache_decoded = False             # hold decoded training images in memory (small datasets)
     c.data.eval_size = 608                   # test images fit in 608x608 (600 ATR long side)

@@ -128,13 +128,14 @@ def epoch_dataset(config, data_dir: str, stage: int, fold: int, epoch: int) -> t
 def crop_size(config, stage: int) -> int | tuple[int, int]:
     """Training crop of a stage, a side S or (rows, cols). The one-shot stages use the
     k-way crop (`data.crop_size` x `data.crop_width`, square when the width is 0) or
-    the one-way crop (square); stage 1 may have its own (supervised, cheap per pixel):
-    `data.stage1_crop_size` rows (0 = `crop_size`) x `data.stage1_crop_width` columns
-    (0 = as the k-way crop's: `crop_width`, or square)."""
+    the one-way crop (square). Stage 1 (supervised, cheap per pixel) may have its own:
+    `data.stage1_crop_size` rows x `data.stage1_crop_width` columns (0: square); with
+    `stage1_crop_size` 0 it takes the k-way crop (its width too, unless it has its own)."""
     d = config.data
-    if stage == 1:
-        rows = d.stage1_crop_size or d.crop_size
-        cols = d.stage1_crop_width or d.crop_width or rows
+    if stage == 1 and d.stage1_crop_size:
+        rows, cols = d.stage1_crop_size, d.stage1_crop_width or d.stage1_crop_size
+    elif stage == 1:
+        rows, cols = d.crop_size, d.stage1_crop_width or d.crop_width or d.crop_size
     elif config.train.way == "kway":
         rows, cols = d.crop_size, d.crop_width or d.crop_size
     else:

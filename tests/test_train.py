@@ -72,7 +72,8 @@ def _fixed_batch(config, stage, fold=1):
 def test_crop_sizes_of_each_stage(data_config):
     """data.stage1_crop_size sizes stage 1's batches; 0 falls back to crop_size; the
     one-shot stages keep crop_size (k-way) or oneway_crop_size (one-way). The widths
-    (data.stage1_crop_width, data.crop_width) make the crops rows x cols."""
+    (data.stage1_crop_width, data.crop_width) make the crops rows x cols; stage 1 with
+    its own size is square unless it has its own width."""
     config = smoke_config(os.path.dirname(data_config.data.dir))
     config.data.stage1_crop_size = 40
     assert _fixed_batch(config, 1)["image"].shape[1:3] == (40, 40)
@@ -91,10 +92,12 @@ def test_crop_sizes_of_each_stage(data_config):
     assert batch["query_image"].shape[1:3] == (size, 40)
     assert batch["support_mask"].shape[1:3] == (size, 40)
     assert train_lib.crop_size(config, 1) == (size, 40)
-    config.data.stage1_crop_size = 44
-    assert train_lib.crop_size(config, 1) == (44, 40)
+    config.data.stage1_crop_size = 44  # stage 1's own size: square unless its own width
+    assert train_lib.crop_size(config, 1) == 44
     config.data.stage1_crop_width = 36
     assert train_lib.crop_size(config, 1) == (44, 36)
+    config.data.stage1_crop_size = 0
+    assert train_lib.crop_size(config, 1) == (size, 36)
     config.train.way = "oneway"
     assert train_lib.crop_size(config, 3) == config.data.oneway_crop_size
 

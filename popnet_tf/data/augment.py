@@ -2,8 +2,8 @@
 
 Training: optional resize so the long side is `resize_long_side`, random scale in
 `scale_range`, padding (image 0, mask 255) and a random crop of `crop_size` (S x S,
-or rows x cols for a pair), random horizontal flip. Left/right classes are merged (SPEC §2), so a flip
-needs no label swap.
+or rows x cols for a pair), random horizontal flip. Left/right classes are merged
+(SPEC §2), so a flip needs no label swap.
 
 The crop is planned before any pixel is touched: the window of the *source* image
 that the crop shows is computed first, only that window is decoded
