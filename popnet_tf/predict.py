@@ -19,10 +19,17 @@ Usage:
         --support_mask ref.png --query photos/ extra.jpg --out parsed/ \\
         [--class_names '{"1": "jacket", "7": "sneaker"}']
 
+Photos are read as a viewer shows them: turned upright by their EXIF
+orientation tag (phones store most photos sideways with such a tag), so label
+maps and overlays line up with the photo as you see it (--noapply_exif parses
+the stored pixels instead). JPEG, PNG, GIF, BMP and WebP are decoded by the
+model's own decoder; other formats Pillow reads (TIFF, AVIF, JPEG 2000, PNM,
+TGA, ...) are decoded here and sent to the model as PNG.
+
 Bad input gets one line naming the file: a support problem (unreadable image,
 mask size different from the image, no foreground, too many classes) stops
-before any work; an unreadable or non-image query is skipped, the others are
-still parsed and the failures listed at the end (exit status 1).
+before any work; an unreadable, damaged or non-image query is skipped, the
+others are still parsed and the failures listed at the end (exit status 1).
 
 Example (library):
     >>> predictor = load_predictor("exported/popnet")
@@ -42,12 +49,24 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 from keras.utils import Progbar
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from popnet_tf import classes, serving
 from popnet_tf.data import show
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# Files a query folder contributes. HEIC/HEIF are listed so that a folder of iPhone photos
+# reports them as failures with a hint, rather than skipping them silently.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".dib", ".gif",
+                    ".webp", ".tif", ".tiff", ".avif", ".jp2", ".j2k", ".jpx", ".ppm", ".pgm",
+                    ".pbm", ".pnm", ".tga", ".qoi", ".heic", ".heif")
+_TF_DECODES = "JPEG, PNG, GIF, BMP, WebP"
+# EXIF orientation tag value -> the transpose that turns the stored pixels upright
+# (the table of PIL.ImageOps.exif_transpose, applied here to TensorFlow's decoded pixels).
+_EXIF_ORIENTATION_TAG = 0x0112
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 SUMMARY_FILE = "summary.json"
 _OVERLAY_QUALITY = 90
 
@@ -138,13 +157,15 @@ def load_predictor(model: str, mask_values: str | None = None, head: str | None 
 # ----------------------------------------------------------------------------- inputs
 @dataclasses.dataclass
 class Support:
-    """A checked support: its file bytes, its mask re-encoded as the 8-bit grayscale
-    PNG the serving function reads, and its class values (sorted, background excluded)."""
+    """A checked support: the image bytes sent to the model (see `Photo.data`), its mask
+    re-encoded as the 8-bit grayscale PNG the serving function reads, its class values
+    (sorted, background excluded) and the EXIF orientation applied to the image."""
     image_path: str
     mask_path: str
     image_bytes: bytes
     mask_png: bytes
     class_values: tuple
+    image_orientation: int = 1
 
 
 def _read_bytes(path: str, what: str) -> bytes:
@@ -155,13 +176,75 @@ def _read_bytes(path: str, what: str) -> bytes:
         raise InputError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
 
 
-def decode_file(path: str, data: bytes, what: str) -> np.ndarray:
-    """[H, W, 3] uint8 by the serving decoder (so sizes agree with the served model)."""
-    try:
-        return serving.decode_image(data).numpy()
+@dataclasses.dataclass
+class Photo:
+    """An image file as the model will see it.
+
+    data: the bytes sent to the model: the file itself when TensorFlow decodes it and
+        no EXIF turn is needed, else a PNG of `pixels` (lossless).
+    pixels: [H, W, 3] uint8, upright.
+    orientation: the EXIF orientation applied (1: none).
+    """
+    data: bytes
+    pixels: np.ndarray
+    orientation: int = 1
+
+
+def read_photo(path: str, what: str = "query", apply_exif: bool = True) -> Photo:
+    """Reads an image file for the model; one-line InputError naming the file otherwise.
+
+    Example:
+        >>> photo = read_photo("IMG_0042.jpg")   # a phone photo stored sideways
+        >>> photo.orientation, photo.pixels.shape   # (6, (4032, 3024, 3)): upright
+    """
+    data = _read_bytes(path, what)
+    if not data:
+        raise InputError(f"{path}: the {what} file is empty")
+    try:  # the serving decoder first, so files it reads reach the model unchanged
+        pixels, reencode = serving.decode_image(data).numpy(), False
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
-        raise InputError(f"{path}: the {what} is not an image TensorFlow can decode "
-                         "(JPEG, PNG, GIF, BMP, WebP)") from None
+        pixels, reencode = _decode_with_pillow(path, data, what), True
+    orientation = _exif_orientation(data) if apply_exif else 1
+    if orientation in _UPRIGHT:
+        pixels = np.asarray(Image.fromarray(pixels).transpose(_UPRIGHT[orientation]))
+        reencode = True
+    if reencode:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+        data = buffer.getvalue()
+    return Photo(data, pixels, orientation if orientation in _UPRIGHT else 1)
+
+
+def _exif_orientation(data: bytes) -> int:
+    """The EXIF orientation tag (1-8), or 1 when absent or unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            value = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+        return int(value) if int(value) in range(1, 9) else 1
+    except Exception:  # a missing or broken EXIF block is no reason to refuse the photo
+        return 1
+
+
+def _decode_with_pillow(path: str, data: bytes, what: str) -> np.ndarray:
+    """Formats TensorFlow does not decode (TIFF, AVIF, ...) -> [H, W, 3] uint8."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode.startswith("I;16"):  # 16-bit grey: keep the high byte, as TF does
+                grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=-1)
+            return np.asarray(image.convert("RGB"))
+    except UnidentifiedImageError:
+        hint = (": HEIC/HEIF photos need converting to JPEG first"
+                if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypmsf1", b"ftypheif")
+                else f" ({_TF_DECODES}, or another format Pillow reads)")
+        raise InputError(f"{path}: the {what} is not an image file that can be "
+                         f"decoded{hint}") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{path}: the {what} is too large to decode safely ({e})") from None
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for damaged files
+        raise InputError(f"{path}: the {what} is a damaged or truncated image file "
+                         f"({_error_line(e)})") from None
 
 
 def read_mask(path: str) -> np.ndarray:
@@ -189,19 +272,18 @@ def read_mask(path: str) -> np.ndarray:
                      "single-channel (grayscale or palette PNG) with the class values as pixels")
 
 
-def read_support(image_path: str, mask_path: str, predictor: Predictor) -> Support:
+def read_support(image_path: str, mask_path: str, predictor: Predictor,
+                 apply_exif: bool = True) -> Support:
     """Reads and checks a support image and mask before any work (one-line InputErrors).
 
     Example:
         >>> support = read_support("ref.jpg", "ref_mask.png", predictor)
         >>> support.class_values   # (3, 7, 200)
     """
-    image_bytes = _read_bytes(image_path, "support image")
-    image = decode_file(image_path, image_bytes, "support image")
+    photo = read_photo(image_path, "support image", apply_exif)
     mask = read_mask(mask_path)
-    if mask.shape != image.shape[:2]:
-        raise InputError(f"{mask_path}: the mask is {mask.shape[0]}x{mask.shape[1]} but the support "
-                         f"image {image_path} is {image.shape[0]}x{image.shape[1]}; they must match")
+    if mask.shape != photo.pixels.shape[:2]:
+        raise InputError(_size_mismatch(mask_path, mask.shape, image_path, photo))
     values = np.unique(mask)
     values = tuple(int(v) for v in values if v not in (serving.BACKGROUND, serving.IGNORE))
     if not values:
@@ -216,7 +298,17 @@ def read_support(image_path: str, mask_path: str, predictor: Predictor) -> Suppo
                          "this model was exported with --mask_values=merged")
     buffer = io.BytesIO()
     Image.fromarray(mask, "L").save(buffer, format="PNG")
-    return Support(image_path, mask_path, image_bytes, buffer.getvalue(), values)
+    return Support(image_path, mask_path, photo.data, buffer.getvalue(), values, photo.orientation)
+
+
+def _size_mismatch(mask_path, mask_shape, image_path, photo: Photo) -> str:
+    h, w = photo.pixels.shape[:2]
+    text = (f"{mask_path}: the mask is {mask_shape[0]}x{mask_shape[1]} but the support image "
+            f"{image_path} is {h}x{w}")
+    if photo.orientation >= 5 and tuple(mask_shape) == (w, h):
+        return (text + f" once turned upright by its EXIF orientation ({photo.orientation}); the "
+                "mask matches the stored pixels: turn the mask the same way, or pass --noapply_exif")
+    return text + "; they must match"
 
 
 def collect_queries(paths: list[str]) -> tuple[list[str], list[str]]:
@@ -343,12 +435,14 @@ def _error_line(error: Exception) -> str:
 # ----------------------------------------------------------------------------- the run
 def predict_files(predictor: Predictor, support: Support, queries: list[str], out_dir: str, *,
                   class_names: dict[int, str] | None = None, batch_size: int = 4,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, apply_exif: bool = True) -> dict:
     """Parses query files and folders, writes label PNGs, overlays and summary.json.
 
     Each request to the model carries the support and up to `batch_size` queries.
     A query that cannot be read or decoded is listed in "failures" and the others
-    still run. Returns the summary (also written to out_dir/summary.json).
+    still run. With `apply_exif`, queries are turned upright by their EXIF orientation
+    (`read_photo`) and their outputs are upright too. Returns the summary (also written
+    to out_dir/summary.json).
     """
     os.makedirs(out_dir, exist_ok=True)
     names = class_names if class_names is not None else read_class_names(None, predictor.class_names)
@@ -358,9 +452,10 @@ def predict_files(predictor: Predictor, support: Support, queries: list[str], ou
     done = 0
 
     def run(batch):
-        """[(path, bytes, image)] -> outputs per query, or an error line per query."""
+        """[(path, Photo)] -> outputs per query, or an error line per query."""
         try:
-            out = predictor([b for _, b, _ in batch], support.image_bytes, support.mask_png)
+            out = predictor([photo.data for _, photo in batch], support.image_bytes,
+                            support.mask_png)
             return [{k: (v[i] if k not in ("class_values",) else v) for k, v in out.items()}
                     for i in range(len(batch))]
         except tf.errors.OpError as e:
@@ -368,27 +463,29 @@ def predict_files(predictor: Predictor, support: Support, queries: list[str], ou
                 return [e]
             return [r for item in batch for r in run([item])]
 
-    def write(path, image, out):
+    def write(path, photo, out):
         h, w = (int(s) for s in out["image_sizes"])
         labels = out["labels"][:h, :w]
         stem = _unique_stem(path, used)
         label_path = os.path.join(out_dir, f"{stem}.png")
         overlay_path = os.path.join(out_dir, f"{stem}_overlay.jpg")
         label_image(labels).save(label_path)
-        Image.fromarray(overlay_image(image, labels)).save(overlay_path, quality=_OVERLAY_QUALITY)
+        Image.fromarray(overlay_image(photo.pixels, labels)).save(overlay_path,
+                                                                  quality=_OVERLAY_QUALITY)
         values = [int(v) for v in out["class_values"][1:]]
-        results.append({"file": path, "height": h, "width": w, "label": label_path,
-                        "overlay": overlay_path, "areas": class_areas(labels, values, names)})
+        results.append({"file": path, "height": h, "width": w,
+                        "exif_orientation": photo.orientation, "label": label_path, "overlay": overlay_path,
+                        "areas": class_areas(labels, values, names)})
 
     batch = []
 
     def flush():
         nonlocal done
-        for (path, _, image), out in zip(batch, run(batch)):
+        for (path, photo), out in zip(batch, run(batch)):
             if isinstance(out, Exception):
                 failures.append({"file": path, "error": _error_line(out)})
             else:
-                write(path, image, out)
+                write(path, photo, out)
         done += len(batch)
         batch.clear()
         if bar:
@@ -396,15 +493,14 @@ def predict_files(predictor: Predictor, support: Support, queries: list[str], ou
 
     for path in files:
         try:
-            data = _read_bytes(path, "query")
-            image = decode_file(path, data, "query")
+            photo = read_photo(path, "query", apply_exif)
         except InputError as e:
             failures.append({"file": path, "error": str(e)})
             done += 1
             if bar:
                 bar.update(done)
         else:
-            batch.append((path, data, image))
+            batch.append((path, photo))
             if len(batch) == batch_size:
                 flush()
     if batch:
@@ -413,6 +509,7 @@ def predict_files(predictor: Predictor, support: Support, queries: list[str], ou
     summary = {
         "model": predictor.source,
         "support": {"image": support.image_path, "mask": support.mask_path,
+                    "exif_orientation": support.image_orientation,
                     "classes": {_name(v, names): v for v in support.class_values}},
         "queries": results,
         "totals": _totals(results),
@@ -468,6 +565,10 @@ def _define_flags():
                       "Workdir only: 'user' (default) or 'merged' (ATR-OS ids 0-11).")
     flags.DEFINE_enum("head", None, list(serving.HEADS), "Workdir only: the prediction head.")
     flags.DEFINE_integer("batch_size", 4, "Queries per model call.")
+    flags.DEFINE_bool("apply_exif", True, "Turn photos upright by their EXIF orientation tag "
+                      "before parsing, as viewers show them; labels and overlays are then "
+                      "upright too. --noapply_exif parses the stored pixels (then a support "
+                      "mask must match the stored pixels).")
 
 
 def main(argv):
@@ -479,12 +580,12 @@ def main(argv):
         raise app.UsageError(f"missing {', '.join(missing + ([] if queries else ['--query']))}")
     try:
         predictor = load_predictor(f.model, f.mask_values, f.head)
-        support = read_support(f.support, f.support_mask, predictor)
+        support = read_support(f.support, f.support_mask, predictor, f.apply_exif)
         names = read_class_names(f.class_names, predictor.class_names)
     except (InputError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     summary = predict_files(predictor, support, queries, f.out, class_names=names,
-                            batch_size=f.batch_size)
+                            batch_size=f.batch_size, apply_exif=f.apply_exif)
     logging.info("Parsed %d image(s) with %s into %s (summary: %s)", len(summary["queries"]),
                  predictor.source, f.out, os.path.join(f.out, SUMMARY_FILE))
     sys.stdout.write(format_summary(summary) + "\n")

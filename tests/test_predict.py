@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
+from PIL import Image, ImageOps
 
 from popnet_tf import export_lib, predict, serving
 from popnet_tf.data import show
@@ -123,7 +123,8 @@ def test_cli_lists_failures_and_skipped(setup, cli_run):
     result, _, summary = cli_run
     broken = os.path.join(setup["folder"], "broken.jpg")
     assert summary["failures"] == [{"file": broken, "error": f"{broken}: the query is not an image "
-                                    "TensorFlow can decode (JPEG, PNG, GIF, BMP, WebP)"}]
+                                    "file that can be decoded (JPEG, PNG, GIF, BMP, WebP, or another "
+                                    "format Pillow reads)"}]
     assert summary["skipped"] == [os.path.join(setup["folder"], "notes.txt")]
     assert f"failed: {broken}: the query is not an image" in result.stdout
     assert "| jacket | 3 |" in result.stdout
@@ -210,7 +211,7 @@ def test_unreadable_and_non_image_support(tmp_path, stub):
         predict.read_support(missing, missing, stub)
     text = tmp_path / "support.jpg"
     text.write_text("hello")
-    with pytest.raises(predict.InputError, match="the support image is not an image TensorFlow can decode"):
+    with pytest.raises(predict.InputError, match="the support image is not an image file that can be"):
         predict.read_support(str(text), missing, stub)
 
 
@@ -225,6 +226,102 @@ def test_palette_mask_values_are_indices_and_merged_limits(tmp_path, stub):
     merged = predict.Predictor(fn=None, num_classes=12, mask_values="merged", source="stub")
     with pytest.raises(predict.InputError, match="value 254 is not a merged ATR-OS id 1..11"):
         predict.read_support(image, path, merged)
+
+
+# ----------------------------------------------------------------------------- reading photos
+def asymmetric(shape=(6, 10)):
+    """An image that every flip and rotation changes."""
+    return np.arange(np.prod(shape) * 3, dtype=np.uint8).reshape(*shape, 3)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_read_photo_turns_exif_orientations_upright(tmp_path, orientation):
+    stored = Image.fromarray(asymmetric())
+    exif = stored.getexif()
+    exif[0x0112] = orientation
+    path = str(tmp_path / "p.png")
+    stored.save(path, exif=exif)
+    photo = predict.read_photo(path)
+    # Reference: Pillow's own EXIF transpose of the same file.
+    with Image.open(path) as image:
+        upright = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    np.testing.assert_array_equal(photo.pixels, upright)
+    assert photo.orientation == orientation
+    # The model is sent exactly these pixels; an unturned file is sent as it is.
+    np.testing.assert_array_equal(serving.decode_image(photo.data).numpy(), upright)
+    assert (photo.data == open(path, "rb").read()) == (orientation == 1)
+    ignored = predict.read_photo(path, apply_exif=False)
+    np.testing.assert_array_equal(ignored.pixels, asymmetric())
+    assert ignored.orientation == 1
+
+
+def test_read_photo_decodes_formats_tensorflow_does_not(tmp_path):
+    rgb = asymmetric((12, 9))
+    save_image(tmp_path / "rgb.tiff", rgb)
+    grey16 = np.arange(12 * 9, dtype=np.uint16).reshape(12, 9) * 601
+    Image.fromarray(grey16).save(tmp_path / "grey16.tif")
+    save_image(tmp_path / "rgb.ppm", rgb)
+    for name, expected in (("rgb.tiff", rgb), ("rgb.ppm", rgb),
+                           ("grey16.tif", np.repeat((grey16 >> 8).astype(np.uint8)[..., None], 3, -1))):
+        photo = predict.read_photo(str(tmp_path / name))
+        np.testing.assert_array_equal(photo.pixels, expected, err_msg=name)
+        np.testing.assert_array_equal(serving.decode_image(photo.data).numpy(), expected)
+    # Lossy formats Pillow reads: decoded, right size, close to the source.
+    smooth_rgb = smooth((24, 16), 5)
+    save_image(tmp_path / "s.avif", smooth_rgb, quality=95)
+    photo = predict.read_photo(str(tmp_path / "s.avif"))
+    assert photo.pixels.shape == (24, 16, 3)
+    assert np.abs(photo.pixels.astype(float) - smooth_rgb).mean() < 8
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "the query file is empty"),
+    (b"hello", "the query is not an image file that can be decoded (JPEG, PNG"),
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64),
+     "HEIC/HEIF photos need converting to JPEG first"),
+    ("truncated", "the query is a damaged or truncated image file (image file is truncated"),
+])
+def test_read_photo_errors_name_the_file(tmp_path, content, message):
+    path = tmp_path / "q.jpg"
+    if content == "truncated":
+        save_image(path, smooth((60, 40), 6), quality=95)
+        content = path.read_bytes()[:-200]
+    path.write_bytes(content)
+    with pytest.raises(predict.InputError) as error:
+        predict.read_photo(str(path))
+    text = str(error.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text
+
+
+def test_support_stored_sideways_takes_an_upright_mask(tmp_path, stub):
+    upright_mask = np.zeros((20, 30), np.uint8)
+    upright_mask[:5, :10] = 4
+    image = Image.fromarray(np.zeros((20, 30, 3), np.uint8)).transpose(Image.Transpose.ROTATE_90)
+    exif = image.getexif()
+    exif[0x0112] = 6  # stored 30x20; shown 20x30
+    image_path = str(tmp_path / "s.jpg")
+    image.save(image_path, exif=exif)
+    mask_path = save_image(tmp_path / "m.png", upright_mask)
+    support = predict.read_support(image_path, mask_path, stub)
+    assert support.image_orientation == 6 and support.class_values == (4,)
+    assert serving.decode_image(support.image_bytes).shape == (20, 30, 3)
+    stored_mask = save_image(tmp_path / "stored.png", upright_mask.T)
+    with pytest.raises(predict.InputError, match="the mask matches the stored pixels: turn the mask"):
+        predict.read_support(image_path, stored_mask, stub)
+    assert predict.read_support(image_path, stored_mask, stub, apply_exif=False).image_orientation == 1
+
+
+def test_sideways_query_is_parsed_upright(tmp_path):
+    image = Image.fromarray(np.zeros((16, 8, 3), np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = 8
+    image.save(tmp_path / "q.jpg", exif=exif)
+    support = predict.Support("s", "m", b"", b"", (5, 9))
+    summary = predict.predict_files(fake_predictor(), support, [str(tmp_path / "q.jpg")],
+                                    str(tmp_path / "out"), progress=False)
+    entry = summary["queries"][0]
+    assert (entry["height"], entry["width"], entry["exif_orientation"]) == (8, 16, 8)
+    assert Image.open(entry["label"]).size == (16, 8)
 
 
 # ----------------------------------------------------------------------------- predict_files logic
@@ -307,11 +404,11 @@ def test_class_names(tmp_path):
 
 
 def test_collect_queries(tmp_path):
-    for name in ("b.JPG", "a.png", "c.txt", ".hidden.png"):
+    for name in ("b.JPG", "a.png", "c.txt", ".hidden.png", "d.tiff", "e.heic"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub").mkdir()
-    files, skipped = predict.collect_queries([str(tmp_path), "x.tif"])
-    assert files == [str(tmp_path / "a.png"), str(tmp_path / "b.JPG"), "x.tif"]
+    files, skipped = predict.collect_queries([str(tmp_path), "x.xyz"])
+    assert files == [str(tmp_path / n) for n in ("a.png", "b.JPG", "d.tiff", "e.heic")] + ["x.xyz"]
     assert skipped == [str(tmp_path / "c.txt")]
 
 
