@@ -1,4 +1,4 @@
-"""Train POPNet progressively (SPEC §6, §7) and print the SPEC §8 k-way table.
+r"""Train POPNet progressively (SPEC §6, §7) and print the SPEC §8 k-way table.
 
 Usage:
     python -m popnet_tf.train --fold=1 --stage=3
