@@ -212,17 +212,18 @@ def read_photo(path: str, what: str = "query", apply_exif: bool = True) -> Photo
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
         data = buffer.getvalue()
-    return Photo(data, pixels, orientation if orientation in _UPRIGHT else 1)
+    return Photo(data, pixels, orientation)
 
 
 def _exif_orientation(data: bytes) -> int:
-    """The EXIF orientation tag (1-8), or 1 when absent or unreadable."""
+    """The EXIF orientation tag when it asks for a turn (2-8), else 1 (also when the
+    tag is absent, out of range or unreadable)."""
     try:
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
-            value = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-        return int(value) if int(value) in range(1, 9) else 1
+            value = int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1))
     except Exception:  # a missing or broken EXIF block is no reason to refuse the photo
         return 1
+    return value if value in _UPRIGHT else 1
 
 
 def _decode_with_pillow(path: str, data: bytes, what: str) -> np.ndarray:
@@ -474,8 +475,8 @@ def predict_files(predictor: Predictor, support: Support, queries: list[str], ou
                                                                   quality=_OVERLAY_QUALITY)
         values = [int(v) for v in out["class_values"][1:]]
         results.append({"file": path, "height": h, "width": w,
-                        "exif_orientation": photo.orientation, "label": label_path, "overlay": overlay_path,
-                        "areas": class_areas(labels, values, names)})
+                        "exif_orientation": photo.orientation, "label": label_path,
+                        "overlay": overlay_path, "areas": class_areas(labels, values, names)})
 
     batch = []
 
