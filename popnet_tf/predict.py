@@ -52,21 +52,10 @@ from keras.utils import Progbar
 from PIL import Image, UnidentifiedImageError
 
 from popnet_tf import classes, serving
-from popnet_tf.data import show
+from popnet_tf.data import images, show
 
-# Files a query folder contributes. HEIC/HEIF are listed so that a folder of iPhone photos
-# reports them as failures with a hint, rather than skipping them silently.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".dib", ".gif",
-                    ".webp", ".tif", ".tiff", ".avif", ".jp2", ".j2k", ".jpx", ".ppm", ".pgm",
-                    ".pbm", ".pnm", ".tga", ".qoi", ".heic", ".heif")
+IMAGE_EXTENSIONS = images.IMAGE_EXTENSIONS  # what a query folder contributes
 _TF_DECODES = "JPEG, PNG, GIF, BMP, WebP"
-# EXIF orientation tag value -> the transpose that turns the stored pixels upright
-# (the table of PIL.ImageOps.exif_transpose, applied here to TensorFlow's decoded pixels).
-_EXIF_ORIENTATION_TAG = 0x0112
-_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_90}
 SUMMARY_FILE = "summary.json"
 _OVERLAY_QUALITY = 90
 
@@ -204,9 +193,9 @@ def read_photo(path: str, what: str = "query", apply_exif: bool = True) -> Photo
         pixels, reencode = serving.decode_image(data).numpy(), False
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
         pixels, reencode = _decode_with_pillow(path, data, what), True
-    orientation = _exif_orientation(data) if apply_exif else 1
-    if orientation in _UPRIGHT:
-        pixels = np.asarray(Image.fromarray(pixels).transpose(_UPRIGHT[orientation]))
+    orientation = images.exif_orientation(data) if apply_exif else 1
+    if orientation in images.UPRIGHT:
+        pixels = np.asarray(Image.fromarray(pixels).transpose(images.UPRIGHT[orientation]))
         reencode = True
     if reencode:
         buffer = io.BytesIO()
@@ -215,29 +204,15 @@ def read_photo(path: str, what: str = "query", apply_exif: bool = True) -> Photo
     return Photo(data, pixels, orientation)
 
 
-def _exif_orientation(data: bytes) -> int:
-    """The EXIF orientation tag when it asks for a turn (2-8), else 1 (also when the
-    tag is absent, out of range or unreadable)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:  # reads the header only
-            value = int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1))
-    except Exception:  # a missing or broken EXIF block is no reason to refuse the photo
-        return 1
-    return value if value in _UPRIGHT else 1
-
-
 def _decode_with_pillow(path: str, data: bytes, what: str) -> np.ndarray:
     """Formats TensorFlow does not decode (TIFF, AVIF, ...) -> [H, W, 3] uint8."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            if image.mode.startswith("I;16"):  # 16-bit grey: keep the high byte, as TF does
-                grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
-                return np.repeat(grey[..., None], 3, axis=-1)
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(images.to_rgb(image))  # 16-bit grey: the high byte, as TF
     except UnidentifiedImageError:
-        hint = (": HEIC/HEIF photos need converting to JPEG first"
-                if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypmsf1", b"ftypheif")
+        hint = (f": {images.HEIF_HINT}"
+                if images.is_heif(data)
                 else f" ({_TF_DECODES}, or another format Pillow reads)")
         raise InputError(f"{path}: the {what} is not an image file that can be "
                          f"decoded{hint}") from None

@@ -38,6 +38,8 @@ RAW_FOR_MERGED = {1: 1, 2: 2, 3: 4, 4: 5, 5: 6, 6: 7, 7: 10, 8: 11, 9: 13, 10: 1
 
 SMALL = dict(num_query_train=6, num_test_query=4, num_test_support=10, progress=False,
              num_workers=0)
+# 17 usable images suffice.
+TINY_TEST = {**SMALL, "num_test_query": 1, "num_query_train": 5, "num_test": 11}
 
 
 # ----------------------------------------------------------------------------
@@ -453,6 +455,105 @@ def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
         stored["palette_mask"][1]["mask"], np.vectorize(HAND_MERGE.get)(mask))
 
 
+def _file(root, rel, data):
+    path = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _encoded(image, fmt, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _with_orientation(array, orientation) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _encoded(Image.fromarray(array), "JPEG", quality=95, exif=exif)
+
+
+def _stored(out) -> dict:
+    """{source id: decoded example} over all splits."""
+    return {ex["source_id"].decode(): ex for split in features.SPLITS
+            for ex in _decoded(out, split)}
+
+
+def test_photo_types_pillow_reads_are_accepted(tmp_path):
+    """Photos in JPEGImages/ as PNG, WebP, TIFF, BMP or 16-bit grey PNG are read with
+    Pillow and stored as RGB JPEG close to their pixels; HEIC is refused with a hint."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    _random_atr(root, 16, seed=20)
+    rng = np.random.default_rng(21)
+    photo, mask = _photo(rng), _mask_with({1, 3})
+    grey16 = (photo[..., 0].astype(np.uint16) << 8) | 0x7F  # high byte = photo's red
+    files = {
+        "as_png.png": _png(photo),
+        "as_webp.webp": _encoded(Image.fromarray(photo), "WEBP", lossless=True),
+        "as_tiff.TIF": _encoded(Image.fromarray(photo), "TIFF"),
+        "as_bmp.bmp": _encoded(Image.fromarray(photo), "BMP"),
+        "grey16.png": _png(grey16),
+        "iphone.heic": b"\0\0\0\x18ftypheic" + bytes(64),
+    }
+    for name, data in files.items():
+        _file(root, f"JPEGImages/{name}", data)
+        _file(root, f"SegmentationClassAug/{os.path.splitext(name)[0]}.png", _png(mask))
+    m = b.build(root, out, **TINY_TEST)
+    assert [(r["id"], r["reason"]) for r in m["rejected"]] == [
+        ("iphone", "not an image: JPEGImages/iphone.heic: not an image file (PIL cannot "
+                   "identify it); HEIC/HEIF photos need converting to JPEG first")]
+    stored = _stored(out)
+    for sid in ("as_png", "as_webp", "as_tiff", "as_bmp"):
+        assert np.abs(stored[sid]["image"].astype(int) - photo).mean() < 3, sid
+        np.testing.assert_array_equal(stored[sid]["mask"], np.vectorize(HAND_MERGE.get)(mask))
+    # Pillow's convert("RGB") would clip every 16-bit value above 255 to white.
+    grey = stored["grey16"]["image"].astype(int)
+    assert np.abs(grey - photo[..., :1]).mean() < 3
+
+
+def test_exif_orientation_follows_the_mask(tmp_path, caplog):
+    """auto: a sideways phone photo (tag 6) whose mask has the upright size is turned
+    upright; a tagged photo whose mask has the stored size stays as stored (ATR's
+    convention) and is listed. upright / stored force one grid; a mask that matches
+    the other grid is rejected with the flag to use."""
+    root = str(tmp_path / "atr")
+    _random_atr(root, 16, seed=30)
+    rng = np.random.default_rng(31)
+    photo = _photo(rng, 24, 16)          # as seen: 24 rows x 16 cols
+    mask = _mask_with({1, 3}, 24, 16)
+    sideways = np.rot90(photo, 1)        # stored 16 x 24; tag 6 turns it back (270 deg)
+    np.testing.assert_array_equal(np.asarray(Image.fromarray(sideways).transpose(
+        Image.Transpose.ROTATE_270)), photo)
+    _put(root, "sideways", _with_orientation(sideways, 6), _png(mask))
+    _put(root, "flipped", _with_orientation(photo, 3), _png(mask))   # mask of the stored grid
+    with caplog.at_level(logging.INFO):
+        m = b.build(root, str(tmp_path / "auto"), **TINY_TEST)
+    assert m["rejected"] == []
+    assert m["exif"] == {"mode": "auto", "turned_upright": ["sideways"],
+                         "kept_as_stored": ["flipped"]}
+    assert "1 image(s) carry an EXIF orientation tag" in caplog.text
+    assert "--exif=upright" in caplog.text
+    stored = _stored(str(tmp_path / "auto"))
+    assert stored["sideways"]["image"].shape == (24, 16, 3)
+    assert np.abs(stored["sideways"]["image"].astype(int) - photo).mean() < 4
+    assert np.abs(stored["flipped"]["image"].astype(int) - photo).mean() < 4
+
+    m = b.build(root, str(tmp_path / "upright"), exif="upright", **TINY_TEST)
+    flipped = _stored(str(tmp_path / "upright"))["flipped"]["image"].astype(int)
+    assert np.abs(flipped - photo[::-1, ::-1]).mean() < 4
+    assert m["exif"]["turned_upright"] == ["flipped", "sideways"]  # in id order
+
+    m = b.build(root, str(tmp_path / "stored"), exif="stored", **TINY_TEST)
+    assert [(r["id"], r["reason"]) for r in m["rejected"]] == [
+        ("sideways", "mask size mismatch: SegmentationClassAug/sideways.png: mask is 24x16 "
+                     "(rows x cols) but JPEGImages/sideways.jpg is 16x24 as stored; the photo "
+                     "has EXIF orientation 6 and the mask matches it upright: build with "
+                     "--exif=auto or --exif=upright")]
+    with pytest.raises(b.DatasetError, match="exif must be one of auto, stored, upright"):
+        b.build(root, str(tmp_path / "bad"), exif="rotate", **SMALL)
+
+
 def test_unexpected_file_and_bad_lists(tmp_path):
     root = str(tmp_path / "atr")
     ids = _random_atr(root, 20, seed=10)
@@ -461,7 +562,8 @@ def test_unexpected_file_and_bad_lists(tmp_path):
     m = b.build(root, str(tmp_path / "out"), **{**SMALL, "num_query_train": 4})
     assert m["rejected"] == [{"id": "notes", "path": "JPEGImages/notes.txt",
                               "reason": "unexpected file: JPEGImages/notes.txt: expected "
-                                        "<id>.jpg in JPEGImages/"}]
+                                        "an image <id>.jpg (or .jpeg, .jpe, .jfif, .png...) "
+                                        "in JPEGImages/"}]
     with pytest.raises(b.DatasetError, match="both the train and the test list"):
         b.build(root, str(tmp_path / "o2"), train_list=_write_list(tmp_path / "a", ids[:10]),
                 test_list=_write_list(tmp_path / "b", ids[9:]), **SMALL)

@@ -3,7 +3,8 @@
 Input: any folder in the ATR layout, the real ATR download or the output of
 `popnet_tf.data.synth`:
 
-    ROOT/JPEGImages/<id>.jpg            RGB photo
+    ROOT/JPEGImages/<id>.jpg            RGB photo (or .png, .webp, .tif, .bmp... any
+                                        type Pillow reads; HEIC is refused with a hint)
     ROOT/SegmentationClassAug/<id>.png  8-bit single-channel mask, raw ATR ids 0-17,
                                         255 = ignore
 
@@ -29,11 +30,18 @@ or mask without image, mask of another size, mask that is not single-channel,
 label values outside 0-17 and 255) are skipped, listed in the manifest under
 "rejected" with the file and the reason, and counted in the log at the end.
 
-Images are read in their stored pixel grid: EXIF orientation is **not**
-applied, because ATR masks are aligned to the stored pixels (TensorFlow's
-`decode_jpeg` ignores EXIF as well, so training sees the same grid). A valid
-baseline RGB JPEG is stored byte for byte; anything else (grayscale, CMYK,
-progressive, PNG or palette data in a .jpg, alpha) is re-encoded as RGB JPEG,
+EXIF orientation (`exif`, `--exif`): ATR's masks are aligned to the stored pixel
+grid, which is also what TensorFlow's `decode_jpeg` returns. A phone photo stored
+sideways with an orientation tag may instead have been annotated as seen. With
+the default "auto", an image is turned upright only when its mask has the upright
+photo's size and not the stored one (tags 5-8, a 90-degree turn); a mask of the
+stored size keeps the stored grid, and such images are counted in a warning and
+listed in the manifest's "exif" (a mirror or 180-degree turn cannot be told from
+the sizes: `--exif=upright` turns every tagged image, `--exif=stored` none).
+
+A valid baseline RGB JPEG kept in its stored grid is stored byte for byte;
+anything else (grayscale, 16-bit grey: its high byte, CMYK, progressive, PNG,
+WebP, TIFF, palette, alpha, an image turned upright) is re-encoded as RGB JPEG,
 quality 95.
 
 The output appears atomically: the build writes into the sibling folder
@@ -78,6 +86,8 @@ from absl import logging
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from popnet_tf import classes
+from popnet_tf.data.images import (HEIF_HINT, IMAGE_EXTENSIONS, UPRIGHT, exif_orientation,
+                                   is_heif, to_rgb, upright_size)
 
 # TensorFlow and Keras are imported inside the functions that need them: worker
 # processes are started with "spawn" and import this module, and they only need
@@ -85,11 +95,14 @@ from popnet_tf import classes
 
 IMAGE_DIR = "JPEGImages"
 MASK_DIR = "SegmentationClassAug"
-IMAGE_SUFFIXES = (".jpg", ".jpeg")
+# Any photo type Pillow reads (JPEG, PNG, WebP, TIFF, BMP...); stored as JPEG in the shards.
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS
 MASK_SUFFIX = ".png"
 
 NUM_TEST_SUPPORTS = 10  # SPEC §5: ten fixed supports of S_test.
 JPEG_QUALITY = 95  # Re-encoding quality for images that are not baseline RGB JPEG.
+# --exif: which pixel grid a mask is aligned to when its image has an EXIF orientation.
+EXIF_MODES = ("auto", "stored", "upright")
 MAX_SHARD_EXAMPLES = 1000
 MAX_SHARD_BYTES = 100 * 2**20
 FORMAT_VERSION = 1
@@ -129,6 +142,7 @@ class _Encoded(NamedTuple):
     height: int
     width: int
     classes: tuple[int, ...]  # merged ids present, 0 included, 255 excluded
+    exif: str  # "turned_upright", "kept_as_stored" (orientation tag 2-8) or "" (none)
 
 
 class _Rejection(NamedTuple):
@@ -155,6 +169,7 @@ class _Task(NamedTuple):
     root: str
     image: str | None  # paths relative to root; None when the file is absent
     mask: str | None
+    exif: str = "auto"  # one of EXIF_MODES
 
 
 # --------------------------------------------------------------------------
@@ -172,7 +187,8 @@ def _open_fully(data: bytes, path: str, *, is_mask: bool) -> Image.Image:
         img.load()
     except UnidentifiedImageError:
         kind = UNREADABLE_MASK if is_mask else NOT_AN_IMAGE
-        raise _Skip(kind, path, "not an image file (PIL cannot identify it)") from None
+        hint = f"; {HEIF_HINT}" if is_heif(data) else ""
+        raise _Skip(kind, path, f"not an image file (PIL cannot identify it){hint}") from None
     except Exception as err:  # pylint: disable=broad-except
         # PIL reports truncation and corrupt streams as OSError, but malformed
         # headers surface as SyntaxError, ValueError, EOFError, struct.error or
@@ -190,17 +206,17 @@ def _open_fully(data: bytes, path: str, *, is_mask: bool) -> Image.Image:
     return img
 
 
-def _image_jpeg(data: bytes, img: Image.Image, path: str) -> bytes:
-    """The original bytes for a baseline RGB JPEG; otherwise RGB JPEG, quality 95."""
+def _image_jpeg(data: bytes, img: Image.Image, path: str, orientation: int = 1) -> bytes:
+    """The original bytes for a baseline RGB JPEG kept in its stored grid (orientation
+    1); otherwise RGB JPEG, quality 95, turned by the EXIF `orientation` when it is 2-8.
+    16-bit grey keeps its high byte (Pillow's own conversion would clip it to white)."""
     progressive = "progressive" in img.info or "progression" in img.info
-    if img.format == "JPEG" and img.mode == "RGB" and not progressive:
+    if img.format == "JPEG" and img.mode == "RGB" and not progressive and orientation == 1:
         return data
     try:
-        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-            # Alpha is dropped: go through RGBA so palette transparency is
-            # resolved by PIL rather than warned about.
-            img = img.convert("RGBA")
-        rgb = img.convert("RGB")
+        rgb = to_rgb(img)
+        if orientation in UPRIGHT:
+            rgb = rgb.transpose(UPRIGHT[orientation])
     except (ValueError, OSError) as err:
         raise _Skip(UNREADABLE_IMAGE, path,
                     f"cannot convert mode {img.mode!r} to RGB ({err})") from None
@@ -210,9 +226,10 @@ def _image_jpeg(data: bytes, img: Image.Image, path: str) -> bytes:
 
 
 def _merged_mask(img_size: tuple[int, int], mask: Image.Image, path: str,
-                 image_path: str) -> tuple[Image.Image, tuple[int, ...]]:
-    """Validates a raw ATR mask; returns (merged ids, an 'L' image [H, W], and
-    the merged ids present, 255 excluded)."""
+                 image_path: str, size_hint: str = "") -> tuple[Image.Image, tuple[int, ...]]:
+    """Validates a raw ATR mask against the image size it must have; returns (merged
+    ids, an 'L' image [H, W], and the merged ids present, 255 excluded). `size_hint`
+    is added to a size-mismatch reason."""
     if mask.format != "PNG":
         raise _Skip(MASK_NOT_PNG, path, f"mask is {mask.format} data; save masks as "
                     "lossless 8-bit PNG")
@@ -228,7 +245,7 @@ def _merged_mask(img_size: tuple[int, int], mask: Image.Image, path: str,
     if mask.size != img_size:
         raise _Skip(MASK_SIZE_MISMATCH, path,
                     f"mask is {mask.size[1]}x{mask.size[0]} (rows x cols) but "
-                    f"{image_path} is {img_size[1]}x{img_size[0]}")
+                    f"{image_path} is {img_size[1]}x{img_size[0]}{size_hint}")
     # Palette masks are read as their index values, not their colours.
     raw = mask if mask.mode == "L" else Image.frombytes("L", mask.size, mask.tobytes())
     counts = raw.histogram()  # 256 pixel counts, by value
@@ -262,7 +279,7 @@ def _process(task: _Task) -> _Encoded | _Rejection:
     try:
         if task.image is None:
             raise _Skip(MISSING_IMAGE, task.mask or f"{IMAGE_DIR}/{sid}.jpg",
-                        f"no image {IMAGE_DIR}/{sid}.jpg" +
+                        f"no image {IMAGE_DIR}/{sid}.jpg (or .png, .webp, .tif...)" +
                         (" for this mask" if task.mask else
                          f" and no mask {MASK_DIR}/{sid}{MASK_SUFFIX}"))
         if task.mask is None:
@@ -273,12 +290,44 @@ def _process(task: _Task) -> _Encoded | _Rejection:
         image = _open_fully(image_data, task.image, is_mask=False)
         with open(os.path.join(task.root, task.mask), "rb") as f:
             mask = _open_fully(f.read(), task.mask, is_mask=True)
-        merged, present = _merged_mask(image.size, mask, task.mask, task.image)
-        jpeg = _image_jpeg(image_data, image, task.image)
+        orientation = exif_orientation(image)
+        turn = _exif_turn(task.exif, orientation, image.size, mask.size)
+        size = upright_size(image.size, orientation) if turn else image.size
+        merged, present = _merged_mask(size, mask, task.mask, task.image,
+                                       _exif_hint(task.exif, orientation, image.size, mask.size))
+        jpeg = _image_jpeg(image_data, image, task.image, orientation if turn else 1)
     except _Skip as skip:
         return _Rejection(sid, skip.path, skip.kind, f"{skip.path}: {skip.detail}")
-    width, height = image.size
-    return _Encoded(sid, jpeg, _encode_mask(merged), height, width, present)
+    width, height = size
+    exif = "" if orientation == 1 else ("turned_upright" if turn else "kept_as_stored")
+    return _Encoded(sid, jpeg, _encode_mask(merged), height, width, present, exif)
+
+
+def _exif_turn(mode: str, orientation: int, image_size, mask_size) -> bool:
+    """Whether to turn the image upright by its EXIF orientation (module docstring):
+    always with --exif=upright, never with --exif=stored; with auto, only when the mask
+    has the upright photo's size and not the stored one (a 90-degree turn: the mask was
+    drawn on the photo as seen). A mask of the stored size keeps ATR's convention."""
+    if orientation == 1 or mode == "stored":
+        return False
+    if mode == "upright":
+        return True
+    return (tuple(mask_size) != tuple(image_size)
+            and tuple(mask_size) == upright_size(image_size, orientation))
+
+
+def _exif_hint(mode: str, orientation: int, image_size, mask_size) -> str:
+    """What to try when the mask's size matches the photo in the grid --exif did not pick."""
+    if orientation == 1:
+        return ""
+    upright = upright_size(image_size, orientation)
+    if mode == "stored" and tuple(mask_size) == upright:
+        return (f" as stored; the photo has EXIF orientation {orientation} and the mask "
+                "matches it upright: build with --exif=auto or --exif=upright")
+    if mode == "upright" and tuple(mask_size) == tuple(image_size):
+        return (f" when turned upright by its EXIF orientation {orientation}; the mask "
+                "matches the stored pixels: build with --exif=auto or --exif=stored")
+    return f" (EXIF orientation {orientation}: upright {upright[1]}x{upright[0]})"
 
 
 def _ignore_sigint() -> None:
@@ -306,8 +355,10 @@ def _scan(root: str) -> tuple[dict[str, str], dict[str, str], list[_Rejection]]:
                 continue  # hidden files (.DS_Store) and folders are not inputs
             stem, suffix = os.path.splitext(name)
             if suffix.lower() not in suffixes:
+                wanted = (f"an image <id>{suffixes[0]} (or {', '.join(suffixes[1:5])}...)"
+                          if sub == IMAGE_DIR else f"a mask <id>{suffixes[0]}")
                 stray.append(_Rejection(stem, rel, UNEXPECTED_FILE,
-                                        f"{rel}: expected <id>{suffixes[0]} in {sub}/"))
+                                        f"{rel}: expected {wanted} in {sub}/"))
                 continue
             if (sub, stem) in seen:
                 stray.append(_Rejection(stem, rel, DUPLICATE_ID,
@@ -528,7 +579,7 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
           test_list: str | None = None, split_lists: str | None = None,
           num_test: int | None = None, num_query_train: int = 8000,
           num_test_query: int = 500, num_test_support: int = 500,
-          num_shards: int | None = None, seed: int = 0,
+          num_shards: int | None = None, seed: int = 0, exif: str = "auto",
           num_workers: int | None = None, progress: bool = True) -> dict:
     """Builds the ATR-OS dataset from an ATR-layout folder; returns the manifest.
 
@@ -546,6 +597,9 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
         num_shards: shards per split (capped at the split's size); default: up
             to 1000 examples and about 100 MB a shard.
         seed: permutation seed of the held-out split (unused with lists).
+        exif: for images with an EXIF orientation tag, the pixel grid their masks
+            follow: "auto" (the upright photo's when only its size matches the mask,
+            else the stored pixels'), "stored" (ATR's convention) or "upright".
         num_workers: decoding processes; 0 decodes in this process; default
             all available cores.
         progress: show a progress bar.
@@ -563,6 +617,8 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
     """
     start = time.time()
     _check_numbers(num_query_train, num_test_query, num_test_support, num_test, num_shards)
+    if exif not in EXIF_MODES:
+        raise DatasetError(f"exif must be one of {', '.join(EXIF_MODES)}, got {exif!r}")
     atr_root = os.path.abspath(atr_root)
     out_dir = os.path.abspath(out_dir)
     if not os.path.isdir(os.path.join(atr_root, IMAGE_DIR)):
@@ -588,7 +644,7 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
         if len(ids) < needed:
             raise DatasetError(_too_few_msg(atr_root, len(ids), needed, num_test_eff,
                                             num_query_train))
-        tasks = [_Task(i, atr_root, images.get(i), masks.get(i)) for i in ids]
+        tasks = [_Task(i, atr_root, images.get(i), masks.get(i), exif) for i in ids]
         prior = stray
     else:
         train_ids, test_ids = lists[0], lists[1]
@@ -598,7 +654,7 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
                                f"({len(overlap)} in all); a test image must not be trained on")
         _precheck_list("train", len(train_ids), num_query_train + 1, lists[2])
         _precheck_list("test", len(test_ids), num_test_query + num_test_support, lists[3])
-        tasks = [_Task(i, atr_root, images.get(i), masks.get(i))
+        tasks = [_Task(i, atr_root, images.get(i), masks.get(i), exif)
                  for i in train_ids + test_ids]
         prior = []  # stray files beside unlisted ids are not inputs of this build
 
@@ -606,8 +662,8 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
     try:
-        staged, rejected = _process_all(tasks, os.path.join(tmp_dir, _STAGING_NAME),
-                                        num_workers, progress)
+        staged, rejected, exif_notes = _process_all(
+            tasks, os.path.join(tmp_dir, _STAGING_NAME), num_workers, progress)
         rejected = prior + rejected
         num_inputs = len(tasks) + len(prior)
         try:
@@ -635,6 +691,7 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
             "folds": {name: {str(fold): list(names) for fold, names in folds.items()}
                       for name, folds in classes.FOLDS.items()},
             "rejected": [r.as_manifest() for r in rejected],
+            "exif": {"mode": exif, **exif_notes},
             "source": {
                 "atr_root": atr_root,
                 "train_list": lists[2] if lists else None,
@@ -642,6 +699,7 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
                 "split_lists": split_lists,
                 "num_test": num_test_eff,
                 "seed": seed,
+                "exif": exif,
                 "num_query_train": num_query_train,
                 "num_test_query": num_test_query,
                 "num_test_support": num_test_support,
@@ -662,6 +720,7 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     _log_skipped(rejected, num_inputs)
+    _log_exif(exif_notes, exif)
     counts = ", ".join(f"{s} {len(splits[s])}" for s in splits)
     logging.info("Wrote ATR-OS to %s in %.1f s: %s; test supports %s.", out_dir,
                  time.time() - start, counts, supports)
@@ -723,7 +782,7 @@ def _too_few_msg(root, found, needed, num_test, num_query_train, usable=None) ->
 def _process_all(tasks, staging_path, num_workers, progress):
     """Decodes every task (in worker processes), stores each usable example
     serialized in a staging file. Returns ({id: (offset, length, classes)},
-    rejections), both in task order whatever the worker count."""
+    rejections, {exif note: ids}), all in task order whatever the worker count."""
     from popnet_tf.data import features
 
     if num_workers is None:
@@ -732,6 +791,7 @@ def _process_all(tasks, staging_path, num_workers, progress):
     num_workers = max(0, min(num_workers, len(tasks)))
     staged: dict[str, tuple[int, int, tuple[int, ...]]] = {}
     rejected: list[_Rejection] = []
+    exif: dict[str, list[str]] = {"turned_upright": [], "kept_as_stored": []}
     bar = _progbar(len(tasks), progress, "image")
     pool = None
     if num_workers > 0:
@@ -754,6 +814,8 @@ def _process_all(tasks, staging_path, num_workers, progress):
                         classes=result.classes).SerializeToString()
                     staged[result.source_id] = (staging.tell(), len(record), result.classes)
                     staging.write(record)
+                    if result.exif:
+                        exif[result.exif].append(result.source_id)
                 if bar is not None:
                     bar.update(i + 1)
         if pool:
@@ -762,7 +824,23 @@ def _process_all(tasks, staging_path, num_workers, progress):
     finally:
         if pool:
             pool.terminate()
-    return staged, rejected
+    return staged, rejected, exif
+
+
+def _log_exif(exif: dict[str, list[str]], mode: str) -> None:
+    """Says which images were turned by their EXIF orientation and which were not."""
+    turned, kept = exif["turned_upright"], exif["kept_as_stored"]
+    if turned:
+        logging.info("%d image(s) turned upright by their EXIF orientation (--exif=%s), as "
+                     "their masks are: %s%s", len(turned), mode, turned[:5],
+                     " ..." if len(turned) > 5 else "")
+    if kept:
+        logging.warning(
+            "%d image(s) carry an EXIF orientation tag but were used in their stored pixel "
+            "grid, to which their masks are taken to be aligned (as ATR's are; --exif=%s): "
+            "%s%s. If the masks were drawn on the photos as seen (upright), rebuild with "
+            "--exif=upright. Listed in the manifest under 'exif'.", len(kept), mode,
+            kept[:5], " ..." if len(kept) > 5 else "")
 
 
 def _log_skipped(rejected: list[_Rejection], num_inputs: int) -> None:
@@ -863,7 +941,8 @@ def _define_flags():
     # (spawn) and must not register the flags a second time.
     from absl import flags
 
-    flags.DEFINE_string("atr_root", None, "ATR-layout folder: JPEGImages/<id>.jpg and "
+    flags.DEFINE_string("atr_root", None, "ATR-layout folder: JPEGImages/<id>.jpg (or "
+                        ".png, .webp, .tif... any photo type Pillow reads) and "
                         "SegmentationClassAug/<id>.png (raw ATR ids 0-17, 255 ignore).")
     flags.DEFINE_string("out", None, "Dataset folder to write (atomically). An existing "
                         "ATR-OS dataset there is replaced once the new one is complete.")
@@ -884,6 +963,11 @@ def _define_flags():
     flags.DEFINE_integer("num_shards", None, "Shards per split (default: up to 1000 "
                          "examples and ~100 MB a shard).")
     flags.DEFINE_integer("seed", 0, "Seed of the held-out split when no lists are given.")
+    flags.DEFINE_enum("exif", "auto", list(EXIF_MODES), "Images with an EXIF orientation "
+                      "tag (phone photos): 'stored' takes every mask as aligned to the stored "
+                      "pixels (ATR's convention), 'upright' to the photo as seen (turned by "
+                      "the tag), 'auto' turns an image only when its mask has the upright "
+                      "photo's size and not the stored one (a 90-degree turn).")
     flags.DEFINE_integer("num_workers", None, "Decoding processes (default: all cores; "
                          "0: decode in the main process).")
     flags.DEFINE_boolean("progress", True, "Show a progress bar.")
@@ -902,7 +986,8 @@ def main(argv):
               test_list=FLAGS.test_list, split_lists=FLAGS.split_lists,
               num_test=FLAGS.num_test, num_query_train=FLAGS.num_query_train,
               num_test_query=FLAGS.num_test_query, num_test_support=FLAGS.num_test_support,
-              num_shards=FLAGS.num_shards, seed=FLAGS.seed, num_workers=FLAGS.num_workers,
+              num_shards=FLAGS.num_shards, seed=FLAGS.seed, exif=FLAGS.exif,
+              num_workers=FLAGS.num_workers,
               progress=FLAGS.progress)
     except DatasetError as err:
         logging.error("%s", err)

@@ -1,0 +1,84 @@
+"""Photos as users have them: file types, EXIF orientation, 16-bit grey -> 8-bit RGB.
+
+Pillow only (no TensorFlow), so the dataset builder's worker processes can use it
+cheaply; `popnet_tf.predict` reads query and support photos with the same rules.
+
+- `IMAGE_EXTENSIONS`: the file types a folder of photos contributes (HEIC/HEIF are
+  listed so that they are reported with a hint rather than skipped silently).
+- `exif_orientation` and `UPRIGHT`: the EXIF orientation tag (1-8) and the transpose
+  that turns the stored pixels upright (the table of `PIL.ImageOps.exif_transpose`).
+- `to_rgb`: any Pillow image -> 8-bit RGB, keeping the high byte of 16-bit grey
+  (Pillow's own `convert("RGB")` clips 16-bit values at 255, a white image; TensorFlow's
+  PNG decoder keeps the high byte, and so do we).
+
+Example:
+    >>> from PIL import Image
+    >>> from popnet_tf.data import images
+    >>> photo = Image.open("IMG_0042.jpg")        # a phone photo stored sideways
+    >>> orientation = images.exif_orientation(photo)                  # 6
+    >>> upright = images.to_rgb(photo).transpose(images.UPRIGHT[orientation])
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".dib", ".gif",
+                    ".webp", ".tif", ".tiff", ".avif", ".jp2", ".j2k", ".jpx", ".ppm", ".pgm",
+                    ".pbm", ".pnm", ".tga", ".qoi", ".heic", ".heif")
+HEIF_BRANDS = (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypmsf1", b"ftypheif")
+HEIF_HINT = "HEIC/HEIF photos need converting to JPEG first"
+
+EXIF_ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that turns the stored pixels upright.
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+           6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+# Orientations whose upright photo has width and height swapped.
+SWAPS_AXES = frozenset((5, 6, 7, 8))
+
+
+def is_heif(data: bytes) -> bool:
+    """Whether the bytes start like a HEIC/HEIF file (which Pillow cannot read)."""
+    return data[4:12] in HEIF_BRANDS
+
+
+def exif_orientation(image: Image.Image | bytes) -> int:
+    """The EXIF orientation tag of an image (or of encoded bytes, reading the header only)
+    when it asks for a turn (2-8), else 1: also when the tag is absent, out of range or
+    unreadable, since a broken EXIF block is no reason to refuse a photo."""
+    try:
+        if isinstance(image, (bytes, bytearray)):
+            with Image.open(io.BytesIO(image)) as opened:
+                value = int(opened.getexif().get(EXIF_ORIENTATION_TAG, 1))
+        else:
+            value = int(image.getexif().get(EXIF_ORIENTATION_TAG, 1))
+    except Exception:  # pylint: disable=broad-except
+        return 1
+    return value if value in UPRIGHT else 1
+
+
+def upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(width, height) of the photo as seen, after its EXIF orientation."""
+    return (size[1], size[0]) if orientation in SWAPS_AXES else tuple(size)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow image -> 'RGB'. Alpha is dropped (through RGBA, so that palette
+    transparency is resolved by Pillow rather than warned about); 16- and 32-bit grey
+    keep their high byte. Raises ValueError or OSError for a mode Pillow cannot convert."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        # 'I' holds a 16-bit PNG's values on some Pillow versions: its high byte too.
+        shift = 8 if image.mode != "I" or values.max(initial=0) > 255 else 0
+        grey = (np.clip(values, 0, 65535) >> shift).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
