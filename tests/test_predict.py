@@ -160,6 +160,29 @@ def test_cli_support_error_is_one_line_naming_the_file(setup):
     assert not os.path.exists(setup["tmp"] / "none")
 
 
+@pytest.mark.slow
+def test_cli_apply_exif_flag(setup):
+    """A phone photo stored sideways (40 x 90, EXIF orientation 6): by default its labels
+    are the upright photo's size (90 x 40); --noapply_exif keeps the stored grid."""
+    sideways = Image.fromarray(smooth((40, 90), 6))
+    exif = sideways.getexif()
+    exif[0x0112] = 6
+    path = str(setup["tmp"] / "sideways.jpg")
+    sideways.save(path, quality=95, exif=exif)
+    sizes = {}
+    for flag in ("--apply_exif", "--noapply_exif"):
+        out = str(setup["tmp"] / f"exif{flag}")
+        result = run_cli(["--model", setup["base"], "--support", setup["support"],
+                          "--support_mask", setup["mask"], "--query", path, "--out", out, flag],
+                         cwd=REPO)
+        assert result.returncode == 0, result.stderr
+        with open(os.path.join(out, "summary.json")) as f:
+            query = json.load(f)["queries"][0]
+        sizes[flag] = (Image.open(os.path.join(out, "sideways.png")).size,
+                       query["exif_orientation"])
+    assert sizes == {"--apply_exif": ((40, 90), 6), "--noapply_exif": ((90, 40), 1)}
+
+
 # ----------------------------------------------------------------------------- support checks
 @pytest.fixture
 def stub():
