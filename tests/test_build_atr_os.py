@@ -609,6 +609,18 @@ def test_determinism_across_worker_counts(synth_root, tmp_path):
     b.build(root, out0, **{**kw, "num_workers": 0})
     assert _tree(out0) == _tree(out2)
     assert _siblings(out0) == []
+    # ... and so do other processes: protobuf writes an Example's feature map in an order
+    # that follows Python's hash seed unless it serializes deterministically.
+    for hash_seed in ("1", "2"):
+        out = str(tmp_path / f"hash_seed{hash_seed}")
+        proc = subprocess.run(
+            [sys.executable, "-m", "popnet_tf.data.build_atr_os", f"--atr_root={root}",
+             f"--out={out}", "--num_query_train=10", "--num_test_query=4",
+             "--num_test_support=10", "--num_shards=2", "--num_workers=0", "--noprogress"],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+            env={**_env(), "PYTHONHASHSEED": hash_seed})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert _tree(out) == _tree(out2), hash_seed
 
 
 @pytest.mark.parametrize("error", [RuntimeError("disk on fire"), KeyboardInterrupt()])

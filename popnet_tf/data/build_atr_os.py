@@ -48,8 +48,8 @@ The output appears atomically: the build writes into the sibling folder
 `OUT.tmp-<pid>` and renames it into place when complete; a previous dataset at
 OUT is replaced only then. Temp folders of killed builds are removed (or, for a
 build killed while swapping, the previous dataset restored) by the next build.
-The same input and flags give byte-identical shards whatever the number of
-worker processes.
+The same input and flags give byte-identical shards (and manifest hashes) in any
+run, whatever the number of worker processes and Python's hash seed.
 
 Example:
     $ python -m popnet_tf.data.build_atr_os --atr_root /data/ATR --out /data/atr_os
@@ -808,10 +808,12 @@ def _process_all(tasks, staging_path, num_workers, progress):
                 if isinstance(result, _Rejection):
                     rejected.append(result)
                 else:
+                    # deterministic: otherwise the feature map's order follows the
+                    # process's hash seed, and shards differ from run to run.
                     record = features.make_example(
                         result.image_jpeg, result.mask_png, source_id=result.source_id,
                         height=result.height, width=result.width,
-                        classes=result.classes).SerializeToString()
+                        classes=result.classes).SerializeToString(deterministic=True)
                     staged[result.source_id] = (staging.tell(), len(record), result.classes)
                     staging.write(record)
                     if result.exif:
