@@ -385,7 +385,8 @@ def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
         "label40": (_jpeg(photo), _png(np.where(mask > 0, 40, 0).astype(np.uint8))),
         "no_mask": (_jpeg(photo), None),
         "no_image": (None, _png(mask)),
-        "mask16": (_jpeg(photo), _png(mask.astype(np.uint16))),
+        "mask16": (_jpeg(photo), _png(np.where(mask > 0, 300, 0).astype(np.uint16))),
+        "mask1bit": (_jpeg(photo), _png(Image.fromarray(mask > 0))),
     }
     for sid, (img, msk) in bad.items():
         _put(root, sid, img, msk)
@@ -408,6 +409,8 @@ def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
     palette_mask = Image.frombytes("P", (mask.shape[1], mask.shape[0]), mask.tobytes())
     palette_mask.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
     _put(root, "palette_mask", _jpeg(photo), _png(palette_mask))
+    # A 16-bit mask whose values are all ATR ids (as some annotation tools save them).
+    _put(root, "mask16_ok", _jpeg(photo), _png(mask.astype(np.uint16)))
     with caplog.at_level(logging.INFO):
         m = b.build(root, out, **{**SMALL, "num_test_query": 1, "num_test_support": 10,
                                   "num_query_train": 5, "num_test": 11})
@@ -427,9 +430,12 @@ def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
                                   "no mask SegmentationClassAug/no_mask.png for this image")
     assert reasons["no_image"][0] == "SegmentationClassAug/no_image.png"
     assert reasons["no_image"][1].startswith("missing image:")
-    assert reasons["mask16"][1].startswith("mask not 8-bit: SegmentationClassAug/mask16.png")
-    total = len(good) + len(bad) + len(odd) + 1
-    assert (f"skipped 8 of {total} inputs: 1 label out of range, 1 mask not 8-bit, "
+    assert reasons["mask16"][1] == (
+        "label out of range: SegmentationClassAug/mask16.png: label values 300 outside 0-17 "
+        "(raw ATR ids; 255 = ignore; 'I;16' mask)")
+    assert reasons["mask1bit"][1].startswith("mask not 8-bit: SegmentationClassAug/mask1bit.png")
+    total = len(good) + len(bad) + len(odd) + 2
+    assert (f"skipped 9 of {total} inputs: 2 label out of range, 1 mask not 8-bit, "
             "1 mask not single-channel, "
             "1 mask size mismatch, 1 missing image, 1 missing mask, 1 not an image, "
             "1 truncated image") in caplog.text
@@ -442,7 +448,7 @@ def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
             sid = ex.features.feature[features.SOURCE_ID].bytes_list.value[0].decode()
             stored[sid] = (ex.features.feature[features.IMAGE_ENCODED].bytes_list.value[0],
                            {k: v.numpy() for k, v in features.decode_example(raw).items()})
-    assert set(stored) == set(good) | set(odd) | {"palette_mask"}
+    assert set(stored) == set(good) | set(odd) | {"palette_mask", "mask16_ok"}
     for sid in odd:
         data, ex = stored[sid]
         img = Image.open(io.BytesIO(data))
@@ -451,8 +457,8 @@ def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
         ref = np.dstack([gray] * 3) if sid == "gray" else photo
         tol = 40 if sid == "palette" else 12  # an 8-colour palette is coarse
         assert np.abs(ex["image"].astype(int) - ref).mean() < tol, sid
-    np.testing.assert_array_equal(
-        stored["palette_mask"][1]["mask"], np.vectorize(HAND_MERGE.get)(mask))
+    for sid in ("palette_mask", "mask16_ok"):
+        np.testing.assert_array_equal(stored[sid][1]["mask"], np.vectorize(HAND_MERGE.get)(mask))
 
 
 def _file(root, rel, data):

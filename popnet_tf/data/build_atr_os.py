@@ -5,8 +5,8 @@ Input: any folder in the ATR layout, the real ATR download or the output of
 
     ROOT/JPEGImages/<id>.jpg            RGB photo (or .png, .webp, .tif, .bmp... any
                                         type Pillow reads; HEIC is refused with a hint)
-    ROOT/SegmentationClassAug/<id>.png  8-bit single-channel mask, raw ATR ids 0-17,
-                                        255 = ignore
+    ROOT/SegmentationClassAug/<id>.png  single-channel mask (8-bit grey or palette
+                                        indices, or 16-bit), raw ATR ids 0-17, 255 = ignore
 
 Output: `OUT/<split>-NNNNN-of-MMMMM.tfrecord` for the splits q_train, s_train,
 q_test and s_test, and `OUT/manifest.json` (docs/DESIGN.md). Each example holds
@@ -225,6 +225,26 @@ def _image_jpeg(data: bytes, img: Image.Image, path: str, orientation: int = 1) 
     return buf.getvalue()
 
 
+# Single-channel integer modes wider than 8 bits (16-bit PNG masks, as some annotation
+# tools write them): accepted when every value is an ATR id or the ignore label.
+_WIDE_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L")
+
+
+def _narrow_mask(mask: Image.Image, path: str) -> Image.Image:
+    """A 16- or 32-bit integer mask -> 'L', or a label-out-of-range skip naming the
+    values that do not fit (the same reason an 8-bit mask would get)."""
+    values = np.asarray(mask).astype(np.int64)
+    found = np.unique(values)
+    bad = found[((found < 0) | (found >= classes.NUM_RAW_CLASSES))
+                & (found != classes.IGNORE_LABEL)]
+    if bad.size:
+        shown = ", ".join(map(str, bad[:8].tolist())) + (", ..." if bad.size > 8 else "")
+        raise _Skip(LABEL_OUT_OF_RANGE, path,
+                    f"label values {shown} outside 0-{classes.NUM_RAW_CLASSES - 1} "
+                    f"(raw ATR ids; {classes.IGNORE_LABEL} = ignore; {mask.mode!r} mask)")
+    return Image.fromarray(values.astype(np.uint8), "L")
+
+
 def _merged_mask(img_size: tuple[int, int], mask: Image.Image, path: str,
                  image_path: str, size_hint: str = "") -> tuple[Image.Image, tuple[int, ...]]:
     """Validates a raw ATR mask against the image size it must have; returns (merged
@@ -233,10 +253,12 @@ def _merged_mask(img_size: tuple[int, int], mask: Image.Image, path: str,
     if mask.format != "PNG":
         raise _Skip(MASK_NOT_PNG, path, f"mask is {mask.format} data; save masks as "
                     "lossless 8-bit PNG")
+    if mask.mode in _WIDE_INTEGER_MODES:
+        mask = _narrow_mask(mask, path)
     if len(mask.getbands()) == 1 and mask.mode not in ("L", "P"):
         raise _Skip(MASK_NOT_8_BIT, path,
-                    f"mask has mode {mask.mode!r}; expected an 8-bit single-channel "
-                    "('L') or palette ('P') PNG whose values are ATR ids")
+                    f"mask has mode {mask.mode!r}; expected a single-channel ('L', or "
+                    "16-bit) or palette ('P') PNG whose values are ATR ids")
     if mask.mode not in ("L", "P"):
         raise _Skip(MASK_NOT_SINGLE_CHANNEL, path,
                     f"mask has mode {mask.mode!r} ({len(mask.getbands())} channel(s)); "
