@@ -85,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.head = "ncm"
+    # Gate the head by stage 1's human probability (evaluate, export, predict): off, as
+    # SPEC §6 predicts from NCM alone; on, background cannot take a one-shot class.
+    c.eval.foreground_gate = False
     c.eval.max_queries = 0                   # 0: all of q_test (SPEC §5)
     c.eval.val_queries = 50                  # per-epoch validation on a subset
     c.eval.num_logged_examples = 4

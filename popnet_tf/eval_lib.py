@@ -20,6 +20,7 @@ from keras.utils import Progbar
 
 from popnet_tf import classes, metrics
 from popnet_tf.data import episodes
+from popnet_tf.models.stages import gate_by_foreground
 
 
 def test_prototypes(model, static, presence):
@@ -92,7 +93,13 @@ def _compiled(model, key, make):
     return cache[key]
 
 
-def _kway_scorer(model, head):
+def _check_gate(model, foreground_gate):
+    if foreground_gate and not hasattr(model, "foreground_probability"):
+        raise ValueError(f"the foreground gate needs a POPNet stage with stage 1 inside; "
+                         f"{type(model).__name__} has none")
+
+
+def _kway_scorer(model, head, foreground_gate=False):
     compute_agm = head != "ncm"
 
     def score(images, prototypes, presence):
@@ -104,26 +111,32 @@ def _kway_scorer(model, head):
         out = model.heads(tiled, tf.tile(prototypes, [q, 1, 1]), tf.tile(presence, [q, 1]),
                           tf.repeat(images, num_supports, axis=0), compute_agm=compute_agm)
         probs = _head_probs(out, head)
-        return tf.reshape(probs, tf.concat([[q, num_supports], tf.shape(probs)[1:]], 0))
+        probs = tf.reshape(probs, tf.concat([[q, num_supports], tf.shape(probs)[1:]], 0))
+        if foreground_gate:  # stage 1 once per query, shared by its supports
+            probs = gate_by_foreground(probs, model.foreground_probability(images)[:, None])
+        return probs
 
     return score
 
 
 def evaluate_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size,
-                  head="ncm", max_queries=None, query_batch=4, progress=True,
-                  return_examples=0):
+                  head="ncm", foreground_gate=False, max_queries=None, query_batch=4,
+                  progress=True, return_examples=0):
     """K-way OSHP (SPEC §5): every q_test query against the ten fixed supports.
 
-    Returns the §8 summary (fractions) plus `num_pairs`, `head`, and, if
-    `return_examples` > 0, that many (support, query, truth, prediction) arrays
-    for galleries and TensorBoard.
+    `foreground_gate` gates the head's probabilities by stage 1's human probability
+    (`stages.gate_by_foreground`). Returns the §8 summary (fractions) plus `num_pairs`,
+    `head`, `foreground_gate`, and, if `return_examples` > 0, that many (support, query,
+    truth, prediction) arrays for galleries and TensorBoard.
     """
+    _check_gate(model, foreground_gate)
     supports = episodes.test_supports(data_dir, stage=stage, eval_size=eval_size)
     static, presence = model.support_prototypes(supports["image"], supports["mask"], training=False)
     prototypes = test_prototypes(model, static, presence)  # [S, C, K]
     num_supports = int(prototypes.shape[0])
     num_classes = classes.STAGE_NUM_CLASSES[stage]
-    scorer = _compiled(model, ("kway", head), lambda: _kway_scorer(model, head))
+    scorer = _compiled(model, ("kway", head, foreground_gate),
+                       lambda: _kway_scorer(model, head, foreground_gate))
 
     def score(images):
         return scorer(images, prototypes, presence)
@@ -165,6 +178,7 @@ def evaluate_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size,
     summary = metrics.kway_summary(matrix.result(), classes.novel_ids(stage, fold, fold_set),
                                    classes.STAGE_CLASS_NAMES[stage])
     summary.update({"num_pairs": seen * num_supports, "head": head,
+                    "foreground_gate": bool(foreground_gate),
                     "test_supports": [s.decode() for s in supports["source_id"].numpy()],
                     "confusion_matrix": matrix.result().tolist()})
     if return_examples:
@@ -197,8 +211,8 @@ def evaluate_foreground(model, *, data_dir, eval_size, max_queries=None, progres
 
 
 def evaluate_oneway(model, *, data_dir, stage, fold, fold_set="paper", eval_size,
-                    head="ncm", pairs_per_class=500, seed=0, progress=True,
-                    return_examples=0):
+                    head="ncm", foreground_gate=False, pairs_per_class=500, seed=0,
+                    progress=True, return_examples=0):
     """One-way OSHP (SPEC §5): per foreground class, seeded (support, query) pairs of
     images containing it; binary confusion matrices per class (SPEC §8).
 
@@ -209,6 +223,7 @@ def evaluate_oneway(model, *, data_dir, stage, fold, fold_set="paper", eval_size
                                    way="oneway", eval_size=eval_size,
                                    pairs_per_class=pairs_per_class, seed=seed)
     compute_agm = head != "ncm"
+    _check_gate(model, foreground_gate)
 
     def make_predict():
         def predict(query_image, support_image, support_mask):
@@ -216,10 +231,13 @@ def evaluate_oneway(model, *, data_dir, stage, fold, fold_set="paper", eval_size
             prototypes = test_prototypes(model, static, presence)
             feats = model.infused_features(query_image[None], training=False)
             out = model.heads(feats, prototypes, presence, query_image[None], compute_agm=compute_agm)
-            return _head_probs(out, head)[0]
+            probs = _head_probs(out, head)
+            if foreground_gate:
+                probs = gate_by_foreground(probs, model.foreground_probability(query_image[None]))
+            return probs[0]
         return predict
 
-    predict = _compiled(model, ("oneway", head), make_predict)
+    predict = _compiled(model, ("oneway", head, foreground_gate), make_predict)
 
     matrices: dict[int, np.ndarray] = {}
     examples, shown = [], set()
@@ -246,7 +264,7 @@ def evaluate_oneway(model, *, data_dir, stage, fold, fold_set="paper", eval_size
             bar.update(count)
     summary = metrics.oneway_summary(matrices, classes.novel_ids(stage, fold, fold_set),
                                      classes.STAGE_NUM_CLASSES[stage], classes.STAGE_CLASS_NAMES[stage])
-    summary.update({"num_pairs": count, "head": head})
+    summary.update({"num_pairs": count, "head": head, "foreground_gate": bool(foreground_gate)})
     if return_examples:
         summary["examples"] = examples
     return summary

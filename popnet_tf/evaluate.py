@@ -4,6 +4,7 @@ Usage:
     python -m popnet_tf.evaluate --workdir workdirs/synthetic_cpu_fold1 --way kway
     python -m popnet_tf.evaluate --workdir W --fold 1 --way oneway --pairs_per_class 50
     python -m popnet_tf.evaluate --workdir W --way kway --max_queries 20   # a quick look
+    python -m popnet_tf.evaluate --workdir W --way oneway --foreground_gate  # gated by stage 1
 
 The config and fold are those recorded in `W/run.json` by training. `--config`
 replaces the config, and only with it given can `--config.<key>=<value>` override
@@ -15,7 +16,9 @@ one value (`--config=configs/synthetic_cpu.py --config.eval.head=agm`). Writes
                    wall time, and the k-way confusion matrix
     table.md       the same in percent, as the paper's tables
     gallery.png    episodes: support with mask | query | ground truth | prediction
-and the metrics and gallery rows to TensorBoard under `W/tensorboard/eval_fold<F>_<way>/`.
+(`W/eval/fold<F>_<way>_foreground_gate/` with `--foreground_gate`: the head's
+probabilities gated by stage 1's human probability, `stages.gate_by_foreground`; not
+part of SPEC §6, whose NCM prediction is the default) and the metrics and gallery rows to TensorBoard under `W/tensorboard/eval_fold<F>_<way>/`.
 
 K-way scoring encodes each of the ten supports once and each query once
 (`eval_lib.evaluate_kway`). The Fine-tune baseline is the exception: its weights
@@ -51,8 +54,10 @@ TABLE_FILE = "table.md"
 GALLERY_FILE = "gallery.png"
 
 
-def eval_dir(workdir: str, fold: int, way: str) -> str:
-    return os.path.join(workdir, "eval", f"fold{fold}_{way}")
+def eval_dir(workdir: str, fold: int, way: str, foreground_gate: bool = False) -> str:
+    """W/eval/fold<F>_<way>/, or fold<F>_<way>_foreground_gate/ for gated results."""
+    return os.path.join(workdir, "eval",
+                        f"fold{fold}_{way}" + ("_foreground_gate" if foreground_gate else ""))
 
 
 def load_run(workdir: str) -> tuple[config_dict.ConfigDict, int]:
@@ -238,7 +243,8 @@ def _example(support_image, support_mask, query_image, truth, prediction, valid_
 # ----------------------------------------------------------------------------- evaluate
 def evaluate(workdir: str, *, way: str = "kway", fold: int | None = None, config=None,
              stage: int = 3, max_queries: int | None = None, pairs_per_class: int | None = None,
-             num_examples: int = 6, progress: bool = True, write: bool = True) -> dict:
+             foreground_gate: bool | None = None, num_examples: int = 6, progress: bool = True,
+             write: bool = True) -> dict:
     """Runs the SPEC §5 test protocol on a trained workdir and writes its outputs.
 
     Args:
@@ -249,6 +255,8 @@ def evaluate(workdir: str, *, way: str = "kway", fold: int | None = None, config
         stage: the one-shot stage to score (3: the 12 classes of SPEC §8; 2: areas).
         max_queries: k-way queries (None: config.eval.max_queries, 0 there = all).
         pairs_per_class: one-way pairs per class (None: config.eval.oneway_pairs_per_class).
+        foreground_gate: gate the head by stage 1's human probability (None:
+            config.eval.foreground_gate, False in configs older than the option).
         num_examples: episodes drawn in the gallery and TensorBoard.
         write: write results.json, table.md, gallery.png and TensorBoard.
     Returns:
@@ -273,6 +281,11 @@ def evaluate(workdir: str, *, way: str = "kway", fold: int | None = None, config
         max_queries = config.eval.max_queries or None
     if pairs_per_class is None:
         pairs_per_class = config.eval.oneway_pairs_per_class
+    if foreground_gate is None:
+        foreground_gate = bool(config.eval.get("foreground_gate", False))
+    if foreground_gate and method != "popnet":
+        raise ValueError(f"--foreground_gate needs POPNet's stage 1; the {method} baseline "
+                         "has none")
     data_dir = train_lib.ensure_dataset(config)
     checkpoint = tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, stage))
     if checkpoint is None:
@@ -296,14 +309,17 @@ def evaluate(workdir: str, *, way: str = "kway", fold: int | None = None, config
             summary = finetune_oneway(model, pairs_per_class=pairs_per_class, seed=config.seed,
                                       **tuning, **common)
     elif way == "kway":
-        summary = eval_lib.evaluate_kway(model, head=head, max_queries=max_queries, **common)
+        summary = eval_lib.evaluate_kway(model, head=head, foreground_gate=foreground_gate,
+                                         max_queries=max_queries, **common)
     else:
-        summary = eval_lib.evaluate_oneway(model, head=head, pairs_per_class=pairs_per_class,
+        summary = eval_lib.evaluate_oneway(model, head=head, foreground_gate=foreground_gate,
+                                           pairs_per_class=pairs_per_class,
                                            seed=config.seed, **common)
     examples = summary.pop("examples", [])
     results = {
         **summary,
         "method": method, "way": way, "stage": stage, "fold": fold,
+        "foreground_gate": bool(foreground_gate),
         "fold_set": config.data.fold_set, "seed": config.seed,
         "max_queries": max_queries or 0,
         "pairs_per_class": pairs_per_class if way == "oneway" else None,
@@ -319,7 +335,8 @@ def evaluate(workdir: str, *, way: str = "kway", fold: int | None = None, config
 def format_results(results: dict) -> str:
     """The Markdown table of a results dict (percent), with a line saying what it is."""
     title = f"{results['method']} fold {results['fold']} {results['way']}"
-    note = (f"{results['num_pairs']} pairs, head {results['head']}, stage {results['stage']}, "
+    gate = ", gated by stage 1's foreground" if results.get("foreground_gate") else ""
+    note = (f"{results['num_pairs']} pairs, head {results['head']}{gate}, stage {results['stage']}, "
             f"checkpoint `{results['checkpoint']}`")
     return f"{note}\n\n{metrics.format_table(results, title)}"
 
@@ -327,7 +344,7 @@ def format_results(results: dict) -> str:
 def write_outputs(results: dict, examples: list, workdir: str) -> str:
     """results.json, table.md, gallery.png under W/eval/fold<F>_<way>/ and the metrics
     and gallery rows in TensorBoard. Returns the folder."""
-    out_dir = eval_dir(workdir, results["fold"], results["way"])
+    out_dir = eval_dir(workdir, results["fold"], results["way"], results.get("foreground_gate", False))
     os.makedirs(out_dir, exist_ok=True)
     train_lib.write_json_atomic(os.path.join(out_dir, RESULTS_FILE), results)
     with open(os.path.join(out_dir, TABLE_FILE), "w") as f:
@@ -376,6 +393,10 @@ def _define_flags():
     flags.DEFINE_integer("pairs_per_class", None, "one-way: pairs per class "
                          "(default: config.eval.oneway_pairs_per_class).")
     flags.DEFINE_integer("num_examples", 6, "Episodes in the gallery.")
+    flags.DEFINE_bool("foreground_gate", None, "Gate the prediction by stage 1's human "
+                      "probability, so that background cannot take a class (default: "
+                      "config.eval.foreground_gate, off: SPEC §6's NCM prediction). Results "
+                      "go to W/eval/fold<F>_<way>_foreground_gate/.")
 
 
 def main(argv):
@@ -387,11 +408,12 @@ def main(argv):
     try:
         results = evaluate(f.workdir, way=f.way, fold=int(f.fold) if f.fold else None,
                            config=f.config, stage=int(f.stage), max_queries=f.max_queries,
-                           pairs_per_class=f.pairs_per_class, num_examples=f.num_examples)
+                           pairs_per_class=f.pairs_per_class, foreground_gate=f.foreground_gate,
+                           num_examples=f.num_examples)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"FATAL {type(e).__name__}: {e}") from None
     print(format_results(results))
-    print(f"Written to {eval_dir(f.workdir, results['fold'], results['way'])}")
+    print(f"Written to {eval_dir(f.workdir, results['fold'], results['way'], results.get('foreground_gate', False))}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Usage:
     python -m popnet_tf.export --workdir workdirs/synthetic_cpu_fold1 --out exported/popnet
     python -m popnet_tf.export --workdir W --out DIR --version 7 --mask_values merged
+    python -m popnet_tf.export --workdir W --out DIR --foreground_gate   # stage 1 gates the parts
 
 Writes DIR/<version>/ (default version: 1 + the largest existing one) with the
 last trained stage (its earlier stages and the prototype store inside) and two
@@ -28,6 +29,9 @@ def _define_flags():
         "classes use the dynamic prototype store, as in evaluation.")
     flags.DEFINE_enum("head", None, ["ncm", "agm", "mean"], "Prediction head "
                       "(default: the config's eval.head).")
+    flags.DEFINE_bool("foreground_gate", None, "Gate the head by stage 1's human probability, "
+                      "so that background cannot take a one-shot class (default: the config's "
+                      "eval.foreground_gate, off as in SPEC §6). Recommended for new classes.")
     flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -40,7 +44,7 @@ def main(argv):
     try:
         path = export_lib.export_saved_model(
             f.workdir, f.out, version=f.version, stage=int(f.stage) if f.stage else None,
-            mask_values=f.mask_values, head=f.head)
+            mask_values=f.mask_values, head=f.head, foreground_gate=f.foreground_gate)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     logging.info("SavedModel written: %s", path)

@@ -118,7 +118,7 @@ def build_archive(parser: serving.OneShotParser) -> keras.export.ExportArchive:
 
 def export_saved_model(workdir: str, out_dir: str, *, version: int | None = None,
                        stage: int | None = None, mask_values: str = "user",
-                       head: str | None = None) -> str:
+                       head: str | None = None, foreground_gate: bool | None = None) -> str:
     """Exports the workdir's model to out_dir/<version>/ and returns that path.
 
     Args:
@@ -130,19 +130,25 @@ def export_saved_model(workdir: str, out_dir: str, *, version: int | None = None
             prototypes) or "merged" (values are ATR-OS merged ids, base classes use
             the dynamic store); see `serving`.
         head: "ncm", "agm" or "mean"; default the config's eval.head.
+        foreground_gate: gate the head by stage 1's human probability; default the
+            config's eval.foreground_gate (off).
     """
     if mask_values not in serving.MASK_VALUES:
         raise ValueError(f"mask_values must be one of {serving.MASK_VALUES}, got {mask_values!r}")
     _version_dir(out_dir, version)  # refuse a taken version before the slow restore
     model, config, stage, record = restore_model(workdir, stage)
+    if foreground_gate is None:
+        foreground_gate = bool(config.eval.get("foreground_gate", False))
     parser = serving.OneShotParser(model, eval_size=config.data.eval_size,
-                                   mask_values=mask_values, head=head or config.eval.head)
+                                   mask_values=mask_values, head=head or config.eval.head,
+                                   foreground_gate=foreground_gate)
     info = {"stage": stage, "fold": record.get("fold"), "fold_set": config.data.fold_set,
             "workdir": os.path.abspath(workdir),
             "checkpoint": tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, stage))}
     path = write_version(parser, out_dir, version=version, info=info)
-    logging.info("Exported stage %d of %s to %s (mask values: %s, head: %s).",
-                 stage, workdir, path, parser.mask_values, parser.head)
+    logging.info("Exported stage %d of %s to %s (mask values: %s, head: %s, foreground "
+                 "gate: %s).", stage, workdir, path, parser.mask_values, parser.head,
+                 parser.foreground_gate)
     return path
 
 
@@ -207,6 +213,7 @@ def write_version(parser: serving.OneShotParser, out_dir: str, *, version: int |
         "format_version": FORMAT_VERSION,
         "num_classes": parser.num_classes, "eval_size": parser.eval_size,
         "mask_values": parser.mask_values, "head": parser.head,
+        "foreground_gate": parser.foreground_gate,
         # Merged ids name the stage's classes; a user's values have only the names they give.
         "class_names": (list(classes.STAGE_CLASS_NAMES[stage])
                         if parser.mask_values == "merged" and stage else None),

@@ -103,7 +103,8 @@ def saved_model_version(path: str) -> str | None:
     return os.path.join(path, str(versions[0])) if versions else None
 
 
-def load_predictor(model: str, mask_values: str | None = None, head: str | None = None) -> Predictor:
+def load_predictor(model: str, mask_values: str | None = None, head: str | None = None,
+                   foreground_gate: bool | None = None) -> Predictor:
     """A Predictor from an exported SavedModel (base or version folder) or a workdir.
 
     Args:
@@ -111,6 +112,8 @@ def load_predictor(model: str, mask_values: str | None = None, head: str | None 
         mask_values: for a workdir, "user" (default) or "merged"; for a SavedModel it
             is fixed at export and a different value is an error.
         head: for a workdir, the served head (default: the config's eval.head).
+        foreground_gate: for a workdir, gate the head by stage 1's human probability
+            (default: the config's eval.foreground_gate); fixed at export otherwise.
     """
     version_dir = saved_model_version(model)
     if version_dir is not None:
@@ -122,6 +125,11 @@ def load_predictor(model: str, mask_values: str | None = None, head: str | None 
         if head and head != metadata.get("head", head):
             raise InputError(f"{version_dir}: exported with head {metadata.get('head')!r}; "
                              "--head only applies to a workdir")
+        gated = bool(metadata.get("foreground_gate", False))
+        if foreground_gate is not None and foreground_gate != gated:
+            raise InputError(f"{version_dir}: exported {'with' if gated else 'without'} the "
+                             "foreground gate; --foreground_gate only applies to a workdir "
+                             "(re-export with or without --foreground_gate)")
         loaded = tf.saved_model.load(version_dir)
         names = metadata.get("class_names")
         return Predictor(fn=loaded.signatures[serving.SIGNATURE_ENCODED],
@@ -133,8 +141,11 @@ def load_predictor(model: str, mask_values: str | None = None, head: str | None 
 
         mask_values = mask_values or "user"
         restored, config, stage, _ = export_lib.restore_model(model)
+        if foreground_gate is None:
+            foreground_gate = bool(config.eval.get("foreground_gate", False))
         parser = serving.OneShotParser(restored, eval_size=config.data.eval_size,
-                                       mask_values=mask_values, head=head or config.eval.head)
+                                       mask_values=mask_values, head=head or config.eval.head,
+                                       foreground_gate=foreground_gate)
         names = classes.STAGE_CLASS_NAMES[stage] if mask_values == "merged" else None
         return Predictor(fn=parser.function(serving.SIGNATURE_ENCODED),
                          num_classes=parser.num_classes, mask_values=mask_values,
@@ -540,6 +551,9 @@ def _define_flags():
     flags.DEFINE_enum("mask_values", None, list(serving.MASK_VALUES),
                       "Workdir only: 'user' (default) or 'merged' (ATR-OS ids 0-11).")
     flags.DEFINE_enum("head", None, list(serving.HEADS), "Workdir only: the prediction head.")
+    flags.DEFINE_bool("foreground_gate", None, "Workdir only: gate the head by stage 1's human "
+                      "probability, so that background cannot take a class (default: the "
+                      "config's eval.foreground_gate); a SavedModel has it fixed at export.")
     flags.DEFINE_integer("batch_size", 4, "Queries per model call.")
     flags.DEFINE_bool("apply_exif", True, "Turn photos upright by their EXIF orientation tag "
                       "before parsing, as viewers show them; labels and overlays are then "
@@ -555,7 +569,7 @@ def main(argv):
     if missing or not queries:
         raise app.UsageError(f"missing {', '.join(missing + ([] if queries else ['--query']))}")
     try:
-        predictor = load_predictor(f.model, f.mask_values, f.head)
+        predictor = load_predictor(f.model, f.mask_values, f.head, f.foreground_gate)
         support = read_support(f.support, f.support_mask, predictor, f.apply_exif)
         names = read_class_names(f.class_names, predictor.class_names)
     except (InputError, FileNotFoundError, ValueError) as e:

@@ -245,6 +245,8 @@ class OneShotParser:
             (config.data.eval_size).
         mask_values: "user" (default) or "merged", see `class_mapping`.
         head: "ncm" (SPEC §6 default), "agm" or "mean": whose probabilities are served.
+        foreground_gate: gate them by stage 1's human probability
+            (`stages.gate_by_foreground`), so that background cannot take a class.
 
     Example:
         >>> parser = OneShotParser(model, eval_size=608)
@@ -252,7 +254,8 @@ class OneShotParser:
         >>> fn = parser.function(SIGNATURE_ENCODED)   # a tf.function with its input signature
     """
 
-    def __init__(self, model, eval_size: int, mask_values: str = "user", head: str = "ncm"):
+    def __init__(self, model, eval_size: int, mask_values: str = "user", head: str = "ncm",
+                 foreground_gate: bool = False):
         if mask_values not in MASK_VALUES:
             raise ValueError(f"mask_values must be one of {MASK_VALUES}, got {mask_values!r}")
         if head not in HEADS:
@@ -261,6 +264,10 @@ class OneShotParser:
         self.eval_size = int(eval_size)
         self.mask_values = mask_values
         self.head = head
+        if foreground_gate and not hasattr(model, "foreground_gated"):
+            raise ValueError(f"foreground_gate needs a POPNet stage with stage 1 inside, "
+                             f"not a {type(model).__name__}")
+        self.foreground_gate = bool(foreground_gate)
         self.num_classes = int(model.num_classes)
         self._functions = {}
         e = self.eval_size
@@ -334,10 +341,14 @@ class OneShotParser:
         out = self.model.heads(features[1:], tf.tile(prototypes, [n, 1, 1]), tf.tile(presence, [n, 1]),
                                queries, compute_agm=self.head != "ncm")
         if self.head == "ncm":
-            return tf.cast(out["ncm_probs"], tf.float32)
-        if self.head == "agm":
-            return tf.cast(out["agm_probs"], tf.float32)
-        return tf.cast(0.5 * (out["agm_probs"] + out["ncm_probs"]), tf.float32)
+            probs = out["ncm_probs"]
+        elif self.head == "agm":
+            probs = out["agm_probs"]
+        else:
+            probs = 0.5 * (out["agm_probs"] + out["ncm_probs"])
+        if self.foreground_gate:
+            return self.model.foreground_gated(probs, queries)
+        return tf.cast(probs, tf.float32)
 
     def _parse(self, queries, valid, sizes, support_image, support_mask):
         size_check = tf.debugging.assert_equal(

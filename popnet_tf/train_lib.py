@@ -521,6 +521,7 @@ def evaluate_stage(model, config, data_dir, stage, fold, max_queries=None, progr
     return eval_lib.evaluate_kway(model, data_dir=data_dir, stage=stage, fold=fold,
                                   fold_set=config.data.fold_set, eval_size=config.data.eval_size,
                                   head=config.eval.head, max_queries=max_queries,
+                                  foreground_gate=bool(config.eval.get("foreground_gate", False)),
                                   progress=progress, return_examples=num_examples)
 
 

@@ -208,3 +208,42 @@ def test_finetune_kway_tunes_per_support_and_restores(trained):
     assert untuned["confusion_matrix"] != tuned["confusion_matrix"]
     for v, b in zip(model.weights, before):
         np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
+
+
+@pytest.mark.parametrize("way", ["kway", "oneway"])
+def test_foreground_gate_follows_stage_one(trained, way):
+    """With stage 1 sure that nothing is human, the gated evaluation predicts background
+    everywhere; sure that everything is, it equals the ungated one. A workdir without
+    stage 1 (KIM off) is refused with a clear message."""
+    config, workdir = trained
+    config = _smoke_config(config.data.dir)
+    config.model.kim = True
+    previous = None
+    for stage in (1, 2, 3):
+        model = popnet.build_stage(config, stage, previous=previous)
+        popnet.build_variables(model, stage, config.data.crop_size)
+        previous = model
+    stage1 = model.previous.previous
+    common = dict(data_dir=config.data.dir, stage=3, fold=1, eval_size=config.data.eval_size,
+                  progress=False)
+    if way == "kway":
+        run = lambda gate: eval_lib.evaluate_kway(model, foreground_gate=gate, max_queries=2,
+                                                  **common)
+    else:
+        run = lambda gate: eval_lib.evaluate_oneway(model, foreground_gate=gate,
+                                                    pairs_per_class=2, **common)
+    plain = run(False)
+    bias = stage1.classifier.bias
+    bias.assign([0.0, 1e4])                          # human everywhere
+    assert run(True)["per_class_iou"] == plain["per_class_iou"]
+    bias.assign([1e4, 0.0])                          # human nowhere
+    nothing = run(True)
+    assert nothing["foreground_gate"] and not plain["foreground_gate"]
+    if way == "kway":
+        m = np.array(nothing["confusion_matrix"])
+        assert m[:, 1:].sum() == 0 and m[:, 0].sum() > 0
+    else:
+        assert all(v == 0 for c, v in nothing["per_class_iou"].items() if c != "background")
+    with pytest.raises(ValueError, match="foreground gate needs stage 1"):
+        evaluate.evaluate(workdir, way=way, foreground_gate=True, max_queries=1,
+                          pairs_per_class=1, progress=False, write=False)

@@ -620,6 +620,30 @@ def test_mean_head_and_stage2_slots(stage2):
         fn(queries, support, five)
 
 
+def test_foreground_gate_serves_gated_probabilities(stage2):
+    """foreground_gate=True serves the NCM probabilities gated by stage 1's human
+    probability (stages.gate_by_foreground); a baseline without stage 1 is refused."""
+    from popnet_tf.models.stages import gate_by_foreground
+
+    E = 32
+    rng = np.random.default_rng(6)
+    queries = rng.uniform(0, 255, (2, E, E, 3)).astype(np.float32)
+    support = rng.uniform(0, 255, (E, E, 3)).astype(np.float32)
+    mask = block_mask((E, E), (20, 40), seed=7)
+    plain = serving.OneShotParser(stage2, E).function(serving.SIGNATURE_IMAGES)
+    gated = serving.OneShotParser(stage2, E, foreground_gate=True).function(serving.SIGNATURE_IMAGES)
+    ncm = plain(queries, support, mask)["probabilities"].numpy()  # [N, E, E, 3]: bg, 20, 40
+    stage1 = stage2.previous
+    human = stage1(queries, training=False)["probs"].numpy()[..., 1:]
+    expected = np.asarray(gate_by_foreground(ncm, human))
+    np.testing.assert_allclose(gated(queries, support, mask)["probabilities"].numpy(), expected,
+                               atol=TOL)
+    assert not np.allclose(expected, ncm, atol=1e-3)  # the random stage 1 is far from 0 and 1
+    with pytest.raises(ValueError, match="foreground_gate needs a POPNet stage"):
+        serving.OneShotParser(object.__new__(type("Baseline", (), {"num_classes": 12})), E,
+                              foreground_gate=True)
+
+
 def test_stale_temporaries_of_killed_exports_are_removed(tmp_path):
     """A killed export leaves `.tmp-<version>-<pid>`; the next export removes it, but not
     a folder of a running process or anything else."""

@@ -41,6 +41,41 @@ def test_outputs_and_shapes():
     assert out["ncm_probs"].numpy()[..., 2:].max() < 1e-3
 
 
+def test_gate_by_foreground_numpy_reference():
+    """P(bg) = 1 - f(1 - p_bg), P(c) = f p_c, written out in NumPy; f = 1 changes nothing,
+    f = 0 is all background, and the result stays a distribution."""
+    from popnet_tf.models.stages import gate_by_foreground
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7, 4)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    f = rng.uniform(size=(2, 5, 7, 1)).astype(np.float32)
+    f[0, 0, 0], f[0, 0, 1] = 1.0, 0.0
+    expected = np.concatenate([1 - f * (1 - probs[..., :1]), f * probs[..., 1:]], -1)
+    got = np.asarray(gate_by_foreground(probs, f))
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(got[0, 0, 0], probs[0, 0, 0], atol=1e-7)
+    np.testing.assert_array_equal(got[0, 0, 1], [1, 0, 0, 0])
+
+
+def test_foreground_probability_is_stage_one():
+    config = _config()
+    s1, s2, s3 = _three_stages(config, 48)
+    image = popnet.dummy_batch(3, 40, batch=2)["query_image"]
+    expected = s1(image, training=False)["probs"].numpy()[..., 1:]
+    for stage in (s2, s3):
+        np.testing.assert_allclose(stage.foreground_probability(image).numpy(), expected, atol=1e-6)
+    probs = s3({"query_image": image, "support_image": image,
+                "support_mask": tf.ones((2, 40, 40), tf.int32)}, training=False)["ncm_probs"]
+    gated = s3.foreground_gated(probs, image).numpy()
+    np.testing.assert_allclose(gated[..., 1:], expected * probs.numpy()[..., 1:], atol=1e-6)
+    config.model.kim = False  # the ablations without KIM have no previous stages
+    lone = popnet.build_stage(config, 3)
+    with pytest.raises(ValueError, match="foreground gate needs stage 1"):
+        lone.foreground_probability(image)
+
+
 def test_checkpoint_restores_every_variable(tmp_path):
     """tf.train.Checkpoint must hold every variable of the three stages (a list of
     layers filled after assignment once escaped it)."""

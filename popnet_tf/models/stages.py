@@ -9,6 +9,12 @@
 A stage exposes `infused_features(image)`: what the next stage's KIM consumes
 (g1 for stage 1, h2 = ζ2([g1; g2]) for stage 2).
 
+Foreground gate (an option of evaluation and serving, not of SPEC §6): a one-shot
+stage's probabilities can be combined with stage 1's human probability f,
+`gate_by_foreground`: P(bg) = 1 − f·(1 − p_bg), P(c) = f·p_c. One-shot prototypes of
+classes never trained on (a new kind of shoe) also match background clutter; stage 1,
+trained on every image, knows where the person is.
+
 Example:
     >>> s1 = ForegroundStage(encoder={"backbone": "small", "filters": 64})
     >>> s2 = OneShotStage(num_classes=5, encoder={"backbone": "small", "filters": 64},
@@ -29,6 +35,20 @@ from popnet_tf.layers.prototypes import MaskedAveragePooling, PrototypeStore
 from popnet_tf.models.encoder import DeepLabV3PlusEncoder
 
 PREDICTION_HEADS = ("ncm", "agm", "mean")
+
+
+def gate_by_foreground(probs, foreground):
+    """Class probabilities [B, H, W, C] (background first) gated by a human
+    probability [B, H, W, 1]: P(bg) = 1 − f·(1 − p_bg), P(c) = f·p_c for c ≥ 1.
+    Still a distribution over the C classes; f = 1 leaves `probs` as they are.
+
+    Example:
+        >>> gated = gate_by_foreground(out["ncm_probs"], stage3.foreground_probability(q))
+    """
+    probs = ops.cast(probs, "float32")
+    foreground = ops.cast(foreground, "float32")
+    background = 1.0 - foreground * (1.0 - probs[..., :1])
+    return ops.concatenate([background, foreground * probs[..., 1:]], axis=-1)
 
 
 def _resize_logits(logits, like_image):
@@ -152,6 +172,23 @@ class OneShotStage(keras.Model):
         """Static prototypes p_c (Eq. 1) [B, C, K] float32 and presence [B, C]."""
         features = self.infused_features(support_image, training=training)
         return self.pooling(features, support_mask)
+
+    def foreground_probability(self, image):
+        """Stage 1's human probability [B, H, W, 1] float32 for `image` [B, H, W, 3],
+        from the frozen stage 1 at the start of this stage's `previous` chain (the
+        foreground gate, module doc). Raises ValueError for a stage without one (the
+        ablations without KIM)."""
+        stage = self.previous
+        while stage is not None and not isinstance(stage, ForegroundStage):
+            stage = getattr(stage, "previous", None)
+        if stage is None:
+            raise ValueError("the foreground gate needs stage 1, but this stage has no "
+                             "previous stages (KIM off); evaluate or serve it without the gate")
+        return ops.cast(stage(image, training=False)["probs"][..., 1:], "float32")
+
+    def foreground_gated(self, probs, image):
+        """`probs` [B, H, W, C] of `image` gated by its stage-1 human probability."""
+        return gate_by_foreground(probs, self.foreground_probability(image))
 
     def test_prototypes(self, static, presence):
         """p̂ for evaluation and serving: the store's blend for the base classes it has
