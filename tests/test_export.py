@@ -130,6 +130,10 @@ def test_versioned_layout_and_metadata(exported):
     assert meta["num_classes"] == classes.NUM_CLASSES and meta["eval_size"] == exported["E"]
     assert meta["class_names"] == list(classes.MERGED_NAMES)
     assert serving.read_metadata(exported["user"])["class_names"] is None
+    assert meta["foreground_gate"] is False  # the config's default: SPEC §6's NCM prediction
+    from popnet_tf import predict  # a SavedModel's gate is fixed at export
+    with pytest.raises(predict.InputError, match="exported without the foreground gate"):
+        predict.load_predictor(exported["user"], foreground_gate=True)
 
 
 def test_next_version(tmp_path):
