@@ -94,9 +94,13 @@ def _compiled(model, key, make):
 
 
 def _check_gate(model, foreground_gate):
-    if foreground_gate and not hasattr(model, "foreground_probability"):
+    """Before any tracing: a gate asked of a model without stage 1 is a clear error."""
+    if not foreground_gate:
+        return
+    if not hasattr(model, "foreground_stage"):
         raise ValueError(f"the foreground gate needs a POPNet stage with stage 1 inside; "
                          f"{type(model).__name__} has none")
+    model.foreground_stage()  # raises for a POPNet stage without previous stages
 
 
 def _kway_scorer(model, head, foreground_gate=False):

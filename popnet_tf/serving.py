@@ -267,6 +267,8 @@ class OneShotParser:
         if foreground_gate and not hasattr(model, "foreground_gated"):
             raise ValueError(f"foreground_gate needs a POPNet stage with stage 1 inside, "
                              f"not a {type(model).__name__}")
+        if foreground_gate:
+            model.foreground_stage()  # raises for a stage without previous stages (KIM off)
         self.foreground_gate = bool(foreground_gate)
         self.num_classes = int(model.num_classes)
         self._functions = {}

@@ -173,18 +173,21 @@ class OneShotStage(keras.Model):
         features = self.infused_features(support_image, training=training)
         return self.pooling(features, support_mask)
 
-    def foreground_probability(self, image):
-        """Stage 1's human probability [B, H, W, 1] float32 for `image` [B, H, W, 3],
-        from the frozen stage 1 at the start of this stage's `previous` chain (the
-        foreground gate, module doc). Raises ValueError for a stage without one (the
-        ablations without KIM)."""
+    def foreground_stage(self):
+        """The frozen stage 1 at the start of this stage's `previous` chain. Raises
+        ValueError for a stage without one (the ablations without KIM)."""
         stage = self.previous
         while stage is not None and not isinstance(stage, ForegroundStage):
             stage = getattr(stage, "previous", None)
         if stage is None:
             raise ValueError("the foreground gate needs stage 1, but this stage has no "
                              "previous stages (KIM off); evaluate or serve it without the gate")
-        return ops.cast(stage(image, training=False)["probs"][..., 1:], "float32")
+        return stage
+
+    def foreground_probability(self, image):
+        """Stage 1's human probability [B, H, W, 1] float32 for `image` [B, H, W, 3]
+        (the foreground gate, module doc)."""
+        return ops.cast(self.foreground_stage()(image, training=False)["probs"][..., 1:], "float32")
 
     def foreground_gated(self, probs, image):
         """`probs` [B, H, W, C] of `image` gated by its stage-1 human probability."""
