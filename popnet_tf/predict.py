@@ -78,6 +78,7 @@ class Predictor:
     source: str
     class_names: tuple | None = None
     keep_alive: object = None   # the loaded SavedModel: its functions need it alive
+    foreground_gate: bool = False  # whether stage 1's foreground gates the classes
 
     def __call__(self, queries: list[bytes], support_image: bytes, support_mask: bytes) -> dict:
         out = self.fn(query_images=tf.constant(queries, tf.string),
@@ -135,7 +136,8 @@ def load_predictor(model: str, mask_values: str | None = None, head: str | None 
         return Predictor(fn=loaded.signatures[serving.SIGNATURE_ENCODED],
                          num_classes=int(metadata.get("num_classes", classes.NUM_CLASSES)),
                          mask_values=exported, source=version_dir,
-                         class_names=tuple(names) if names else None, keep_alive=loaded)
+                         class_names=tuple(names) if names else None, keep_alive=loaded,
+                         foreground_gate=gated)
     if os.path.exists(os.path.join(model, "run.json")):
         from popnet_tf import export_lib  # training code: only for a workdir
 
@@ -149,7 +151,8 @@ def load_predictor(model: str, mask_values: str | None = None, head: str | None 
         names = classes.STAGE_CLASS_NAMES[stage] if mask_values == "merged" else None
         return Predictor(fn=parser.function(serving.SIGNATURE_ENCODED),
                          num_classes=parser.num_classes, mask_values=mask_values,
-                         source=f"{model} (stage {stage})", class_names=names, keep_alive=parser)
+                         source=f"{model} (stage {stage})", class_names=names, keep_alive=parser,
+                         foreground_gate=parser.foreground_gate)
     raise InputError(f"{model}: neither a SavedModel (saved_model.pb, or version folders holding "
                      "one) nor a training workdir (run.json)")
 
@@ -495,6 +498,7 @@ def predict_files(predictor: Predictor, support: Support, queries: list[str], ou
 
     summary = {
         "model": predictor.source,
+        "foreground_gate": predictor.foreground_gate,
         "support": {"image": support.image_path, "mask": support.mask_path,
                     "exif_orientation": support.image_orientation,
                     "classes": {_name(v, names): v for v in support.class_values}},

@@ -92,6 +92,7 @@ def test_cli_writes_labels_overlays_and_summary(setup, cli_run):
         os.path.join(setup["folder"], "a.png"), os.path.join(setup["folder"], "b.png"),
         setup["queries"]["extra"]]
     assert summary["support"]["classes"] == {"jacket": 3, "class 7": 7, "sneaker": 200}
+    assert summary["foreground_gate"] is False  # as exported (the config's default)
     palette = predict.palette()
     for entry, name in zip(summary["queries"], ("a", "b", "extra")):
         query = np.asarray(Image.open(setup["queries"][name]).convert("RGB"), np.float32)
