@@ -238,11 +238,16 @@ def _narrow_mask(mask: Image.Image, path: str) -> Image.Image:
     bad = found[((found < 0) | (found >= classes.NUM_RAW_CLASSES))
                 & (found != classes.IGNORE_LABEL)]
     if bad.size:
-        shown = ", ".join(map(str, bad[:8].tolist())) + (", ..." if bad.size > 8 else "")
-        raise _Skip(LABEL_OUT_OF_RANGE, path,
-                    f"label values {shown} outside 0-{classes.NUM_RAW_CLASSES - 1} "
-                    f"(raw ATR ids; {classes.IGNORE_LABEL} = ignore; {mask.mode!r} mask)")
+        raise _out_of_range(path, bad.tolist(), f"; {mask.mode!r} mask")
     return Image.fromarray(values.astype(np.uint8), "L")
+
+
+def _out_of_range(path: str, bad: list[int], note: str = "") -> _Skip:
+    """The rejection of a mask holding values that are not raw ATR ids (first 8 named)."""
+    shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+    return _Skip(LABEL_OUT_OF_RANGE, path,
+                 f"label values {shown} outside 0-{classes.NUM_RAW_CLASSES - 1} "
+                 f"(raw ATR ids; {classes.IGNORE_LABEL} = ignore{note})")
 
 
 def _merged_mask(img_size: tuple[int, int], mask: Image.Image, path: str,
@@ -274,10 +279,7 @@ def _merged_mask(img_size: tuple[int, int], mask: Image.Image, path: str,
     present = [v for v, n in enumerate(counts) if n]
     bad = [v for v in present if v >= classes.NUM_RAW_CLASSES and v != classes.IGNORE_LABEL]
     if bad:
-        shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
-        raise _Skip(LABEL_OUT_OF_RANGE, path,
-                    f"label values {shown} outside 0-{classes.NUM_RAW_CLASSES - 1} "
-                    f"(raw ATR ids; {classes.IGNORE_LABEL} = ignore)")
+        raise _out_of_range(path, bad)
     table = classes.RAW_TO_MERGED_TABLE
     # PIL's point() is the same 256-entry lookup as table[raw], in C and without
     # a NumPy round trip (about 2x faster on 400x600); 255 stays 255.
@@ -349,7 +351,9 @@ def _exif_hint(mode: str, orientation: int, image_size, mask_size) -> str:
     if mode == "upright" and tuple(mask_size) == tuple(image_size):
         return (f" when turned upright by its EXIF orientation {orientation}; the mask "
                 "matches the stored pixels: build with --exif=auto or --exif=stored")
-    return f" (EXIF orientation {orientation}: upright {upright[1]}x{upright[0]})"
+    if upright != tuple(image_size):  # a 90-degree turn: say what the upright size is
+        return f" (EXIF orientation {orientation}: upright {upright[1]}x{upright[0]})"
+    return ""
 
 
 def _ignore_sigint() -> None:

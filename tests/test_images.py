@@ -1,0 +1,62 @@
+"""popnet_tf/data/images.py: Pillow modes -> 8-bit RGB, EXIF orientation, upright sizes."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from popnet_tf.data import images
+
+
+def _grey3(values):
+    return np.repeat(np.asarray(values, np.uint8)[..., None], 3, axis=-1)
+
+
+def test_to_rgb_keeps_the_high_byte_of_wide_grey():
+    wide = np.array([[0, 255, 256, 65535]], np.int32)
+    # 'I;16' (a 16-bit PNG) and 'I' holding 16-bit values: the high byte, as TF decodes PNG.
+    i16 = Image.fromarray(wide.astype(np.uint16))
+    assert i16.mode == "I;16"
+    np.testing.assert_array_equal(np.asarray(images.to_rgb(i16)), _grey3([[0, 0, 1, 255]]))
+    np.testing.assert_array_equal(np.asarray(images.to_rgb(Image.fromarray(wide))),
+                                  _grey3([[0, 0, 1, 255]]))
+    # 'I' whose values all fit in 8 bits is taken as they are; negatives clip to 0.
+    np.testing.assert_array_equal(
+        np.asarray(images.to_rgb(Image.fromarray(np.array([[-5, 7, 200]], np.int32)))),
+        _grey3([[0, 7, 200]]))
+
+
+def test_to_rgb_drops_alpha_and_resolves_palettes():
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., :3] = [10, 20, 30]
+    rgba[..., 3] = 0  # fully transparent: the colour is kept, alpha dropped
+    np.testing.assert_array_equal(np.asarray(images.to_rgb(Image.fromarray(rgba))),
+                                  np.full((2, 2, 3), [10, 20, 30], np.uint8))
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    np.testing.assert_array_equal(np.asarray(images.to_rgb(palette)),
+                                  [[[255, 0, 0], [0, 0, 255]]])
+
+
+@pytest.mark.parametrize("tag, expected", [(None, 1), (1, 1), (6, 6), (8, 8), (0, 1), (9, 1)])
+def test_exif_orientation_from_bytes_and_images(tag, expected):
+    image = Image.new("RGB", (4, 2))
+    kwargs = {}
+    if tag is not None:
+        exif = Image.Exif()
+        exif[images.EXIF_ORIENTATION_TAG] = tag
+        kwargs["exif"] = exif
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", **kwargs)
+    data = buffer.getvalue()
+    assert images.exif_orientation(data) == expected
+    assert images.exif_orientation(Image.open(io.BytesIO(data))) == expected
+    assert images.exif_orientation(b"not an image") == 1  # unreadable: no turn, no error
+
+
+def test_upright_size_swaps_for_quarter_turns_only():
+    assert [images.upright_size((40, 30), o) for o in range(1, 9)] == \
+        [(40, 30)] * 4 + [(30, 40)] * 4
+    assert images.is_heif(b"\0\0\0\x18ftypheic") and not images.is_heif(b"\xff\xd8\xff")
