@@ -39,18 +39,6 @@ def _to_label_resolution(probs, valid_size, label_shape):
     return tf.argmax(probs, axis=-1, output_type=tf.int32)
 
 
-def relabel_to_support(label, support_presence):
-    """Ground-truth classes absent from the support become background (SPEC §5).
-
-    Args: label [h, w] int32 (255 kept); support_presence [C] float (1 = present).
-    """
-    num_classes = tf.shape(support_presence)[0]
-    keep = tf.concat([[True], support_presence[1:] > 0], axis=0)  # background always kept
-    safe = tf.minimum(label, num_classes - 1)
-    relabelled = tf.where(tf.gather(keep, safe), label, tf.zeros_like(label))
-    return tf.where(label == classes.IGNORE_LABEL, label, relabelled)
-
-
 @tf.function(input_signature=[
     tf.TensorSpec([None, None, None, None], tf.float32),  # probabilities [S, E, E, C]
     tf.TensorSpec([2], tf.int32),                          # valid_size
@@ -58,14 +46,20 @@ def relabel_to_support(label, support_presence):
     tf.TensorSpec([None, None], tf.float32)])              # support presence [S, C]
 def _score_against_supports(probs, valid_size, label, presence):
     """One query against all supports at once: predictions and relabelled truths
-    [S, h, w] at the label's resolution, and their [C, C] confusion matrix."""
+    [S, h, w] at the label's resolution, their [C, C] confusion matrix, and the [C, C]
+    confusion of the original label over the pixels of classes a support did not hold
+    (relabelled background in the truths; `metrics.kway_error_breakdown`)."""
     predictions = _to_label_resolution(probs, valid_size, tf.shape(label))
     num_classes = tf.shape(presence)[1]
     keep = tf.concat([tf.ones_like(presence[:, :1], tf.bool), presence[:, 1:] > 0], axis=1)
     kept = tf.gather(keep, tf.minimum(label, num_classes - 1), axis=1)    # [S, h, w]
+    ignored = label[None] == classes.IGNORE_LABEL
     truths = tf.where(kept, label[None], tf.zeros_like(label[None]))
-    truths = tf.where(label[None] == classes.IGNORE_LABEL, label[None], truths)
-    return predictions, truths, metrics.batch_confusion_matrix(truths, predictions, num_classes)
+    truths = tf.where(ignored, label[None], truths)
+    ignore = tf.fill(tf.shape(truths), classes.IGNORE_LABEL)
+    absent = tf.where(kept | ignored, ignore, label[None])
+    return (predictions, truths, metrics.batch_confusion_matrix(truths, predictions, num_classes),
+            metrics.batch_confusion_matrix(absent, predictions, num_classes))
 
 
 def _head_probs(out, head):
@@ -151,6 +145,7 @@ def evaluate_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size,
     total = max_queries or None
     bar = Progbar(total, unit_name="query") if progress else None
     matrix = metrics.ConfusionMatrix(num_classes)
+    absent_matrix = metrics.ConfusionMatrix(num_classes)  # pixels of classes a support lacked
     examples, seen = [], 0
     batch = []
 
@@ -158,9 +153,10 @@ def evaluate_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size,
         nonlocal seen
         probs = score(tf.stack([b["image"] for b in batch]))
         for qi, query in enumerate(batch):
-            preds, truths, cm = _score_against_supports(
+            preds, truths, cm, absent_cm = _score_against_supports(
                 probs[qi], query["valid_size"], tf.cast(query["label"], tf.int32), presence)
             matrix.matrix += cm.numpy()
+            absent_matrix.matrix += absent_cm.numpy()
             if len(examples) < return_examples:
                 si = len(examples) % num_supports  # a different support for each example
                 examples.append({"support_image": supports["image"][si].numpy(),
@@ -184,7 +180,10 @@ def evaluate_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size,
     summary.update({"num_pairs": seen * num_supports, "head": head,
                     "foreground_gate": bool(foreground_gate),
                     "test_supports": [s.decode() for s in supports["source_id"].numpy()],
-                    "confusion_matrix": matrix.result().tolist()})
+                    "confusion_matrix": matrix.result().tolist(),
+                    "absent_class_confusion_matrix": absent_matrix.result().tolist(),
+                    "error_breakdown": metrics.kway_error_breakdown(
+                        matrix.result(), absent_matrix.result(), classes.STAGE_CLASS_NAMES[stage])})
     if return_examples:
         summary["examples"] = examples
     return summary

@@ -141,6 +141,7 @@ def finetune_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size, 
     bar = Progbar(num_supports * max_queries if max_queries else None, unit_name="pair") \
         if progress else None
     matrix = metrics.ConfusionMatrix(num_classes)
+    absent_matrix = metrics.ConfusionMatrix(num_classes)
     examples, pairs = [], 0
 
     def score(batch, si, show):
@@ -149,10 +150,12 @@ def finetune_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size, 
         images = tf.stack([q["image"] for q in batch])
         probs = predict(images, tf.repeat(presence[si:si + 1], len(batch), axis=0))
         for qi, query in enumerate(batch):
-            pred = eval_lib._to_label_resolution(  # noqa: SLF001 - the k-way geometry
-                probs[qi], query["valid_size"], tf.shape(query["label"]))
-            truth = eval_lib.relabel_to_support(query["label"], presence[si])
-            matrix.update(truth, pred)
+            preds, truths, cm, absent_cm = eval_lib._score_against_supports(  # noqa: SLF001
+                probs[qi][None], query["valid_size"], tf.cast(query["label"], tf.int32),
+                presence[si:si + 1])  # the k-way geometry and relabelling of eval_lib
+            pred, truth = preds[0], truths[0]
+            matrix.matrix += cm.numpy()
+            absent_matrix.matrix += absent_cm.numpy()
             if show and qi == 0 and len(examples) < return_examples:
                 examples.append(_example(supports["image"][si], supports["mask"][si],
                                          query["image"], truth, pred, query["valid_size"]))
@@ -179,7 +182,10 @@ def finetune_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size, 
                                    classes.STAGE_CLASS_NAMES[stage])
     summary.update({"num_pairs": pairs, "head": "model",
                     "test_supports": [s.decode() for s in supports["source_id"].numpy()],
-                    "confusion_matrix": matrix.result().tolist()})
+                    "confusion_matrix": matrix.result().tolist(),
+                    "absent_class_confusion_matrix": absent_matrix.result().tolist(),
+                    "error_breakdown": metrics.kway_error_breakdown(
+                        matrix.result(), absent_matrix.result(), classes.STAGE_CLASS_NAMES[stage])})
     if return_examples:
         summary["examples"] = examples
     return summary
@@ -338,7 +344,12 @@ def format_results(results: dict) -> str:
     gate = ", gated by stage 1's foreground" if results.get("foreground_gate") else ""
     note = (f"{results['num_pairs']} pairs, head {results['head']}{gate}, stage {results['stage']}, "
             f"checkpoint `{results['checkpoint']}`")
-    return f"{note}\n\n{metrics.format_table(results, title)}"
+    table = f"{note}\n\n{metrics.format_table(results, title)}"
+    if results.get("error_breakdown"):  # k-way
+        table += ("\nWhere each class's IoU goes (% of its union TP + FN + FP; a pixel of a "
+                  "class the support does not hold is background in the truth, SPEC §5):\n\n"
+                  + metrics.format_error_breakdown(results["error_breakdown"]))
+    return table
 
 
 def write_outputs(results: dict, examples: list, workdir: str) -> str:

@@ -87,6 +87,71 @@ def kway_summary(matrix: np.ndarray, novel: Iterable[int],
     }
 
 
+# Where a foreground class's IoU goes (`kway_error_breakdown`): IoU and the five kinds of
+# error, each a fraction of the class's union TP + FN + FP, so the six add up to 1.
+ERROR_KINDS = ("iou", "missed_as_background", "missed_as_other_class", "false_from_background",
+               "false_from_absent_class", "false_from_other_class")
+
+
+def kway_error_breakdown(matrix: np.ndarray, absent_matrix: np.ndarray,
+                         class_names: Sequence[str] | None = None) -> dict:
+    """Splits each foreground class's union TP + FN + FP into IoU and five kinds of error.
+
+    k-way truth calls a query pixel background when its class is absent from the
+    support (SPEC §5), so a false positive on "background" truth is either true
+    background or a pixel of a class the support did not hold (a dress predicted as
+    skirt when the support has a skirt and no dress). `absent_matrix` tells them apart.
+
+    Args:
+        matrix: [C, C] §8 confusion matrix (rows: relabelled truth, columns: prediction).
+        absent_matrix: [C, C] confusion of the original label and the prediction over
+            the pixels whose class the support did not hold (the rows of background
+            truth in `matrix` that are not true background).
+        class_names: names of the C classes.
+    Returns:
+        {class name: {kind: fraction} for the kinds of `ERROR_KINDS`} for classes 1..C-1
+        (None for a class absent from truth and prediction). Per class c:
+        missed_as_background = M[c, 0], missed_as_other_class = the rest of row c off the
+        diagonal, false_from_absent_class = column c of `absent_matrix`,
+        false_from_background = M[0, c] minus that, false_from_other_class = column c
+        off the diagonal and outside row 0; all over the union.
+
+    Example:
+        >>> parts = kway_error_breakdown(cm, absent_cm, names)["skirt"]
+        >>> parts["iou"] + parts["false_from_absent_class"]  # ... + the other four = 1
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    absent = np.asarray(absent_matrix, dtype=np.float64)
+    num_classes = m.shape[0]
+    names = class_names or [str(c) for c in range(num_classes)]
+    tp = np.diag(m)
+    row, column = m.sum(axis=1), m.sum(axis=0)
+    from_absent = absent.sum(axis=0)
+    parts = np.stack([
+        tp,
+        m[:, 0],                                # truth c, predicted background
+        row - tp - m[:, 0],                     # truth c, predicted another class
+        m[0, :] - from_absent,                  # true background predicted c
+        from_absent,                            # a class the support lacked, predicted c
+        column - tp - m[0, :],                  # another class of the support predicted c
+    ], axis=1)
+    union = row + column - tp
+    breakdown = {}
+    for c in range(1, num_classes):
+        breakdown[names[c]] = (None if union[c] == 0 else
+                               {k: float(v) for k, v in zip(ERROR_KINDS, parts[c] / union[c])})
+    return breakdown
+
+
+def format_error_breakdown(breakdown: dict) -> str:
+    """The breakdown as a Markdown table in percent of each class's union."""
+    header = ("| class | IoU | missed: background | missed: other class | false: background "
+              "| false: class absent from support | false: other class |\n|---|---|---|---|---|---|---|")
+    rows = [f"| {name} | " + " | ".join(_percent(parts[k]) for k in ERROR_KINDS) + " |"
+            for name, parts in breakdown.items() if parts is not None]
+    return header + "\n" + "\n".join(rows) + "\n"
+
+
 def oneway_summary(class_matrices: dict[int, np.ndarray], novel: Iterable[int],
                    num_classes: int, class_names: Sequence[str] | None = None) -> dict:
     """SPEC §8 one-way metrics.

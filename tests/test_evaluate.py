@@ -72,6 +72,15 @@ def test_cli_kway_writes_results_table_gallery(trained):
     table = open(os.path.join(out_dir, "table.md")).read()
     assert f"{100 * results['human_miou']:.1f}" in table and "30 pairs" in table
     assert f"{100 * results['human_miou']:.1f}" in run.stdout
+    # Where each class's IoU goes: the six parts of a class with pixels add up to 1,
+    # and its IoU part is its §8 IoU; the table says so too.
+    for name, parts in results["error_breakdown"].items():
+        if parts is not None:
+            assert math.isclose(sum(parts.values()), 1.0, rel_tol=1e-9), name
+            assert math.isclose(parts["iou"], results["per_class_iou"][name], rel_tol=1e-9)
+    absent = np.array(results["absent_class_confusion_matrix"])
+    assert absent[0].sum() == 0 and absent.sum() <= m[0].sum()  # relabelled background truth
+    assert "Where each class's IoU goes" in table and "class absent from support" in run.stdout
     gallery = Image.open(os.path.join(out_dir, "gallery.png"))
     size = config.data.eval_size
     assert gallery.width == 4 * size and gallery.height > 2 * size  # 4 tiles, 2 rows + legend
@@ -138,11 +147,14 @@ def test_kway_background_model_by_hand(trained):
     supports = episodes.test_supports(data_dir, stage=3, eval_size=config.data.eval_size)
     support_classes = [set(np.unique(m.numpy()).tolist()) - {255} for m in supports["mask"]]
     counts = np.zeros(12, np.int64)            # truth pixels per class over all pairs
+    absent = np.zeros(12, np.int64)            # pixels of classes a support lacked, by class
     for query in episodes.test_queries(data_dir, stage=3, eval_size=config.data.eval_size).take(3):
         label = query["label"].numpy()
         for present in support_classes:
-            kept = np.where(np.isin(label, list(present | {0, 255})), label, 0)
+            held = np.isin(label, list(present | {0, 255}))
+            kept = np.where(held, label, 0)
             counts += np.bincount(kept[kept != 255].ravel(), minlength=12)
+            absent += np.bincount(label[~held].ravel(), minlength=12)
     expected = np.full(12, np.nan)
     expected[0] = counts[0] / counts.sum()
     expected[1:][counts[1:] > 0] = 0.0
@@ -151,6 +163,17 @@ def test_kway_background_model_by_hand(trained):
     assert math.isclose(summary["human_miou"], np.nanmean(expected), rel_tol=1e-9)
     assert math.isclose(summary["overall_acc"], counts[0] / counts.sum(), rel_tol=1e-9)
     assert summary["num_pairs"] == 30
+    # Every pixel of a class a support lacked is in column 0 (predicted background) of
+    # the absent-class matrix, in the row of its own class; so each foreground class
+    # of the truth loses all of its union to "missed as background".
+    assert absent[1:].sum() > 0                # the test supports do not hold every class
+    got_absent = np.array(summary["absent_class_confusion_matrix"])
+    np.testing.assert_array_equal(got_absent[:, 0], absent)
+    assert got_absent[:, 1:].sum() == 0
+    for c, parts in enumerate(summary["error_breakdown"].values(), start=1):
+        assert (parts is None) == (counts[c] == 0)
+        if parts is not None:
+            assert parts["missed_as_background"] == 1.0 and parts["iou"] == 0.0
 
 
 def test_oneway_background_model_by_hand(trained):

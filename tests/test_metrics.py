@@ -50,3 +50,40 @@ def test_format_table_percent():
     s = {"novel_miou": 0.241, "human_miou": 0.606, "per_class_iou": {"bg": 0.9}}
     table = metrics.format_table(s, "POPNet")
     assert "24.1" in table and "60.6" in table and "| bg | 90.0 |" in table
+
+
+def test_kway_error_breakdown_by_hand():
+    # Truth rows (relabelled as SPEC §5), prediction columns; classes bg, a, b.
+    m = np.array([[10, 4, 1],
+                  [3, 6, 1],
+                  [0, 2, 5]])
+    # Of the 4 background-truth pixels predicted a, 3 belong to a class the support
+    # lacked (original label b); the other one is true background.
+    absent = np.array([[0, 0, 0],
+                       [0, 0, 0],
+                       [2, 3, 0]])
+    parts = metrics.kway_error_breakdown(m, absent, ["bg", "a", "b"])
+    union_a = 6 + 3 + 1 + 4 + 2          # TP + FN (bg 3, b 1) + FP (bg 4, b 2)
+    expect_a = {"iou": 6, "missed_as_background": 3, "missed_as_other_class": 1,
+                "false_from_background": 1, "false_from_absent_class": 3,
+                "false_from_other_class": 2}
+    for kind, count in expect_a.items():
+        assert math.isclose(parts["a"][kind], count / union_a), kind
+    union_b = 5 + 2 + 1 + 1
+    assert math.isclose(parts["b"]["iou"], 5 / union_b)
+    assert math.isclose(parts["b"]["false_from_background"], 1 / union_b)
+    assert parts["b"]["false_from_absent_class"] == 0.0
+    assert math.isclose(parts["b"]["false_from_other_class"], 1 / union_b)   # a predicted b
+    for name in ("a", "b"):                  # the six parts always add up to the union
+        assert math.isclose(sum(parts[name].values()), 1.0)
+        assert math.isclose(parts[name]["iou"], metrics.per_class_iou(m)[["bg", "a", "b"].index(name)])
+    assert "bg" not in parts                 # foreground classes only
+
+
+def test_kway_error_breakdown_empty_class_and_table():
+    m = np.array([[5, 0], [0, 0]])
+    parts = metrics.kway_error_breakdown(m, np.zeros((2, 2)), ["bg", "a"])
+    assert parts == {"a": None}
+    table = metrics.format_error_breakdown(
+        metrics.kway_error_breakdown([[1, 1], [1, 1]], [[0, 0], [0, 0]], ["bg", "a"]))
+    assert "| a | 33.3 | 33.3 | 0.0 | 33.3 | 0.0 | 0.0 |" in table
