@@ -568,8 +568,8 @@ def test_unexpected_file_and_bad_lists(tmp_path):
     m = b.build(root, str(tmp_path / "out"), **{**SMALL, "num_query_train": 4})
     assert m["rejected"] == [{"id": "notes", "path": "JPEGImages/notes.txt",
                               "reason": "unexpected file: JPEGImages/notes.txt: expected "
-                                        "an image <id>.jpg (or .jpeg, .jpe, .jfif, .png...) "
-                                        "in JPEGImages/"}]
+                                        "a photo <id>.jpg (or .png, .webp, .tif, .bmp...: "
+                                        "popnet_tf.data.images.IMAGE_EXTENSIONS) in JPEGImages/"}]
     with pytest.raises(b.DatasetError, match="both the train and the test list"):
         b.build(root, str(tmp_path / "o2"), train_list=_write_list(tmp_path / "a", ids[:10]),
                 test_list=_write_list(tmp_path / "b", ids[9:]), **SMALL)

@@ -381,7 +381,8 @@ def _scan(root: str) -> tuple[dict[str, str], dict[str, str], list[_Rejection]]:
                 continue  # hidden files (.DS_Store) and folders are not inputs
             stem, suffix = os.path.splitext(name)
             if suffix.lower() not in suffixes:
-                wanted = (f"an image <id>{suffixes[0]} (or {', '.join(suffixes[1:5])}...)"
+                wanted = ("a photo <id>.jpg (or .png, .webp, .tif, .bmp...: "
+                          "popnet_tf.data.images.IMAGE_EXTENSIONS)"
                           if sub == IMAGE_DIR else f"a mask <id>{suffixes[0]}")
                 stray.append(_Rejection(stem, rel, UNEXPECTED_FILE,
                                         f"{rel}: expected {wanted} in {sub}/"))
