@@ -26,11 +26,15 @@ from popnet_tf import classes
 from popnet_tf.data import episodes
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data", "tfrecords/synthetic", "Built ATR-OS dataset folder (its q_test).")
-flags.DEFINE_integer("eval_size", 144, "Long side the images are resized to for the model "
-                     "(configs: data.eval_size).")
-flags.DEFINE_list("strides", ["1", "2", "4"], "Feature strides to score (4: the models' grid).")
-flags.DEFINE_integer("fold", 1, "Fold whose novel classes are reported apart (SPEC §4).")
+
+
+def _define_flags():
+    """Defined when run as a script only, so that tests can import the functions."""
+    flags.DEFINE_string("data", "tfrecords/synthetic", "Built ATR-OS dataset folder (its q_test).")
+    flags.DEFINE_integer("eval_size", 144, "Long side the images are resized to for the model "
+                         "(configs: data.eval_size).")
+    flags.DEFINE_list("strides", ["1", "2", "4"], "Feature strides to score (4: the models' grid).")
+    flags.DEFINE_integer("fold", 1, "Fold whose novel classes are reported apart (SPEC §4).")
 
 
 def cap_confusions(data_dir: str, eval_size: int, strides) -> dict[int, np.ndarray]:
@@ -51,18 +55,25 @@ def cap_confusions(data_dir: str, eval_size: int, strides) -> dict[int, np.ndarr
     return confusions
 
 
+def cap_table(confusions: dict[int, np.ndarray], fold: int) -> str:
+    """The Markdown table `main` prints: per grid, IoU % per class, base and novel MIoU."""
+    names = classes.MERGED_NAMES
+    base, novel = classes.base_ids(3, fold), classes.novel_ids(3, fold)
+    lines = ["| grid | " + " | ".join(names) + " | base MIoU | novel MIoU |",
+             "|---" * (len(names) + 3) + "|"]
+    for stride, cm in confusions.items():
+        iou = np.diag(cm) / np.maximum(cm.sum(0) + cm.sum(1) - np.diag(cm), 1)
+        lines.append(f"| 1/{stride} | " + " | ".join(f"{100 * v:.1f}" for v in iou)
+                     + f" | {100 * iou[list(base)].mean():.1f} | {100 * iou[list(novel)].mean():.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
     strides = [int(s) for s in FLAGS.strides]
-    names = classes.MERGED_NAMES
-    base, novel = classes.base_ids(3, FLAGS.fold), classes.novel_ids(3, FLAGS.fold)
-    print("| grid | " + " | ".join(names) + " | base MIoU | novel MIoU |")
-    print("|---" * (len(names) + 3) + "|")
-    for stride, cm in cap_confusions(FLAGS.data, FLAGS.eval_size, strides).items():
-        iou = np.diag(cm) / np.maximum(cm.sum(0) + cm.sum(1) - np.diag(cm), 1)
-        print(f"| 1/{stride} | " + " | ".join(f"{100 * v:.1f}" for v in iou)
-              + f" | {100 * iou[list(base)].mean():.1f} | {100 * iou[list(novel)].mean():.1f} |")
+    print(cap_table(cap_confusions(FLAGS.data, FLAGS.eval_size, strides), FLAGS.fold))
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -1,0 +1,65 @@
+"""scripts/resolution_cap.py: the IoU a perfect grid-limited prediction gets, on masks
+whose answer is known by hand."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from popnet_tf import classes
+from tests.test_episodes import H, W, write_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location(
+        "resolution_cap", os.path.join(REPO, "scripts", "resolution_cap.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One q_test label (40 x 32): upper-clothes on a block aligned with the 4-pixel grid,
+    hair as a stripe one pixel high; the other splits only make the dataset complete."""
+    mask = np.zeros((H, W), np.uint8)
+    mask[8:24, 8:24] = 3            # upper-clothes: 4 x 4 cells exactly
+    mask[30, 4:28] = 2              # hair: a quarter of each cell it crosses
+    other = np.zeros((H, W), np.uint8)
+    other[4:12, 4:12] = 1
+    out = str(tmp_path_factory.mktemp("cap"))
+    write_dataset(out, {"q_train": [("a", other)], "s_train": [("b", other)],
+                        "q_test": [("q", mask)], "s_test": [("s", other)]}, ["s"], shards=1)
+    return out
+
+
+def test_grid_ceiling_by_hand(data_dir):
+    cap = _load_script()
+    confusions = cap.cap_confusions(data_dir, eval_size=H, strides=[1, 4])
+    labelled = np.bincount(np.array([0] * (H * W - 256 - 24) + [3] * 256 + [2] * 24), minlength=12)
+    # Stride 1 at the label's own size: every pixel right.
+    np.testing.assert_array_equal(confusions[1], np.diag(labelled))
+    # Stride 4: the aligned block keeps its edges (bilinear crosses 1/2 on them, between
+    # pixel centres: 0.625 inside, 0.375 outside) but not its four corner pixels, where
+    # the block's share is 0.625 x 0.625 < 1/2; the one-pixel stripe is a quarter of the
+    # cells it crosses, so it is background everywhere.
+    cm4 = confusions[4]
+    assert cm4[3, 3] == 256 - 4 and cm4[3, 0] == 4 and cm4[:, 3].sum() == 256 - 4
+    assert cm4[2, 2] == 0 and cm4[2, 0] == 24
+    table = cap.cap_table(confusions, fold=1)
+    rows = {line.split(" | ")[0]: line for line in table.splitlines()[2:]}
+    cells = rows["| 1/4"].split(" | ")
+    names = list(classes.MERGED_NAMES)
+    assert cells[1 + names.index("upper-clothes")] == f"{100 * 252 / 256:.1f}"
+    assert cells[1 + names.index("hair")] == "0.0"
+
+
+def test_smaller_eval_size_scales_the_grid(data_dir):
+    """eval_size 20 halves the image first: stride 2 then has 4-pixel cells at label size,
+    the same ceiling as stride 4 at full size."""
+    cap = _load_script()
+    np.testing.assert_array_equal(cap.cap_confusions(data_dir, eval_size=H // 2, strides=[2])[2],
+                                  cap.cap_confusions(data_dir, eval_size=H, strides=[4])[4])
