@@ -103,15 +103,18 @@ def _kway_scorer(model, head, foreground_gate=False):
     def score(images, prototypes, presence):
         """[Q, E, E, 3] against [S, C, K] prototypes -> probabilities [Q, S, E, E, C]."""
         num_supports = tf.shape(prototypes)[0]
-        feats = model.infused_features(images, training=False)  # [Q, h, w, K]
+        if foreground_gate:  # stage 1's probability from the same pass, once per query
+            feats, human = model.features_and_foreground(images)  # [Q, h, w, K], [Q, H, W, 1]
+        else:
+            feats = model.infused_features(images, training=False)
         q = tf.shape(feats)[0]
         tiled = tf.repeat(feats, num_supports, axis=0)  # query-major: [Q*S, h, w, K]
         out = model.heads(tiled, tf.tile(prototypes, [q, 1, 1]), tf.tile(presence, [q, 1]),
                           tf.repeat(images, num_supports, axis=0), compute_agm=compute_agm)
         probs = _head_probs(out, head)
         probs = tf.reshape(probs, tf.concat([[q, num_supports], tf.shape(probs)[1:]], 0))
-        if foreground_gate:  # stage 1 once per query, shared by its supports
-            probs = gate_by_foreground(probs, model.foreground_probability(images)[:, None])
+        if foreground_gate:  # shared by the query's supports
+            probs = gate_by_foreground(probs, human[:, None])
         return probs
 
     return score
@@ -232,11 +235,14 @@ def evaluate_oneway(model, *, data_dir, stage, fold, fold_set="paper", eval_size
         def predict(query_image, support_image, support_mask):
             static, presence = model.support_prototypes(support_image[None], support_mask[None])
             prototypes = test_prototypes(model, static, presence)
-            feats = model.infused_features(query_image[None], training=False)
+            if foreground_gate:
+                feats, human = model.features_and_foreground(query_image[None])
+            else:
+                feats = model.infused_features(query_image[None], training=False)
             out = model.heads(feats, prototypes, presence, query_image[None], compute_agm=compute_agm)
             probs = _head_probs(out, head)
             if foreground_gate:
-                probs = gate_by_foreground(probs, model.foreground_probability(query_image[None]))
+                probs = gate_by_foreground(probs, human)
             return probs[0]
         return predict
 

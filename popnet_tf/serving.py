@@ -331,7 +331,10 @@ class OneShotParser:
         once per request, and the model is traced once for both signatures.
         """
         images = tf.concat([support_image[None], queries], axis=0)  # [1 + N, E, E, 3]
-        features = self.model.infused_features(images, training=False)  # [1 + N, h, w, K]
+        if self.foreground_gate:  # stage 1's human probability from the same pass
+            features, human = self.model.features_and_foreground(images)
+        else:
+            features = self.model.infused_features(images, training=False)  # [1 + N, h, w, K]
         # = model.support_prototypes(support_image[None], slot_mask[None]): Eq. 1.
         static, presence = self.model.pooling(features[:1], slot_mask[None])  # [1, C, K], [1, C]
         # A user's classes are new: static prototypes. Merged ids name training classes,
@@ -349,7 +352,7 @@ class OneShotParser:
         else:
             probs = 0.5 * (out["agm_probs"] + out["ncm_probs"])
         if self.foreground_gate:
-            return self.model.foreground_gated(probs, queries)
+            return self.model.gate_by_foreground(probs, human[1:])
         return tf.cast(probs, tf.float32)
 
     def _parse(self, queries, valid, sizes, support_image, support_mask):

@@ -70,10 +70,19 @@ def test_foreground_probability_is_stage_one():
                 "support_mask": tf.ones((2, 40, 40), tf.int32)}, training=False)["ncm_probs"]
     gated = s3.foreground_gated(probs, image).numpy()
     np.testing.assert_allclose(gated[..., 1:], expected * probs.numpy()[..., 1:], atol=1e-6)
+    # One pass for the gate: the features and stage 1's probability that the KIM chain
+    # computes together equal each computed alone.
+    for stage in (s2, s3):
+        features, human = stage.features_and_foreground(image)
+        np.testing.assert_allclose(human.numpy(), expected, atol=1e-6)
+        np.testing.assert_allclose(features.numpy(),
+                                   stage.infused_features(image, training=False).numpy(), atol=1e-6)
     config.model.kim = False  # the ablations without KIM have no previous stages
     lone = popnet.build_stage(config, 3)
     with pytest.raises(ValueError, match="foreground gate needs stage 1"):
         lone.foreground_probability(image)
+    with pytest.raises(ValueError, match="foreground gate needs stage 1"):
+        lone.features_and_foreground(image)
 
 
 def test_checkpoint_restores_every_variable(tmp_path):

@@ -83,6 +83,12 @@ class ForegroundStage(keras.Model):
     def infused_features(self, image, training=False):
         return self.encoder(image, training=training)
 
+    def human_probability(self, features, image):
+        """The human probability [B, H, W, 1] float32 of `image` from its features g1
+        (this stage's `infused_features`), without running the encoder again."""
+        logits = _resize_logits(self.classifier(features), image)
+        return ops.cast(ops.softmax(logits, axis=-1)[..., 1:], "float32")
+
     def call(self, image, training=False):
         features = self.encoder(image, training=training)
         logits = _resize_logits(self.classifier(features), image)
@@ -159,14 +165,35 @@ class OneShotStage(keras.Model):
     # --- building blocks, public so evaluation and export can reuse a support ---
     def infused_features(self, image, training=False):
         """h = ζ([h_prev; g]) with the frozen previous stage, or g without KIM."""
+        return self._features_and_g1(image, training)[0]
+
+    def _features_and_g1(self, image, training):
+        """(h, g1): this stage's features and, from the same pass through the KIM chain,
+        stage 1's features g1 (None without KIM). Unused g1 costs nothing: it is an
+        intermediate of h."""
         features = self.encoder(image, training=training)
         if self.kim is None:
-            return features
+            return features, None
+        if isinstance(self.previous, OneShotStage):
+            prior, g1 = self.previous._features_and_g1(image, training=False)
+        else:
+            prior = g1 = self.previous.infused_features(image, training=False)
         # Frozen: no gradient goes back into the previous stage. Its variables are still
         # watched by the tape (Keras' trainable=False does not unwatch them), so without
         # this the step's graph holds ~2,600 dead gradient ops the runtime prunes.
-        prior = ops.stop_gradient(self.previous.infused_features(image, training=False))
-        return self.kim([prior, features], training=training)
+        prior = ops.stop_gradient(prior)
+        return self.kim([prior, features], training=training), g1
+
+    # The gate's formula, for code that holds the model only (serving).
+    gate_by_foreground = staticmethod(gate_by_foreground)
+
+    def features_and_foreground(self, image):
+        """(h, f) for inference: this stage's features [B, h, w, K] and stage 1's human
+        probability f [B, H, W, 1] float32 (the foreground gate), in one pass: stage 1's
+        encoder runs once, inside the KIM chain. Raises ValueError without stage 1."""
+        stage1 = self.foreground_stage()
+        features, g1 = self._features_and_g1(image, training=False)
+        return features, stage1.human_probability(g1, image)
 
     def support_prototypes(self, support_image, support_mask, training=False):
         """Static prototypes p_c (Eq. 1) [B, C, K] float32 and presence [B, C]."""
@@ -186,8 +213,10 @@ class OneShotStage(keras.Model):
 
     def foreground_probability(self, image):
         """Stage 1's human probability [B, H, W, 1] float32 for `image` [B, H, W, 3]
-        (the foreground gate, module doc)."""
-        return ops.cast(self.foreground_stage()(image, training=False)["probs"][..., 1:], "float32")
+        (the foreground gate, module doc). Runs stage 1 on its own: where this stage's
+        features are needed too, `features_and_foreground` saves that encoder pass."""
+        stage1 = self.foreground_stage()
+        return stage1.human_probability(stage1.infused_features(image, training=False), image)
 
     def foreground_gated(self, probs, image):
         """`probs` [B, H, W, C] of `image` gated by its stage-1 human probability."""
