@@ -2,7 +2,8 @@
 
 One support image and its mask (any values 1-254 for your classes, 0
 background, 255 ignore) define the classes; every query image (files, or
-folders of images) gets, in --out:
+folders of images; folders inside those are listed as skipped, not searched)
+gets, in --out:
     <name>.png          label map at the query's size, palette PNG whose pixel
                         values are your mask's values
     <name>_overlay.jpg  the query with the classes' colours blended in
@@ -301,24 +302,29 @@ def _size_mismatch(mask_path, mask_shape, image_path, photo: Photo) -> str:
     return text + "; they must match"
 
 
-def collect_queries(paths: list[str]) -> tuple[list[str], list[str]]:
-    """(query files, skipped files): files are taken as given; folders contribute their
-    files with an image extension, sorted (others are skipped and reported).
+def collect_queries(paths: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(query files, skipped files, skipped folders): files are taken as given; folders
+    contribute their files with an image extension, sorted. Other files, and the folders
+    inside a query folder (not searched: a nested album should not be parsed by
+    surprise), are skipped and reported. Hidden entries (.DS_Store, .git) are ignored.
 
     Example:
-        >>> collect_queries(["photos/", "extra.jpg"])   # (['photos/a.jpg', 'extra.jpg'], [])
+        >>> collect_queries(["photos/", "extra.jpg"])   # (['photos/a.jpg', 'extra.jpg'], [], [])
     """
-    files, skipped = [], []
+    files, skipped, folders = [], [], []
     for path in paths:
         if os.path.isdir(path):
             for name in sorted(os.listdir(path)):
                 full = os.path.join(path, name)
-                if not os.path.isfile(full) or name.startswith("."):
+                if name.startswith("."):
                     continue
-                (files if name.lower().endswith(IMAGE_EXTENSIONS) else skipped).append(full)
+                if os.path.isdir(full):
+                    folders.append(full)
+                elif os.path.isfile(full):
+                    (files if name.lower().endswith(IMAGE_EXTENSIONS) else skipped).append(full)
         else:
             files.append(path)  # a missing file is reported as a failure
-    return files, skipped
+    return files, skipped, folders
 
 
 def read_class_names(arg: str | None, default=None) -> dict[int, str]:
@@ -436,7 +442,7 @@ def predict_files(predictor: Predictor, support: Support, queries: list[str], ou
     """
     os.makedirs(out_dir, exist_ok=True)
     names = class_names if class_names is not None else read_class_names(None, predictor.class_names)
-    files, skipped = collect_queries(queries)
+    files, skipped, skipped_folders = collect_queries(queries)
     results, failures, used = [], [], set()
     bar = Progbar(len(files), unit_name="image") if progress and len(files) > 1 else None
     done = 0
@@ -506,6 +512,7 @@ def predict_files(predictor: Predictor, support: Support, queries: list[str], ou
         "totals": _totals(results),
         "failures": failures,
         "skipped": skipped,
+        "skipped_folders": skipped_folders,
     }
     with open(os.path.join(out_dir, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=2)
@@ -536,6 +543,9 @@ def format_summary(summary: dict) -> str:
                      else f"failed: {f['file']}: {f['error']}")
     for s in summary["skipped"]:
         lines.append(f"skipped (not an image extension): {s}")
+    for s in summary.get("skipped_folders", []):
+        lines.append(f"skipped folder (folders inside a query folder are not searched; "
+                     f"give it as a --query of its own): {s}")
     return "\n".join(lines)
 
 
@@ -547,7 +557,8 @@ def _define_flags():
     flags.DEFINE_string("support", None, "Support (reference) image.")
     flags.DEFINE_string("support_mask", None, "Support mask PNG: your class values 1..254 as "
                         "pixels, 0 background, 255 ignore.")
-    flags.DEFINE_multi_string("query", None, "Query image file or folder; repeat the flag or "
+    flags.DEFINE_multi_string("query", None, "Query image file or folder (its image files; "
+                              "folders inside it are listed as skipped); repeat the flag or "
                               "list several after it.")
     flags.DEFINE_string("out", None, "Output folder.")
     flags.DEFINE_string("class_names", None, "JSON file or text naming the mask values: "

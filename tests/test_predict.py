@@ -127,6 +127,7 @@ def test_cli_lists_failures_and_skipped(setup, cli_run):
                                     "file that can be decoded (JPEG, PNG, GIF, BMP, WebP, or another "
                                     "format Pillow reads)"}]
     assert summary["skipped"] == [os.path.join(setup["folder"], "notes.txt")]
+    assert summary["skipped_folders"] == []
     assert f"failed: {broken}: the query is not an image" in result.stdout
     assert "| jacket | 3 |" in result.stdout
 
@@ -431,9 +432,15 @@ def test_collect_queries(tmp_path):
     for name in ("b.JPG", "a.png", "c.txt", ".hidden.png", "d.tiff", "e.heic"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub").mkdir()
-    files, skipped = predict.collect_queries([str(tmp_path), "x.xyz"])
+    (tmp_path / "sub" / "f.jpg").write_bytes(b"")
+    (tmp_path / ".git").mkdir()
+    files, skipped, folders = predict.collect_queries([str(tmp_path), "x.xyz"])
     assert files == [str(tmp_path / n) for n in ("a.png", "b.JPG", "d.tiff", "e.heic")] + ["x.xyz"]
     assert skipped == [str(tmp_path / "c.txt")]
+    assert folders == [str(tmp_path / "sub")]   # reported, not searched; hidden ones ignored
+    line = predict.format_summary({"queries": [], "totals": {}, "failures": [], "skipped": [],
+                                   "skipped_folders": folders})
+    assert f"give it as a --query of its own): {tmp_path / 'sub'}" in line
 
 
 def test_saved_model_version_resolution(tmp_path):
