@@ -259,8 +259,15 @@ def read_mask(path: str) -> np.ndarray:
             raise InputError(f"{path}: the support mask has values outside 0..255 "
                              f"({values.min()}..{values.max()}); classes must be 1..254")
         return values.astype(np.uint8)
+    if image.mode in images.COLOUR_MASK_MODES:  # a grey mask an editor saved in colour
+        values, why = images.grey_of_colour_mask(image)
+        if values is None:
+            raise InputError(f"{path}: the support mask {why}; save it as a grayscale or "
+                             "palette PNG with the class values (1-254) as pixels")
+        return values
     raise InputError(f"{path}: the support mask is a {image.mode} image; a mask must be "
                      "single-channel (grayscale or palette PNG) with the class values as pixels")
+
 
 
 def read_support(image_path: str, mask_path: str, predictor: Predictor,

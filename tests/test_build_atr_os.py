@@ -380,7 +380,7 @@ def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
     bad = {
         "truncated": (_jpeg(photo)[:-40], _png(mask)),
         "text": (b"this is not a JPEG\n", _png(mask)),
-        "rgb_mask": (_jpeg(photo), _png(np.stack([mask] * 3, -1))),
+        "rgb_mask": (_jpeg(photo), _png(np.stack([mask, mask * 2, mask], -1))),  # coloured
         "wrong_size": (_jpeg(photo), _png(mask[:20])),
         "label40": (_jpeg(photo), _png(np.where(mask > 0, 40, 0).astype(np.uint8))),
         "no_mask": (_jpeg(photo), None),
@@ -411,6 +411,9 @@ def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
     _put(root, "palette_mask", _jpeg(photo), _png(palette_mask))
     # A 16-bit mask whose values are all ATR ids (as some annotation tools save them).
     _put(root, "mask16_ok", _jpeg(photo), _png(mask.astype(np.uint16)))
+    # A grey mask an editor saved as opaque RGBA: its equal channels are the raw ids.
+    _put(root, "grey_rgba_mask", _jpeg(photo),
+         _png(np.dstack([mask] * 3 + [np.full(mask.shape, 255, np.uint8)])))
     with caplog.at_level(logging.INFO):
         m = b.build(root, out, **{**SMALL, "num_test_query": 1, "num_test_support": 10,
                                   "num_query_train": 5, "num_test": 11})
@@ -420,7 +423,7 @@ def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
     assert reasons["truncated"][1].startswith("truncated image: JPEGImages/truncated.jpg:")
     assert reasons["text"][1].startswith("not an image: JPEGImages/text.jpg:")
     assert reasons["rgb_mask"][1].startswith(
-        "mask not single-channel: SegmentationClassAug/rgb_mask.png: mask has mode 'RGB'")
+        "mask not single-channel: SegmentationClassAug/rgb_mask.png: mask is in colour (")
     assert reasons["wrong_size"][1] == (
         "mask size mismatch: SegmentationClassAug/wrong_size.png: mask is 20x16 (rows x "
         "cols) but JPEGImages/wrong_size.jpg is 24x16")
@@ -434,7 +437,7 @@ def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
         "label out of range: SegmentationClassAug/mask16.png: label values 300 outside 0-17 "
         "(raw ATR ids; 255 = ignore; 'I;16' mask)")
     assert reasons["mask1bit"][1].startswith("mask not 8-bit: SegmentationClassAug/mask1bit.png")
-    total = len(good) + len(bad) + len(odd) + 2
+    total = len(good) + len(bad) + len(odd) + 3
     assert (f"skipped 9 of {total} inputs: 2 label out of range, 1 mask not 8-bit, "
             "1 mask not single-channel, "
             "1 mask size mismatch, 1 missing image, 1 missing mask, 1 not an image, "
@@ -448,7 +451,7 @@ def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
             sid = ex.features.feature[features.SOURCE_ID].bytes_list.value[0].decode()
             stored[sid] = (ex.features.feature[features.IMAGE_ENCODED].bytes_list.value[0],
                            {k: v.numpy() for k, v in features.decode_example(raw).items()})
-    assert set(stored) == set(good) | set(odd) | {"palette_mask", "mask16_ok"}
+    assert set(stored) == set(good) | set(odd) | {"palette_mask", "mask16_ok", "grey_rgba_mask"}
     for sid in odd:
         data, ex = stored[sid]
         img = Image.open(io.BytesIO(data))
@@ -457,7 +460,7 @@ def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
         ref = np.dstack([gray] * 3) if sid == "gray" else photo
         tol = 40 if sid == "palette" else 12  # an 8-colour palette is coarse
         assert np.abs(ex["image"].astype(int) - ref).mean() < tol, sid
-    for sid in ("palette_mask", "mask16_ok"):
+    for sid in ("palette_mask", "mask16_ok", "grey_rgba_mask"):
         np.testing.assert_array_equal(stored[sid][1]["mask"], np.vectorize(HAND_MERGE.get)(mask))
 
 

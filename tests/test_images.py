@@ -60,3 +60,24 @@ def test_upright_size_swaps_for_quarter_turns_only():
     assert [images.upright_size((40, 30), o) for o in range(1, 9)] == \
         [(40, 30)] * 4 + [(30, 40)] * 4
     assert images.is_heif(b"\0\0\0\x18ftypheic") and not images.is_heif(b"\xff\xd8\xff")
+
+
+def test_grey_of_colour_mask():
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    rgb = Image.fromarray(np.dstack([grey] * 3))
+    values, why = images.grey_of_colour_mask(rgb)
+    np.testing.assert_array_equal(values, grey)
+    assert why == ""
+    la = Image.fromarray(np.dstack([grey, np.full_like(grey, 255)]), "LA")
+    np.testing.assert_array_equal(images.grey_of_colour_mask(la)[0], grey)
+    see_through = np.dstack([grey] * 3 + [np.full_like(grey, 255)])
+    see_through[0, 0, 3] = 10
+    assert images.grey_of_colour_mask(Image.fromarray(see_through)) == (None, "has transparent pixels")
+    coloured = np.dstack([grey] * 3)
+    coloured[..., 1] = 0                       # 12 distinct colours, 4 named
+    values, why = images.grey_of_colour_mask(Image.fromarray(coloured))
+    assert values is None
+    assert why.startswith("is in colour (12 colours: (0, 0, 0), (1, 0, 1), (2, 0, 2), (3, 0, 3) "
+                          "and 8 more)")
+    with pytest.raises(ValueError, match="not one of"):
+        images.grey_of_colour_mask(Image.fromarray(grey))

@@ -206,7 +206,9 @@ def _support(tmp_path, mask, image_shape=(20, 30, 3), mask_format="PNG", mode=No
     ("no_foreground", "the mask has no foreground"),
     ("too_many", "the mask has 12 classes"),
     ("size", "the mask is 20x31 but the support image"),
-    ("rgb", "the support mask is a RGB image"),
+    ("colour", "the support mask is in colour (2 colours: (0, 0, 0), (255, 0, 0))"),
+    ("transparent", "the support mask has transparent pixels"),
+    ("cmyk", "the support mask is a CMYK image"),
     ("jpeg", "the support mask is a JPEG"),
 ])
 def test_support_errors_name_the_file(tmp_path, stub, case, message):
@@ -216,8 +218,16 @@ def test_support_errors_name_the_file(tmp_path, stub, case, message):
         mask[:12] = np.arange(1, 13)[:, None]
     elif case == "size":
         mask = np.ones((20, 31), np.uint8)
-    elif case == "rgb":
-        mask = np.ones((20, 30, 3), np.uint8)
+    elif case == "colour":
+        mask = np.zeros((20, 30, 3), np.uint8)
+        mask[:5, :, 0] = 255
+    elif case == "transparent":
+        mask = np.full((20, 30, 4), 1, np.uint8)
+        mask[0, 0, 3] = 0
+    elif case == "cmyk":
+        mask = np.ones((20, 30, 4), np.uint8)
+        kwargs["mode"] = "CMYK"
+        kwargs["mask_format"] = "TIFF"
     elif case == "jpeg":
         mask[:5] = 1
         kwargs["mask_format"] = "JPEG"
@@ -228,6 +238,18 @@ def test_support_errors_name_the_file(tmp_path, stub, case, message):
         predict.read_support(image, mask_path, stub)
     text = str(error.value)
     assert message in text and text.startswith(mask_path) and "\n" not in text
+
+
+@pytest.mark.parametrize("channels", [3, 4, 2])  # RGB, RGBA and LA, fully opaque
+def test_grey_mask_saved_in_colour_is_read_as_grey(tmp_path, stub, channels):
+    grey = np.zeros((20, 30), np.uint8)
+    grey[:5], grey[5:9] = 7, 20
+    mask = np.repeat(grey[..., None], channels, axis=-1)
+    if channels in (2, 4):
+        mask[..., -1] = 255
+    image, mask_path = _support(tmp_path, mask)
+    np.testing.assert_array_equal(predict.read_mask(mask_path), grey)
+    assert list(predict.read_support(image, mask_path, stub).class_values) == [7, 20]
 
 
 def test_unreadable_and_non_image_support(tmp_path, stub):

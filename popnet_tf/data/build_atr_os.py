@@ -6,7 +6,8 @@ Input: any folder in the ATR layout, the real ATR download or the output of
     ROOT/JPEGImages/<id>.jpg            RGB photo (or .png, .webp, .tif, .bmp... any
                                         type Pillow reads; HEIC is refused with a hint)
     ROOT/SegmentationClassAug/<id>.png  single-channel mask (8-bit grey or palette
-                                        indices, or 16-bit), raw ATR ids 0-17, 255 = ignore
+                                        indices, or 16-bit; or grey saved as opaque
+                                        RGB/RGBA/LA), raw ATR ids 0-17, 255 = ignore
 
 Output: `OUT/<split>-NNNNN-of-MMMMM.tfrecord` for the splits q_train, s_train,
 q_test and s_test, and `OUT/manifest.json` (docs/DESIGN.md). Each example holds
@@ -86,8 +87,9 @@ from absl import logging
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from popnet_tf import classes
-from popnet_tf.data.images import (HEIF_HINT, IMAGE_EXTENSIONS, UPRIGHT, exif_orientation,
-                                   is_heif, to_rgb, upright_size)
+from popnet_tf.data.images import (COLOUR_MASK_MODES, HEIF_HINT, IMAGE_EXTENSIONS, UPRIGHT,
+                                   exif_orientation, grey_of_colour_mask, is_heif, to_rgb,
+                                   upright_size)
 
 # TensorFlow and Keras are imported inside the functions that need them: worker
 # processes are started with "spawn" and import this module, and they only need
@@ -264,6 +266,13 @@ def _merged_mask(img_size: tuple[int, int], mask: Image.Image, path: str,
         raise _Skip(MASK_NOT_8_BIT, path,
                     f"mask has mode {mask.mode!r}; expected a single-channel ('L', or "
                     "16-bit) or palette ('P') PNG whose values are ATR ids")
+    if mask.mode in COLOUR_MASK_MODES:  # a grey mask an editor saved in colour is read as grey
+        values, why = grey_of_colour_mask(mask)
+        if values is None:
+            raise _Skip(MASK_NOT_SINGLE_CHANNEL, path,
+                        f"mask {why}; expected an 8-bit single-channel ('L') or palette ('P') "
+                        "PNG whose values are ATR ids")
+        mask = Image.fromarray(values, "L")
     if mask.mode not in ("L", "P"):
         raise _Skip(MASK_NOT_SINGLE_CHANNEL, path,
                     f"mask has mode {mask.mode!r} ({len(mask.getbands())} channel(s)); "

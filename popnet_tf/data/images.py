@@ -10,6 +10,8 @@ cheaply; `popnet_tf.predict` reads query and support photos with the same rules.
 - `to_rgb`: any Pillow image -> 8-bit RGB, keeping the high byte of 16-bit grey
   (Pillow's own `convert("RGB")` clips 16-bit values at 255, a white image; TensorFlow's
   PNG decoder keeps the high byte, and so do we).
+- `grey_of_colour_mask`: a label mask some editor saved as RGB(A) or LA with equal
+  colour channels and no transparency -> its single-channel values.
 
 Example:
     >>> from PIL import Image
@@ -82,3 +84,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         image = image.convert("RGBA")
     return image.convert("RGB")
+
+
+COLOUR_MASK_MODES = ("RGB", "RGBA", "LA")
+
+
+def grey_of_colour_mask(image: Image.Image) -> tuple[np.ndarray | None, str]:
+    """A mask stored in colour -> (its [H, W] uint8 values, "") when every pixel has equal
+    colour channels and full opacity (a grey mask an editor saved as RGB), else (None,
+    why not): transparency, or colours, which do not say which value they stand for.
+    Only for `COLOUR_MASK_MODES`.
+
+    Example:
+        >>> values, why = grey_of_colour_mask(Image.open("mask_saved_as_rgb.png"))
+    """
+    if image.mode not in COLOUR_MASK_MODES:
+        raise ValueError(f"grey_of_colour_mask: mode {image.mode!r} is not one of {COLOUR_MASK_MODES}")
+    pixels = np.asarray(image, np.uint8)
+    has_alpha = image.mode in ("RGBA", "LA")
+    colour = pixels[..., :-1] if has_alpha else pixels
+    if has_alpha and (pixels[..., -1] != 255).any():
+        return None, "has transparent pixels"
+    if (colour != colour[..., :1]).any():
+        colours = np.unique(colour.reshape(-1, colour.shape[-1]), axis=0)
+        shown = ", ".join(str(tuple(int(v) for v in c)) for c in colours[:4])
+        more = f" and {len(colours) - 4} more" if len(colours) > 4 else ""
+        return None, (f"is in colour ({len(colours)} colours: {shown}{more}), which does not "
+                      "say the class values")
+    return np.ascontiguousarray(colour[..., 0]), ""
