@@ -29,7 +29,7 @@ import tensorflow as tf
 from absl import logging
 
 from popnet_tf import classes, eval_lib, integrity, losses, metrics
-from popnet_tf.data import episodes
+from popnet_tf.data import augment, episodes
 from popnet_tf.models import baselines, popnet
 from popnet_tf.models.stages import PREDICTION_HEADS
 
@@ -121,7 +121,8 @@ def epoch_dataset(config, data_dir: str, stage: int, fold: int, epoch: int) -> t
         ds = episodes.stage1_train_dataset(data_dir, crop_size=crop_size(config, 1), **common)
     else:
         ds = episodes.train_episodes(data_dir, stage=stage, fold=fold, fold_set=d.fold_set,
-                                     way=t.way, crop_size=crop_size(config, stage), **common)
+                                     way=t.way, crop_size=crop_size(config, stage),
+                                     support_crop_size=support_crop_size(config, stage), **common)
     return ds.take(steps_per_epoch(config, stage))
 
 
@@ -140,6 +141,25 @@ def crop_size(config, stage: int) -> int | tuple[int, int]:
         rows, cols = d.crop_size, d.crop_width or d.crop_size
     else:
         return d.oneway_crop_size
+    return rows if rows == cols else (rows, cols)
+
+
+def support_crop_size(config, stage: int) -> int | tuple[int, int] | None:
+    """The k-way supports' own training crop, `data.support_crop_size` rows x
+    `data.support_crop_width` columns (0: square; the width alone: the query's rows), or
+    None: the query's crop (the default, and always for stage 1 and one-way).
+
+    Why: the ten fixed test supports are whole images holding 8-9 classes, while a
+    support cropped like the queries holds fewer, and NCM's background score averages
+    over the classes present (SPEC §6); a whole-image support crop trains with test-like
+    supports (README, "What the default run measures")."""
+    d = config.data
+    rows, cols = d.get("support_crop_size", 0), d.get("support_crop_width", 0)
+    if stage == 1 or config.train.way != "kway" or not (rows or cols):
+        return None
+    query_rows = augment.crop_shape(crop_size(config, stage))[0]
+    rows = rows or query_rows
+    cols = cols or rows
     return rows if rows == cols else (rows, cols)
 
 
@@ -236,7 +256,8 @@ CONFIG_CHOICES = {
 _POSITIVE = ("train.batch_size", "train.epochs", "train.steps_per_epoch", "data.crop_size",
              "data.oneway_crop_size", "data.eval_size", "model.filters")
 _ZERO_MEANS_DEFAULT = ("train.stage1_batch_size", "train.stage1_steps_per_epoch",
-                       "data.stage1_crop_size", "data.stage1_crop_width", "data.crop_width")
+                       "data.stage1_crop_size", "data.stage1_crop_width", "data.crop_width",
+                       "data.support_crop_size", "data.support_crop_width")
 
 
 def _field(config, dotted):

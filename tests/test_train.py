@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from configs import synthetic_cpu
-from popnet_tf import train_lib
+from popnet_tf import integrity, train_lib
 from popnet_tf.models import popnet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,6 +100,32 @@ def test_crop_sizes_of_each_stage(data_config):
     assert train_lib.crop_size(config, 1) == (size, 36)
     config.train.way = "oneway"
     assert train_lib.crop_size(config, 3) == config.data.oneway_crop_size
+
+
+def test_support_crop_of_kway_episodes(data_config):
+    """data.support_crop_size x support_crop_width crop the k-way supports on their own
+    (whole-image supports with cropped queries); 0 keeps the query's crop, and stage 1
+    and one-way never use it."""
+    config = smoke_config(os.path.dirname(data_config.data.dir))
+    size = config.data.crop_size
+    assert train_lib.support_crop_size(config, 3) is None            # default: the query's
+    config.data.support_crop_size, config.data.support_crop_width = size + 16, size - 8
+    assert train_lib.support_crop_size(config, 3) == (size + 16, size - 8)
+    batch = _fixed_batch(config, 3)
+    assert batch["query_image"].shape[1:3] == (size, size)
+    assert batch["support_image"].shape[1:3] == (size + 16, size - 8)
+    assert batch["support_mask"].shape[1:3] == (size + 16, size - 8)
+    assert train_lib.support_crop_size(config, 1) is None
+    config.data.support_crop_size = 0                                  # width alone: query rows
+    assert train_lib.support_crop_size(config, 2) == (size, size - 8)
+    config.data.support_crop_width = 0
+    config.data.support_crop_size = size + 4                           # size alone: square
+    assert train_lib.support_crop_size(config, 2) == size + 4
+    config.train.way = "oneway"
+    assert train_lib.support_crop_size(config, 3) is None
+    config.data.support_crop_size = -1
+    with pytest.raises(integrity.RunConfigError, match="data.support_crop_size=-1"):
+        train_lib.check_config(config)
 
 
 def test_cache_decoded_reaches_both_dataset_builders(data_config, monkeypatch):

@@ -277,7 +277,8 @@ def stage1_train_dataset(data_dir: str, *, batch_size: int, crop_size,
 def train_episodes(data_dir: str, *, stage: int, fold: int, fold_set: str = classes.DEFAULT_FOLD_SET,
                    way: str = KWAY, batch_size: int, crop_size, scale_range=(0.5, 2.0),
                    resize_long_side: int | None = None, seed: int = 0,
-                   cache_decoded: bool = False, shuffle_buffer: int | None = None) -> tf.data.Dataset:
+                   cache_decoded: bool = False, shuffle_buffer: int | None = None,
+                   support_crop_size=None) -> tf.data.Dataset:
     """Infinite batches of one-shot training episodes (SPEC §4, §5, §7).
 
     Args:
@@ -291,16 +292,20 @@ def train_episodes(data_dir: str, *, stage: int, fold: int, fold_set: str = clas
         seed: run seed; the same seed gives the same episodes.
         cache_decoded: keep decoded images in memory (small datasets only).
         shuffle_buffer: shuffle buffer per split; None = the whole split.
+        support_crop_size: the support's own crop, a side or (rows, cols); None: the
+            query's `crop_size` (e.g. whole-image supports with cropped queries).
     Returns:
         Dataset of {"query_image", "support_image": [B, S, S, 3] float32,
-        "query_mask", "support_mask": [B, S, S] int32, "class_id": [B] int32}.
+        "query_mask", "support_mask": [B, S, S] int32, "class_id": [B] int32}; the
+        support's S is its own crop's where `support_crop_size` is given.
 
     Example:
         >>> ds = train_episodes("tfrecords/synthetic", stage=2, fold=1, way="oneway",
         ...                     batch_size=2, crop_size=128, resize_long_side=160, seed=3)
     """
     _check_common(stage, crop_size, batch_size, scale_range)
-    crop_rows, crop_cols = augment.crop_shape(crop_size)
+    support_crop_size = support_crop_size or crop_size
+    crop_rows, crop_cols = augment.crop_shape(support_crop_size)  # the support's crop
     if way not in (KWAY, ONEWAY):
         raise ValueError(f"way must be {KWAY!r} or {ONEWAY!r}, got {way!r}")
     classes.novel_ids(stage, fold, fold_set)  # validates fold and fold_set
@@ -332,7 +337,7 @@ def train_episodes(data_dir: str, *, stage: int, fold: int, fold_set: str = clas
         def attempt_crop(attempt, *unused):
             geometry = augment.sample_geometry(
                 tf.random.experimental.stateless_fold_in(support_key, attempt + 1),
-                support_shape[0], support_shape[1], crop_size=crop_size,
+                support_shape[0], support_shape[1], crop_size=support_crop_size,
                 scale_range=scale_range, resize_long_side=resize_long_side)
             merged = augment.augment_mask(support["mask"], geometry)   # merged ids, no lookup yet
             # Labels present after the stage/fold lookup, from the merged ids
