@@ -269,7 +269,6 @@ def read_mask(path: str) -> np.ndarray:
                      "single-channel (grayscale or palette PNG) with the class values as pixels")
 
 
-
 def read_support(image_path: str, mask_path: str, predictor: Predictor,
                  apply_exif: bool = True) -> Support:
     """Reads and checks a support image and mask before any work (one-line InputErrors).
