@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.crop_width = 0                    # columns of the k-way crop; 0: square
     c.data.support_crop_size = 0             # k-way supports' crop rows; 0: the query's crop
     c.data.support_crop_width = 0            # its columns; 0: as many as its rows
+    c.data.support_crop_stages = (3,)        # the one-shot stages that use the support crop
     c.data.oneway_crop_size = 576            # SPEC §7, one-way
     c.data.stage1_crop_size = 0              # 0: as crop_size
     c.data.stage1_crop_width = 0             # columns of stage 1's crop; 0: square (k-way's if size 0)

@@ -146,16 +146,19 @@ def crop_size(config, stage: int) -> int | tuple[int, int]:
 
 def support_crop_size(config, stage: int) -> int | tuple[int, int] | None:
     """The k-way supports' own training crop, `data.support_crop_size` rows x
-    `data.support_crop_width` columns (0: square; the width alone: the query's rows), or
-    None: the query's crop (the default, and always for stage 1 and one-way).
+    `data.support_crop_width` columns (0: square; the width alone: the query's rows), in
+    the stages of `data.support_crop_stages` (default: stage 3 only); None: the query's
+    crop (the default, and always for stage 1, one-way and the other stages).
 
     Why: the ten fixed test supports are whole images holding 8-9 classes, while a
     support cropped like the queries holds fewer, and NCM's background score averages
     over the classes present (SPEC §6); a whole-image support crop trains with test-like
-    supports (README, "What the default run measures")."""
+    supports. Measured, it helps stage 3 trained over a stage 2 without it, and lowers
+    both when stage 2 has it too (README, "What the default run measures")."""
     d = config.data
     rows, cols = d.get("support_crop_size", 0), d.get("support_crop_width", 0)
-    if stage == 1 or config.train.way != "kway" or not (rows or cols):
+    stages = tuple(d.get("support_crop_stages", (3,)))
+    if stage not in stages or config.train.way != "kway" or not (rows or cols):
         return None
     query_rows = augment.crop_shape(crop_size(config, stage))[0]
     rows = rows or query_rows
@@ -293,6 +296,10 @@ def check_config(config) -> None:
     if not 0.0 <= float(config.train.ema_momentum) < 1.0:
         problems.append(f"train.ema_momentum={config.train.ema_momentum!r}: must be in [0, 1) "
                         "(0: no moving average)")
+    stages = config.data.get("support_crop_stages", ())
+    if not isinstance(stages, (tuple, list)) or not set(stages) <= {2, 3}:
+        problems.append(f"data.support_crop_stages={stages!r}: a tuple of one-shot stages, "
+                        "from (2, 3)")
     if float(config.train.learning_rate) < 0:
         problems.append(f"train.learning_rate={config.train.learning_rate!r}: must be >= 0")
     if int(config.train.prototype_warmup) < 0:

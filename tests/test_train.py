@@ -104,8 +104,8 @@ def test_crop_sizes_of_each_stage(data_config):
 
 def test_support_crop_of_kway_episodes(data_config):
     """data.support_crop_size x support_crop_width crop the k-way supports on their own
-    (whole-image supports with cropped queries); 0 keeps the query's crop, and stage 1
-    and one-way never use it."""
+    (whole-image supports with cropped queries) in the stages of support_crop_stages
+    (default: 3 only); 0 keeps the query's crop, and stage 1 and one-way never use it."""
     config = smoke_config(os.path.dirname(data_config.data.dir))
     size = config.data.crop_size
     assert train_lib.support_crop_size(config, 3) is None            # default: the query's
@@ -116,6 +116,9 @@ def test_support_crop_of_kway_episodes(data_config):
     assert batch["support_image"].shape[1:3] == (size + 16, size - 8)
     assert batch["support_mask"].shape[1:3] == (size + 16, size - 8)
     assert train_lib.support_crop_size(config, 1) is None
+    assert train_lib.support_crop_size(config, 2) is None             # default: stage 3 only
+    config.data.support_crop_stages = (2, 3)
+    assert train_lib.support_crop_size(config, 2) == (size + 16, size - 8)
     config.data.support_crop_size = 0                                  # width alone: query rows
     assert train_lib.support_crop_size(config, 2) == (size, size - 8)
     config.data.support_crop_width = 0
@@ -124,7 +127,9 @@ def test_support_crop_of_kway_episodes(data_config):
     config.train.way = "oneway"
     assert train_lib.support_crop_size(config, 3) is None
     config.data.support_crop_size = -1
-    with pytest.raises(integrity.RunConfigError, match="data.support_crop_size=-1"):
+    config.data.support_crop_stages = (1, 3)
+    with pytest.raises(integrity.RunConfigError,
+                       match=r"data.support_crop_size=-1.*data.support_crop_stages=\(1, 3\)"):
         train_lib.check_config(config)
 
 
