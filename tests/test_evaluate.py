@@ -229,6 +229,17 @@ def test_finetune_kway_tunes_per_support_and_restores(trained):
     assert len(tuned["examples"]) == 2
     # Tuning changes the predictions; every weight is back afterwards.
     assert untuned["confusion_matrix"] != tuned["confusion_matrix"]
+    # Scored through eval_lib like the stages: its error breakdown adds up and agrees
+    # with its IoUs, and the absent-class matrix holds relabelled foreground truth only.
+    for name, parts in tuned["error_breakdown"].items():
+        if parts is not None:
+            assert math.isclose(sum(parts.values()), 1.0, rel_tol=1e-9), name
+            assert math.isclose(parts["iou"], tuned["per_class_iou"][name], rel_tol=1e-9)
+    absent = np.array(tuned["absent_class_confusion_matrix"])
+    assert absent.shape == (12, 12) and absent[0].sum() == 0 and absent.sum() > 0
+    # Those pixels are truth background in the §5 matrix: per predicted class, no more
+    # absent-class pixels than truth-background ones.
+    assert (absent.sum(0) <= np.array(tuned["confusion_matrix"])[0]).all()
     for v, b in zip(model.weights, before):
         np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
 
