@@ -495,6 +495,8 @@ def train_stage(config, workdir: str, stage: int, fold: int, data_dir: str,
                                      max_queries=config.eval.val_queries, progress=False,
                                      num_examples=config.eval.num_logged_examples)
                 _log_validation(writer, val, stage, epoch + 1)
+                logging.info("Stage %d epoch %d/%d validation: %s", stage, epoch + 1, epochs,
+                             validation_line(val))
                 timer.lap("validation")
             logging.info("Stage %d epoch %d/%d took %s", stage, epoch + 1, epochs, timer)
     finally:
@@ -569,6 +571,21 @@ def _learning_rate_used(optimizer):
     if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
         return schedule(inner.iterations - 1)
     return inner.learning_rate
+
+
+def validation_line(summary) -> str:
+    """One console line of a validation summary, so progress is visible without
+    TensorBoard: "base MIoU 0.323, novel MIoU 0.026, human MIoU 0.247, overall acc 0.584
+    (50 pairs)" for a one-shot stage, "foreground IoU 0.801, overall acc 0.912 (20
+    images)" for stage 1."""
+    names = (("foreground_iou", "foreground IoU"), ("base_miou", "base MIoU"),
+             ("novel_miou", "novel MIoU"), ("human_miou", "human MIoU"),
+             ("overall_acc", "overall acc"))
+    parts = [f"{label} {summary[key]:.3f}" for key, label in names
+             if summary.get(key) is not None and np.isfinite(summary[key])]
+    count = (f" ({summary['num_pairs']} pairs)" if "num_pairs" in summary else
+             f" ({summary['num_images']} images)" if "num_images" in summary else "")
+    return ", ".join(parts) + count
 
 
 def _log_validation(writer, summary, stage, epoch):

@@ -7,11 +7,14 @@ dual-metric ones, the validation MIoUs and the episode images.
 """
 
 import glob
+import logging
 import os
+import re
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import logging as absl_logging
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import synthetic_cpu
@@ -32,7 +35,17 @@ def run(tmp_path_factory):
     config = synthetic_cpu.get_config("smoke")
     config.data.dir = str(tmp / "data")
     workdir = str(tmp / "work")
-    train_lib.train(config, workdir, stage=2, fold=1)
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    absl_logger, level = logging.getLogger("absl"), absl_logging.get_verbosity()
+    absl_logger.addHandler(handler)
+    absl_logging.set_verbosity(absl_logging.INFO)  # the console's level under the CLI
+    try:
+        train_lib.train(config, workdir, stage=2, fold=1)
+    finally:
+        absl_logger.removeHandler(handler)
+        absl_logging.set_verbosity(level)
     readers = {}
     for stage in (1, 2):
         path = os.path.join(workdir, "tensorboard", f"stage{stage}")
@@ -40,7 +53,7 @@ def run(tmp_path_factory):
         reader = event_accumulator.EventAccumulator(
             path, size_guidance={k: 0 for k in event_accumulator.DEFAULT_SIZE_GUIDANCE})
         readers[stage] = reader.Reload()
-    return config, readers
+    return config, readers, lines
 
 
 def series(reader, tag):
@@ -55,13 +68,13 @@ def plugin(reader, tag):
 
 
 def test_logdir_holds_one_run_per_stage(run):
-    config, readers = run
+    config, readers, _ = run
     assert sorted(readers) == [1, 2]
 
 
 @pytest.mark.parametrize("stage, tags", [(1, STAGE1_SCALARS), (2, ONESHOT_SCALARS)])
 def test_scalar_tags_shown_by_the_scalars_plugin(run, stage, tags):
-    _, readers = run
+    _, readers, _ = run
     reader = readers[stage]
     present = set(reader.Tags()["tensors"])
     assert set(tags) <= present, sorted(set(tags) - present)
@@ -74,7 +87,7 @@ def test_scalar_tags_shown_by_the_scalars_plugin(run, stage, tags):
 def test_training_scalars_follow_the_schedules(run):
     """Every step logged; loss = β·AGM + (1 − β)·NCM (Eq. 5); β = 1 − epoch/epochs
     (weight shifting); learning rate on the poly schedule."""
-    config, readers = run
+    config, readers, _ = run
     t = config.train
     reader = readers[2]
     total = t.epochs * t.steps_per_epoch
@@ -97,7 +110,7 @@ def test_training_scalars_follow_the_schedules(run):
 
 
 def test_validation_scalars_per_epoch(run):
-    config, readers = run
+    config, readers, _ = run
     for stage, tags in ((1, ("val/foreground_iou", "val/overall_acc")),
                         (2, ("val/novel_miou", "val/base_miou", "val/human_miou", "val/overall_acc"))):
         epochs = config.train.stage1_epochs if stage == 1 else config.train.epochs
@@ -107,10 +120,35 @@ def test_validation_scalars_per_epoch(run):
             assert np.all((values >= 0) & (values <= 1)), (tag, values)
 
 
+def test_validation_printed_on_the_console(run):
+    """Each epoch's validation is also a console line, with the figures TensorBoard got."""
+    config, readers, console = run
+    for stage, keys in ((1, (("foreground IoU", "val/foreground_iou"),
+                             ("overall acc", "val/overall_acc"))),
+                        (2, (("base MIoU", "val/base_miou"), ("novel MIoU", "val/novel_miou"),
+                             ("human MIoU", "val/human_miou"), ("overall acc", "val/overall_acc")))):
+        epochs = config.train.stage1_epochs if stage == 1 else config.train.epochs
+        printed = [l for l in console
+                   if l.startswith(f"Stage {stage} epoch ") and " validation: " in l]
+        assert len(printed) == epochs, console
+        for epoch, line in enumerate(printed):
+            assert line.startswith(f"Stage {stage} epoch {epoch + 1}/{epochs} validation: ")
+            assert line.endswith(" pairs)" if stage > 1 else " images)"), line
+            for label, tag in keys:
+                value = float(re.search(rf"{label} (\d\.\d{{3}})", line).group(1))
+                assert value == round(series(readers[stage], tag)[1][epoch], 3), (line, tag)
+
+
+def test_validation_line_formats():
+    line = train_lib.validation_line({"base_miou": 0.5, "novel_miou": None, "human_miou": 0.25,
+                                      "overall_acc": float("nan"), "num_pairs": 50})
+    assert line == "base MIoU 0.500, human MIoU 0.250 (50 pairs)"
+
+
 def test_episode_images(run):
     """val/episodes: per validation, PNG rows of 4 tiles (support + mask | query |
     truth | prediction), each eval_size square, as the images plugin reads them."""
-    config, readers = run
+    config, readers, _ = run
     reader = readers[2]
     assert "val/episodes" in reader.Tags()["tensors"]
     assert plugin(reader, "val/episodes") == "images"
