@@ -233,30 +233,48 @@ def _check_common(stage: int, crop_size, batch_size: int, scale_range) -> None:
 # Training.
 
 
-def stage1_train_dataset(data_dir: str, *, batch_size: int, crop_size,
-                         scale_range=(0.5, 2.0), resize_long_side: int | None = None,
-                         seed: int = 0, cache_decoded: bool = False,
-                         shuffle_buffer: int | None = None) -> tf.data.Dataset:
-    """Infinite batches for the supervised foreground stage (SPEC §3) from q_train ∪ s_train.
+def stage1_train_dataset(data_dir: str, **kwargs) -> tf.data.Dataset:
+    """Infinite batches for the supervised foreground stage (SPEC §3) from q_train ∪ s_train:
+    `supervised_train_dataset` with stage 1's labels (0 background, 1 human, 255 ignore).
+
+    Example:
+        >>> ds = stage1_train_dataset("tfrecords/synthetic", batch_size=2, crop_size=128,
+        ...                           resize_long_side=160)
+    """
+    return supervised_train_dataset(data_dir, stage=1, **kwargs)
+
+
+def supervised_train_dataset(data_dir: str, *, batch_size: int, crop_size, stage: int = 1,
+                             fold: int | None = None,
+                             fold_set: str = classes.DEFAULT_FOLD_SET,
+                             scale_range=(0.5, 2.0), resize_long_side: int | None = None,
+                             seed: int = 0, cache_decoded: bool = False,
+                             shuffle_buffer: int | None = None) -> tf.data.Dataset:
+    """Infinite batches of plain (image, mask) pairs from q_train ∪ s_train, labelled in
+    `stage`'s classes: stage 1 trains on them, and `scripts/supervised_reference.py` trains
+    a supervised stage-3 reference on them (fold's novel classes -> background).
 
     Args:
         data_dir: built ATR-OS dataset.
+        stage: label space (SPEC §3): 1 foreground, 2 body areas, 3 fine classes.
+        fold, fold_set: with a fold (stages 2 and 3), its novel classes become
+            background, as in the one-shot stages' training (SPEC §4).
         batch_size, crop_size: batch B and crop side S, or the crop's (rows, cols).
         scale_range, resize_long_side: augmentation (see `augment.sample_geometry`).
         seed: run seed; the same seed gives the same batches.
         cache_decoded: keep decoded images in memory (small datasets only).
         shuffle_buffer: shuffle buffer; None = the whole split.
     Returns:
-        Dataset of {"image": [B, S, S, 3] float32, "mask": [B, S, S] int32 (0/1/255)}
-        ([B, rows, cols, ...] for a (rows, cols) crop).
+        Dataset of {"image": [B, S, S, 3] float32, "mask": [B, S, S] int32 (stage
+        labels, 255 ignore)} ([B, rows, cols, ...] for a (rows, cols) crop).
 
     Example:
-        >>> ds = stage1_train_dataset("tfrecords/synthetic", batch_size=2, crop_size=128,
-        ...                           resize_long_side=160)
+        >>> ds = supervised_train_dataset("tfrecords/synthetic", stage=3, fold=1,
+        ...                               batch_size=8, crop_size=112, resize_long_side=144)
     """
-    _check_common(1, crop_size, batch_size, scale_range)
+    _check_common(stage, crop_size, batch_size, scale_range)
     manifest = load_manifest(data_dir)
-    table = _stage_table(1)
+    table = _stage_table(stage, fold, fold_set)
     stream = _train_stream(data_dir, ("q_train", "s_train"), manifest, seed=seed, salt=_SALT_STAGE1,
                            cache_decoded=cache_decoded, shuffle_buffer=shuffle_buffer)
 
