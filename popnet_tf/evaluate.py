@@ -434,6 +434,8 @@ if __name__ == "__main__":
         sys.path.insert(0, _repo)
     from absl import app
 
+    from popnet_tf import cli
+
     _define_flags()
     logging.set_verbosity(logging.INFO)
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -18,15 +18,20 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from popnet_tf import cli
+
 # Config files live in the repository's configs/ folder beside the package.
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_REPO, "configs", "synthetic_cpu.py"),
-    "Experiment config file (ml_collections), optionally with ':variant'. "
-    "Override values with --config.<key>=<value>.", lock_config=True)
+try:  # with its default file, the flag applies sys.argv's --config.<key> overrides here
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", os.path.join(_REPO, "configs", "synthetic_cpu.py"),
+        "Experiment config file (ml_collections), optionally with ':variant'. "
+        "Override values with --config.<key>=<value>.", lock_config=True)
+except (AttributeError, KeyError) as _error:
+    cli.exit_on_unknown_config_key(_error, sys.argv)
 _FOLD = flags.DEFINE_enum("fold", "1", ["1", "2"], "Fold (SPEC §4): which classes are novel.")
 _STAGE = flags.DEFINE_enum("stage", "3", ["1", "2", "3"],
                            "Stage to train (SPEC §3); earlier stages missing in the workdir are trained first.")
@@ -58,20 +63,6 @@ def main(argv):
     print(train_lib.format_summary(summary, stage, fold))
 
 
-def _parse_flags(argv):
-    """absl's flag parsing, with a one-line error for an unknown --config.<key>:
-    ml_collections raises a bare `AttributeError: "'key'"` for it."""
-    try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as e:
-        key = str(e).strip("\"'")
-        flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
-                     and key in a.split("=", 1)[0][len("--config."):].split(".")), "--config.*")
-        sys.stderr.write(f"FATAL Flags parsing error: {flag}: the config has no field {key!r} "
-                         "(the fields and their meaning are in configs/common.py)\n")
-        sys.exit(1)
-
-
 def _config_name() -> str:
     path = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") else ""
     name = os.path.splitext(os.path.basename(path.split(":")[0]))[0] if path else "run"
@@ -80,4 +71,4 @@ def _config_name() -> str:
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.INFO)
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

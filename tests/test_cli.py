@@ -1,0 +1,42 @@
+"""popnet_tf/cli.py: a mistyped --config.<key> is one clear line, not a traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from popnet_tf import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+@pytest.mark.parametrize("error", [
+    KeyError("'epoch'"),                                                  # older ml_collections
+    AttributeError(KeyError("'epoch'\nDid you mean \"epochs\" instead of \"epoch\"?")),
+])
+def test_message_names_flag_field_and_hint(error):
+    message = cli.unknown_config_key_message(error, ["train", "--fold=1", "--config.train.epoch=3"])
+    assert message.startswith("FATAL Flags parsing error: --config.train.epoch: the config has "
+                              "no field 'epoch'.")
+    assert "\\" not in message and "\n" not in message
+    assert ("Did you mean \"epochs\"" in message) == ("Did you" in str(error.args[0]))
+    assert message.endswith(f"({cli.CONFIG_FIELDS_HINT})")
+
+
+@pytest.mark.parametrize("module, args", [
+    ("popnet_tf.train", ["--config.train.epoch=3"]),                       # default config file
+    ("popnet_tf.train", ["--config=configs/synthetic_cpu.py:smoke", "--config.trian.epochs=3"]),
+    ("popnet_tf.evaluate", ["--workdir=nowhere", "--config=configs/synthetic_cpu.py:smoke",
+                            "--config.eval.haed=agm"]),
+])
+def test_clis_refuse_unknown_config_key_in_one_line(module, args):
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    wrong = [a for a in args if a.startswith("--config.")][0].split("=")[0]
+    assert last.startswith(f"FATAL Flags parsing error: {wrong}: the config has no field "), last
+    assert "Did you mean" in last, last
