@@ -18,7 +18,8 @@ one value (`--config=configs/synthetic_cpu.py --config.eval.head=agm`). Writes
     gallery.png    episodes: support with mask | query | ground truth | prediction
 (`W/eval/fold<F>_<way>_foreground_gate/` with `--foreground_gate`: the head's
 probabilities gated by stage 1's human probability, `stages.gate_by_foreground`; not
-part of SPEC §6, whose NCM prediction is the default) and the metrics and gallery rows to TensorBoard under `W/tensorboard/eval_fold<F>_<way>/`.
+part of SPEC §6, whose NCM prediction is the default) and the metrics and gallery rows to TensorBoard under `W/tensorboard/eval_fold<F>_<way>/` (`..._foreground_gate/` when gated, so
+that both runs show side by side).
 
 K-way scoring encodes each of the ten supports once and each query once
 (`eval_lib.evaluate_kway`). The Fine-tune baseline is the exception: its weights
@@ -361,7 +362,7 @@ def write_outputs(results: dict, examples: list, workdir: str) -> str:
     with open(os.path.join(out_dir, TABLE_FILE), "w") as f:
         f.write(format_results(results))
     writer = tf.summary.create_file_writer(
-        os.path.join(workdir, "tensorboard", f"eval_fold{results['fold']}_{results['way']}"))
+        os.path.join(workdir, "tensorboard", "eval_" + os.path.basename(out_dir)))
     with writer.as_default(step=0):
         for key in ("novel_miou", "base_miou", "human_miou", "overall_acc", "bi_iou"):
             value = results.get(key)

@@ -60,7 +60,7 @@ def main(argv):
         # Conditions of the run (damaged data, full disk, NaN loss, a workdir of another
         # fold), not bugs: the message says what to do, a traceback would bury it.
         raise SystemExit(f"FATAL {type(e).__name__}: {e}") from None
-    print(train_lib.format_summary(summary, stage, fold))
+    print(train_lib.format_summary(summary, stage, fold, config.model.get("method", "popnet")))
 
 
 def _config_name() -> str:

@@ -689,8 +689,10 @@ def _configure_runtime(config) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def format_summary(summary: dict, stage: int, fold: int) -> str:
-    title = f"POPNet stage {stage} fold {fold}"
+def format_summary(summary: dict, stage: int, fold: int, method: str = "popnet") -> str:
+    """The console table of a stage's final evaluation, titled by the method trained
+    (POPNet or a baseline of configs/baselines/)."""
+    title = f"{baselines.METHOD_TITLES.get(method, method)} stage {stage} fold {fold}"
     if stage == 1:
         return (f"| {title} | foreground IoU | MIoU | overall acc |\n|---|---|---|---|\n"
                 f"| | {100 * summary['foreground_iou']:.1f} | {100 * summary['miou']:.1f} | "

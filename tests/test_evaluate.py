@@ -281,3 +281,21 @@ def test_foreground_gate_follows_stage_one(trained, way):
     with pytest.raises(ValueError, match="foreground gate needs stage 1"):
         evaluate.evaluate(workdir, way=way, foreground_gate=True, max_queries=1,
                           pairs_per_class=1, progress=False, write=False)
+
+
+def test_gated_and_ungated_results_have_their_own_tensorboard_runs(trained, tmp_path):
+    """Gated results go to their own folder and their own TensorBoard run, so the two
+    evaluations of one model show side by side instead of one hiding the other."""
+    _, workdir = trained
+    results = evaluate.evaluate(workdir, way="kway", max_queries=1, num_examples=0,
+                                progress=False, write=False)
+    out = str(tmp_path / "work")
+    plain = evaluate.write_outputs(dict(results), [], out)
+    gated = evaluate.write_outputs({**results, "foreground_gate": True}, [], out)
+    assert (os.path.basename(plain), os.path.basename(gated)) == (
+        "fold1_kway", "fold1_kway_foreground_gate")
+    runs = sorted(os.listdir(os.path.join(out, "tensorboard")))
+    assert runs == ["eval_fold1_kway", "eval_fold1_kway_foreground_gate"]
+    for run in runs:
+        assert any(e.startswith("events.out.tfevents")
+                   for e in os.listdir(os.path.join(out, "tensorboard", run))), run

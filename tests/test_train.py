@@ -456,3 +456,12 @@ def test_auto_precision_follows_native_bfloat16(monkeypatch):
     assert train_lib.precision_policy("auto") == "float32"
     assert train_lib.precision_policy("mixed_float16") == "mixed_float16"
     assert isinstance(train_lib.native_bfloat16(), bool)  # reads this machine without failing
+
+
+def test_final_table_names_the_method_trained():
+    summary = {"novel_miou": 0.1, "base_miou": 0.2, "human_miou": 0.3, "overall_acc": 0.9,
+               "per_class_iou": {}, "num_pairs": 10, "head": "model"}
+    assert "| POPNet stage 3 fold 1 (10 pairs" in train_lib.format_summary(summary, 3, 1)
+    panet = train_lib.format_summary(summary, 3, 2, "panet")
+    assert "| PANet stage 3 fold 2 (10 pairs" in panet and "POPNet" not in panet
+    assert "| SG-One stage 2 fold 1" in train_lib.format_summary(summary, 2, 1, "sgone")

@@ -51,6 +51,9 @@ from popnet_tf.layers.prototypes import MaskedAveragePooling
 from popnet_tf.models.encoder import DeepLabV3PlusEncoder
 
 METHODS = ("sgone", "panet", "amp", "finetune")
+# How tables and logs name each `config.model.method` (the paper's spelling).
+METHOD_TITLES = {"popnet": "POPNet", "sgone": "SG-One", "panet": "PANet", "amp": "AMP",
+                 "finetune": "Fine-tune"}
 
 # l2 normalisation floor (as layers.metric): a zero vector stays zero, gradients finite.
 _EPSILON = 1e-12
