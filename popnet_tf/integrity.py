@@ -55,6 +55,11 @@ class DatasetIntegrityError(RunError, ValueError):
     """The built dataset differs from its manifest (missing, extra, truncated or changed shard)."""
 
 
+class DatasetMissingError(RunError, FileNotFoundError):
+    """The config names a dataset folder that holds no built dataset (and is not the
+    synthetic default, which is generated on first use)."""
+
+
 class CheckpointIntegrityError(RunError, ValueError):
     """A checkpoint that the run needs does not read back."""
 

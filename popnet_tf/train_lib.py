@@ -82,16 +82,24 @@ def _json_default(value):
 
 
 # ----------------------------------------------------------------------------- data
+def check_dataset_present(config) -> None:
+    """Raises `integrity.DatasetMissingError` when the config's dataset is neither built
+    nor the synthetic one (generated on first use): before anything is written."""
+    data_dir = config.data.dir
+    if not config.data.synthetic and not os.path.exists(os.path.join(data_dir, "manifest.json")):
+        raise integrity.DatasetMissingError(
+            f"{data_dir}: no manifest.json. Build the dataset first: "
+            f"python -m popnet_tf.data.build_atr_os --atr_root /path/to/ATR --out {data_dir} "
+            "(or point --config.data.dir at a built one)")
+
+
 def ensure_dataset(config) -> str:
     """The built ATR-OS dataset of the config; the synthetic one is generated and
     built on first use. Returns its folder."""
     data_dir = config.data.dir
     if os.path.exists(os.path.join(data_dir, "manifest.json")):
         return data_dir
-    if not config.data.synthetic:
-        raise FileNotFoundError(
-            f"{data_dir}: no manifest.json. Build the dataset first: "
-            f"python -m popnet_tf.data.build_atr_os --atr_root /path/to/ATR --out {data_dir}")
+    check_dataset_present(config)
     # Imported here: only the synthetic default needs the generator and builder.
     from popnet_tf.data import build_atr_os, synth
 
@@ -608,6 +616,7 @@ def train(config, workdir: str, stage: int, fold: int, resume: bool = False) -> 
         raise ValueError(f"--stage must be 1, 2 or 3, got {stage!r}")
     check_config(config)
     classes.novel_ids(3, fold, config.data.fold_set)  # validates fold and fold set
+    check_dataset_present(config)     # no dataset: fail before the workdir is made
     integrity.check_workdir(workdir)  # read-only or full: fail before writing anything
     check_run_record(config, workdir, fold)
     verify_checkpoints(config, workdir, stage, resume)

@@ -40,3 +40,17 @@ def test_clis_refuse_unknown_config_key_in_one_line(module, args):
     wrong = [a for a in args if a.startswith("--config.")][0].split("=")[0]
     assert last.startswith(f"FATAL Flags parsing error: {wrong}: the config has no field "), last
     assert "Did you mean" in last, last
+
+
+def test_train_without_built_dataset_fails_in_one_line_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, "-m", "popnet_tf.train", "--config=configs/paper.py", "--fold=2",
+         f"--config.data.dir={tmp_path / 'atr_os'}", f"--workdir={workdir}"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"FATAL DatasetMissingError: {tmp_path / 'atr_os'}: no manifest.json. "
+                           "Build the dataset first: python -m popnet_tf.data.build_atr_os"), last
+    assert not workdir.exists()  # no run.json (nor folder) left behind
