@@ -35,8 +35,8 @@ def unknown_config_key_message(error: BaseException, argv) -> str:
     hint = next((line.strip() for line in text.splitlines() if line.strip().startswith("Did you")), "")
     flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
                  and key in a.split("=", 1)[0][len("--config."):].split(".")), "--config.*")
-    return (f"FATAL Flags parsing error: {flag}: the config has no field {key!r}."
-            f"{' ' + hint if hint else ''} ({CONFIG_FIELDS_HINT})")
+    return (f"FATAL Flags parsing error: {flag}: the config has no field {key!r}"
+            f"{'. ' + hint if hint else ''} ({CONFIG_FIELDS_HINT})")
 
 
 def exit_on_unknown_config_key(error: BaseException, argv) -> None:

@@ -326,12 +326,37 @@ def check_run_record(config, workdir: str, fold: int) -> None:
         with open(path) as f:
             old = json.load(f)
         for key in ("fold", "fold_set", "class_names", "model"):
-            if old.get(key) != json.loads(json.dumps(record[key])):
+            differences = _differences(old.get(key), json.loads(json.dumps(record[key])), key)
+            if differences:
+                was = ", ".join(f"{name}={a!r}" for name, a, _ in differences)
+                asks = ", ".join(f"{name}={b!r}" for name, _, b in differences)
                 raise integrity.RunConfigError(
-                    f"{path}: this workdir was trained with {key}={old.get(key)!r}, "
-                    f"but this run asks for {key}={record[key]!r}; use another --workdir")
+                    f"{path}: this workdir was trained with {was}, but this run asks for "
+                    f"{asks}; use another --workdir")
         return
     write_json_atomic(path, {**record, "config": config.to_dict()})
+
+
+class _Absent:
+    """A field one side of a comparison lacks."""
+
+    def __repr__(self):
+        return "(absent)"
+
+
+_MISSING = _Absent()
+
+
+def _differences(old, new, name: str) -> list[tuple[str, object, object]]:
+    """(dotted name, old, new) of every leaf where two JSON values differ, so that a
+    refusal names the few model fields that changed rather than the whole section."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(key, _MISSING), new.get(key, _MISSING),
+                                      f"{name}.{key}")]
+    if old is _MISSING or new is _MISSING:
+        return [] if old is new else [(name, old, new)]
+    return [] if old == new else [(name, old, new)]
 
 
 def restore_stage(config, workdir: str, stage: int, strategy=None) -> keras.Model:

@@ -19,7 +19,7 @@ ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
 def test_message_names_flag_field_and_hint(error):
     message = cli.unknown_config_key_message(error, ["train", "--fold=1", "--config.train.epoch=3"])
     assert message.startswith("FATAL Flags parsing error: --config.train.epoch: the config has "
-                              "no field 'epoch'.")
+                              "no field 'epoch'")
     assert "\\" not in message and "\n" not in message
     assert ("Did you mean \"epochs\"" in message) == ("Did you" in str(error.args[0]))
     assert message.endswith(f"({cli.CONFIG_FIELDS_HINT})")

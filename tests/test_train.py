@@ -1,6 +1,7 @@
 """Training: β schedule, warmup, frozen stages, learning, resume, replicas, precision, save/load."""
 
 import json
+import copy
 import os
 import subprocess
 import sys
@@ -319,8 +320,22 @@ def test_train_resume_equals_uninterrupted(tmp_path, data_config):
 
 def test_workdir_of_other_fold_refused(tmp_path, data_config):
     train_lib.check_run_record(data_config, str(tmp_path), 1)
-    with pytest.raises(ValueError, match="fold"):
+    with pytest.raises(ValueError, match="trained with fold=1, but this run asks for fold=2"):
         train_lib.check_run_record(data_config, str(tmp_path), 2)
+
+
+def test_workdir_of_other_model_refusal_names_only_what_differs(tmp_path, data_config):
+    train_lib.check_run_record(data_config, str(tmp_path), 1)
+    other = copy.deepcopy(data_config)
+    other.model.filters = data_config.model.filters * 2
+    other.model.backbone_kwargs.stem = 8                      # a field the workdir lacks
+    with pytest.raises(integrity.RunConfigError) as refused:
+        train_lib.check_run_record(other, str(tmp_path), 1)
+    message = str(refused.value)
+    assert (f"trained with model.backbone_kwargs.stem=(absent), model.filters="
+            f"{data_config.model.filters}, but this run asks for model.backbone_kwargs.stem=8, "
+            f"model.filters={other.model.filters}; use another --workdir") in message
+    assert "aspp_rates" not in message  # unchanged fields stay out
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
