@@ -1,4 +1,5 @@
-"""What the command-line tools share: one clear line for a mistyped `--config.<key>`.
+"""What the command-line tools share: one clear line for a mistyped `--config.<key>`, and
+the default workdir's name (`config_name`).
 
 ml_collections raises a KeyError (wrapped in an AttributeError, its text escaped and
 followed by a "Did you mean" hint) for an override of a field the config does not have,
@@ -12,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -51,3 +53,12 @@ def parse_flags(argv):
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as e:
         exit_on_unknown_config_key(e, argv)
+
+
+def config_name(config_flag: str) -> str:
+    """The default workdir's stem: the config file's name, with its variant if any
+    ("configs/synthetic_cpu.py" -> "synthetic_cpu", "...py:smoke" -> "synthetic_cpu_smoke"),
+    so that a variant never trains into the default run's workdir."""
+    path, _, variant = (config_flag or "").partition(":")
+    name = os.path.splitext(os.path.basename(path))[0] or "run"
+    return f"{name}_{variant}" if variant else name

@@ -37,7 +37,7 @@ _STAGE = flags.DEFINE_enum("stage", "3", ["1", "2", "3"],
                            "Stage to train (SPEC §3); earlier stages missing in the workdir are trained first.")
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Folder for checkpoints, TensorBoard logs and results "
-                               "(default: workdirs/<config name>_fold<F>).")
+                               "(default: workdirs/<config name>[_<variant>]_fold<F>).")
 _RESUME = flags.DEFINE_bool("resume", False, "Continue an interrupted run from its last checkpoint.")
 
 
@@ -64,9 +64,8 @@ def main(argv):
 
 
 def _config_name() -> str:
-    path = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") else ""
-    name = os.path.splitext(os.path.basename(path.split(":")[0]))[0] if path else "run"
-    return name or "run"
+    flag = flags.FLAGS["config"]
+    return cli.config_name(flag.config_filename if hasattr(flag, "config_filename") else "")
 
 
 if __name__ == "__main__":

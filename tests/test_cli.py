@@ -54,3 +54,10 @@ def test_train_without_built_dataset_fails_in_one_line_and_writes_nothing(tmp_pa
     assert last.startswith(f"FATAL DatasetMissingError: {tmp_path / 'atr_os'}: no manifest.json. "
                            "Build the dataset first: python -m popnet_tf.data.build_atr_os"), last
     assert not workdir.exists()  # no run.json (nor folder) left behind
+
+
+def test_default_workdir_stem_keeps_the_variant():
+    assert cli.config_name("configs/synthetic_cpu.py") == "synthetic_cpu"
+    assert cli.config_name("/abs/configs/synthetic_cpu.py:smoke") == "synthetic_cpu_smoke"
+    assert cli.config_name("configs/baselines/panet.py:paper") == "panet_paper"
+    assert cli.config_name("") == "run"
