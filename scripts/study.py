@@ -302,8 +302,17 @@ def git_state() -> str:
     return f"commit {head}" + (f", with uncommitted changes in {', '.join(dirty)}" if dirty else "")
 
 
+def _wall_time_sentence(total_s: float, reused_runs: int) -> str:
+    """How long the study took; a rerun that reused finished trainings says so, since
+    their time is not in the figure."""
+    if reused_runs:
+        return (f"this invocation took **{total_s / 60:.1f} minutes** of wall time and reused "
+                f"{reused_runs} training run(s) finished by an earlier one (not counted).")
+    return f"the study took **{total_s / 60:.1f} minutes** of wall time."
+
+
 def write_markdown(path: str, records, args, changes, total_s: float, results_dir: str,
-                   git: str = "", command: str = "") -> None:
+                   git: str = "", command: str = "", reused_runs: int = 0) -> None:
     folds = sorted({r["fold"] for r in records if r["part"] == "main"})
     notes_path = os.path.join(results_dir, "notes.md")
     notes = open(notes_path).read() if os.path.exists(notes_path) else "(none yet)\n"
@@ -323,7 +332,7 @@ def write_markdown(path: str, records, args, changes, total_s: float, results_di
 Written by `{command}`
 on {datetime.date.today().isoformat()} ({platform.machine()}, {os.cpu_count()} CPU cores, no GPU;
 {git});
-the study took **{total_s / 60:.1f} minutes** of wall time. Every number below comes from
+{_wall_time_sentence(total_s, reused_runs)} Every number below comes from
 those runs; each run's results.json (metrics, config, checkpoint, wall time) is in
 `{rel}/`. Metrics are SPEC §8 in percent, from one confusion matrix per run; the paper's
 values (ATR-OS, Xception, GPU, SPEC §9) are given beside ours for orientation only: the
@@ -360,20 +369,29 @@ def render_only(args) -> None:
             records.append({**{k: v for k, v in run.items() if k != "metrics"}, "results": json.load(f)})
     args.seeds = ",".join(str(s) for s in study["seeds"])
     write_markdown(args.out, records, args, study["changes"], study["wall_time_s"], results_dir,
-                   study.get("git", ""), "python " + study["command"])
+                   study.get("git", ""), "python " + study["command"],
+                   reused_runs=study.get("reused_runs", 0))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        epilog="Usage examples and what each scale runs: see the top of scripts/study.py.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="docs/RESULTS.md", help="Markdown file to write.")
-    parser.add_argument("--scale", choices=("smoke", "reduced", "cpu"), default="reduced")
+    parser.add_argument("--scale", choices=("smoke", "reduced", "cpu"), default="reduced",
+                        help="smoke: minutes, checks the script; reduced: the configs' steps per "
+                             "epoch divided by --reduce and fewer test pairs; cpu: the configs "
+                             "as they are (many hours).")
     parser.add_argument("--seeds", default="0", help="Comma-separated seeds.")
     parser.add_argument("--reduce", type=int, default=REDUCE_STEPS,
                         help="Reduced scale: divide the configs' steps per epoch by this "
-                             f"(default {REDUCE_STEPS}; the workdirs are per scale, so use a "
-                             "new --workdirs when changing it).")
+                             "(the workdirs are per scale, so use a new --workdirs when "
+                             "changing it).")
     parser.add_argument("--workdirs", default="workdirs/study", help="Root of the runs' workdirs.")
-    parser.add_argument("--parts", default="main,ablation", help="main, ablation or both.")
+    parser.add_argument("--parts", default="main,ablation",
+                        help="Comma list of the parts to run: main (Tables 1 and 2), "
+                             "ablation (Table 3).")
     parser.add_argument("--folds", default="1,2", help="Folds of the main comparison.")
     parser.add_argument("--methods", default=",".join(n for n, _, _ in MAIN),
                         help="Methods of the main comparison.")
@@ -407,7 +425,7 @@ def main(argv=None):
         plan += [("ablation", n, l, c, 1, ("kway",)) for n, l, c in ABLATION]
     # Every config read now: a config file edited while the study runs changes nothing.
     loaded = {c: load_config(c, args.scale) for _, _, _, c, _, _ in plan}
-    records, stage1_cache, changes = [], {}, {}
+    records, stage1_cache, changes, reused = [], {}, {}, 0
     git = git_state()
     start = time.time()
     for seed in seeds:
@@ -417,6 +435,7 @@ def main(argv=None):
             workdir = os.path.join(args.workdirs, args.scale, f"{name}_fold{fold}_seed{seed}")
             logging.info("Study: %s %s fold %d seed %d -> %s", part, name, fold, seed, workdir)
             train_s = train_run(config, workdir, fold, stage1_cache)
+            reused += train_s == 0.0  # finished by an earlier invocation
             ways_here = list(ways)
             for way in ways_here:
                 oneway_dir = None
@@ -438,10 +457,10 @@ def main(argv=None):
             # Markdown after every run: an interrupted study still leaves its tables.
             total = time.time() - start
             write_markdown(args.out, records, args, changes, total, results_dir, git,
-                           "python " + " ".join(sys.argv))
+                           "python " + " ".join(sys.argv), reused_runs=reused)
             train_lib.write_json_atomic(os.path.join(results_dir, "study.json"), {
                 "command": " ".join(sys.argv), "scale": args.scale, "seeds": seeds, "git": git,
-                "wall_time_s": round(total, 1), "changes": changes,
+                "wall_time_s": round(total, 1), "reused_runs": reused, "changes": changes,
                 "runs": [{k: v for k, v in r.items() if k != "results"} |
                          {"metrics": {k: r["results"].get(k) for k in
                                       ("novel_miou", "base_miou", "human_miou", "overall_acc",
