@@ -251,7 +251,8 @@ def evaluate_oneway(model, *, data_dir, stage, fold, fold_set="paper", eval_size
     matrices: dict[int, np.ndarray] = {}
     examples, shown = [], set()
     count = 0
-    bar = Progbar(None, unit_name="pair") if progress else None
+    known = int(pairs.cardinality())  # the pairs are listed up front, so usually known
+    bar = Progbar(known if known >= 0 else None, unit_name="pair") if progress else None
     for pair in pairs:
         c = int(pair["class_id"])
         probs = predict(pair["query_image"], pair["support_image"], pair["support_mask"])
