@@ -57,6 +57,11 @@ from popnet_tf.data import images, show
 
 IMAGE_EXTENSIONS = images.IMAGE_EXTENSIONS  # what a query folder contributes
 _TF_DECODES = "JPEG, PNG, GIF, BMP, WebP"
+# Their leading bytes: only such files go to TensorFlow's decoder, which logs a raw
+# C++ warning for anything else before our own one-line error.
+# (JPEG XL too: this TensorFlow's decoder reads it, though older ones do not.)
+_TF_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
+                  b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 SUMMARY_FILE = "summary.json"
 _OVERLAY_QUALITY = 90
 
@@ -204,9 +209,13 @@ def read_photo(path: str, what: str = "query", apply_exif: bool = True) -> Photo
     data = _read_bytes(path, what)
     if not data:
         raise InputError(f"{path}: the {what} file is empty")
-    try:  # the serving decoder first, so files it reads reach the model unchanged
-        pixels, reencode = serving.decode_image(data).numpy(), False
-    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
+    pixels = None
+    if _tf_decodes(data):  # the serving decoder first, so files it reads reach the model unchanged
+        try:
+            pixels, reencode = serving.decode_image(data).numpy(), False
+        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
+            pass  # damaged: Pillow says how
+    if pixels is None:
         pixels, reencode = _decode_with_pillow(path, data, what), True
     orientation = images.exif_orientation(data) if apply_exif else 1
     if orientation in images.UPRIGHT:
@@ -217,6 +226,11 @@ def read_photo(path: str, what: str = "query", apply_exif: bool = True) -> Photo
         Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
         data = buffer.getvalue()
     return Photo(data, pixels, orientation)
+
+
+def _tf_decodes(data: bytes) -> bool:
+    """Whether the bytes start like a format TensorFlow's image decoder reads."""
+    return data.startswith(_TF_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
 def _decode_with_pillow(path: str, data: bytes, what: str) -> np.ndarray:
