@@ -1,25 +1,13 @@
 """scripts/resolution_cap.py: the IoU a perfect grid-limited prediction gets, on masks
 whose answer is known by hand."""
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
 
 from popnet_tf import classes
+from tests.script_loader import load_script
 from tests.test_episodes import H, W, write_dataset
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "resolution_cap", os.path.join(REPO, "scripts", "resolution_cap.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -37,7 +25,7 @@ def data_dir(tmp_path_factory):
 
 
 def test_grid_ceiling_by_hand(data_dir):
-    cap = _load_script()
+    cap = load_script("resolution_cap")
     confusions = cap.cap_confusions(data_dir, eval_size=H, strides=[1, 4])
     labelled = np.bincount(np.array([0] * (H * W - 256 - 24) + [3] * 256 + [2] * 24), minlength=12)
     # Stride 1 at the label's own size: every pixel right.
@@ -60,6 +48,6 @@ def test_grid_ceiling_by_hand(data_dir):
 def test_smaller_eval_size_scales_the_grid(data_dir):
     """eval_size 20 halves the image first: stride 2 then has 4-pixel cells at label size,
     the same ceiling as stride 4 at full size."""
-    cap = _load_script()
+    cap = load_script("resolution_cap")
     np.testing.assert_array_equal(cap.cap_confusions(data_dir, eval_size=H // 2, strides=[2])[2],
                                   cap.cap_confusions(data_dir, eval_size=H, strides=[4])[4])

@@ -1,23 +1,14 @@
 """scripts/study.py: its help and what its Markdown says of the wall time. (The study
 itself takes minutes even at smoke scale: run `python scripts/study.py --scale smoke`.)"""
 
-import importlib.util
-import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("study", os.path.join(REPO, "scripts", "study.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.script_loader import REPO, load_script
 
 
 def test_wall_time_sentence_says_when_runs_were_reused():
-    study = _load_script()
+    study = load_script("study")
     assert study._wall_time_sentence(90, 0) == "the study took **1.5 minutes** of wall time."
     reused = study._wall_time_sentence(90, 3)
     assert reused.startswith("this invocation took **1.5 minutes**") and "reused 3 training" in reused

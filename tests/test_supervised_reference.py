@@ -1,10 +1,8 @@
 """scripts/supervised_reference.py and the dataset it trains on
 (`episodes.supervised_train_dataset`), on the smoke config."""
 
-import importlib.util
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -12,17 +10,7 @@ import pytest
 from configs import synthetic_cpu
 from popnet_tf import classes, train_lib
 from popnet_tf.data import episodes
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "supervised_reference", os.path.join(REPO, "scripts", "supervised_reference.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from tests.script_loader import load_script
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
@@ -57,7 +45,7 @@ def test_dataset_labels_stage3_with_novel_as_background(workdir):
 
 def test_reference_starts_from_stage1_and_is_scored_kway(workdir, tmp_path):
     workdir, _ = workdir
-    script = _load_script()
+    script = load_script("supervised_reference")
     config, fold = script.load_run_config(workdir)
     assert fold == 1
     model = script.build_reference(config, workdir)
@@ -77,6 +65,6 @@ def test_reference_starts_from_stage1_and_is_scored_kway(workdir, tmp_path):
 
 
 def test_not_a_workdir_is_a_clear_error(tmp_path):
-    script = _load_script()
+    script = load_script("supervised_reference")
     with pytest.raises(FileNotFoundError, match="run.json: not a POPNet workdir"):
         script.load_run_config(str(tmp_path))
