@@ -401,6 +401,10 @@ def main(argv=None):
                         help="Rewrite --out from the saved results of --scale (after editing "
                              "notes.md); runs nothing.")
     args = parser.parse_args(argv)
+    unknown = set(args.parts.split(",")) - {"main", "ablation"}
+    if unknown:  # else a typo would run nothing and write empty tables
+        parser.error(f"--parts: unknown part(s) {', '.join(sorted(unknown))}; "
+                     "give main, ablation or main,ablation")
     if args.render_only:
         return render_only(args)
 

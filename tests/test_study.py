@@ -4,6 +4,8 @@ itself takes minutes even at smoke scale: run `python scripts/study.py --scale s
 import subprocess
 import sys
 
+import pytest
+
 from tests.script_loader import REPO, load_script
 
 
@@ -25,3 +27,11 @@ def test_help_explains_every_option_with_its_default():
         assert option in text, option
     assert "(default: main,ablation)" in text and "(default: reduced)" in text
     assert "smoke: minutes" in text
+
+
+def test_unknown_part_is_refused_before_any_run(capsys):
+    study = load_script("study")
+    with pytest.raises(SystemExit) as refused:
+        study.main(["--parts", "both", "--out", "/nonexistent/RESULTS.md"])
+    assert refused.value.code == 2
+    assert "--parts: unknown part(s) both; give main, ablation or main,ablation" in capsys.readouterr().err
