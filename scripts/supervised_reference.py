@@ -108,6 +108,9 @@ def train_reference(model, config, fold: int, steps: int, batch_size: int) -> fl
 
 def run(workdir: str, steps: int, batch_size: int = 0, max_queries: int = 0) -> dict:
     """Trains and scores the reference; returns the k-way summary with the run's facts."""
+    if steps < 1 or batch_size < 0 or max_queries < 0:
+        raise ValueError(f"--steps must be >= 1 and --batch_size, --max_queries >= 0; got "
+                         f"{steps}, {batch_size}, {max_queries}")
     config, fold = load_run_config(workdir)
     train_lib._configure_runtime(config)  # noqa: SLF001 - the run's precision policy
     keras.utils.set_random_seed(config.seed)
@@ -127,7 +130,10 @@ def run(workdir: str, steps: int, batch_size: int = 0, max_queries: int = 0) -> 
 
 def main(argv):
     del argv
-    summary = run(FLAGS.workdir, FLAGS.steps, FLAGS.batch_size, FLAGS.max_queries)
+    try:
+        summary = run(FLAGS.workdir, FLAGS.steps, FLAGS.batch_size, FLAGS.max_queries)
+    except (FileNotFoundError, ValueError) as e:  # not a workdir, no stage 1, bad counts
+        raise SystemExit(f"FATAL {type(e).__name__}: {e}") from None
     out = FLAGS.out or os.path.join(FLAGS.workdir, "supervised_reference",
                                     f"steps{FLAGS.steps}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -67,4 +67,6 @@ def test_reference_starts_from_stage1_and_is_scored_kway(workdir, tmp_path):
 def test_not_a_workdir_is_a_clear_error(tmp_path):
     script = load_script("supervised_reference")
     with pytest.raises(FileNotFoundError, match="run.json: not a POPNet workdir"):
-        script.load_run_config(str(tmp_path))
+        script.run(str(tmp_path), steps=10)
+    with pytest.raises(ValueError, match="--steps must be >= 1"):
+        script.run(str(tmp_path), steps=0)
