@@ -1550,4 +1550,5 @@ if __name__ == "__main__":
     from absl import app
 
     FLAGS = _define_flags()
-    app.run(main)
+    from popnet_tf import cli
+    app.run(main, flags_parser=cli.parse_flags)

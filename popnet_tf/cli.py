@@ -1,5 +1,5 @@
-"""What the command-line tools share: one clear line for a mistyped `--config.<key>`, and
-the default workdir's name (`config_name`).
+"""What the command-line tools share: one clear line for a mistyped `--config.<key>`, exit
+status 0 after `--help`, and the default workdir's name (`config_name`).
 
 ml_collections raises a KeyError (wrapped in an AttributeError, its text escaped and
 followed by a "Did you mean" hint) for an override of a field the config does not have,
@@ -48,11 +48,18 @@ def exit_on_unknown_config_key(error: BaseException, argv) -> None:
 
 def parse_flags(argv):
     """absl's flag parsing (`app.run(..., flags_parser=parse_flags)`), with one line and
-    exit status 1 for an unknown --config.<key> instead of a traceback."""
+    exit status 1 for an unknown --config.<key> instead of a traceback, and exit status 0
+    after --help / --helpfull (absl exits 1, which makes `tool --help && ...` fail)."""
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as e:
         exit_on_unknown_config_key(e, argv)
+    except SystemExit as e:
+        # absl raises SystemExit(1) both after printing the usage for a help flag and after
+        # a flag error; only the error's exit happens while handling another exception.
+        if e.code == 1 and e.__context__ is None:
+            sys.exit(0)
+        raise
 
 
 def config_name(config_flag: str) -> str:

@@ -54,4 +54,5 @@ def main(argv):
 if __name__ == "__main__":
     _define_flags()
     logging.set_verbosity(logging.INFO)
-    app.run(main)
+    from popnet_tf import cli
+    app.run(main, flags_parser=cli.parse_flags)

@@ -52,7 +52,7 @@ from absl import app, flags, logging
 from keras.utils import Progbar
 from PIL import Image, UnidentifiedImageError
 
-from popnet_tf import classes, serving
+from popnet_tf import classes, cli, serving
 from popnet_tf.data import images, show
 
 IMAGE_EXTENSIONS = images.IMAGE_EXTENSIONS  # what a query folder contributes
@@ -620,4 +620,4 @@ def main(argv):
 if __name__ == "__main__":
     _define_flags()
     logging.set_verbosity(logging.INFO)
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

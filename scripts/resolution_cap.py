@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from popnet_tf import classes
+from popnet_tf import classes, cli
 from popnet_tf.data import episodes
 
 FLAGS = flags.FLAGS
@@ -76,4 +76,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

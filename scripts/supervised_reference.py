@@ -33,7 +33,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import ConfigDict
 
-from popnet_tf import classes, eval_lib, metrics, train_lib
+from popnet_tf import classes, cli, eval_lib, metrics, train_lib
 from popnet_tf.data import episodes
 from popnet_tf.models import baselines, popnet
 
@@ -145,4 +145,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

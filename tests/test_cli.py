@@ -61,3 +61,23 @@ def test_default_workdir_stem_keeps_the_variant():
     assert cli.config_name("/abs/configs/synthetic_cpu.py:smoke") == "synthetic_cpu_smoke"
     assert cli.config_name("configs/baselines/panet.py:paper") == "panet_paper"
     assert cli.config_name("") == "run"
+
+
+# The CLIs whose --help needs no TensorFlow import (a second or less each).
+FAST_CLIS = ["popnet_tf.train", "popnet_tf.export", "popnet_tf.bench", "popnet_tf.data.synth",
+             "popnet_tf.data.build_atr_os", "popnet_tf.data.show"]
+
+
+@pytest.mark.parametrize("module", FAST_CLIS)
+def test_help_exits_zero_and_flag_errors_exit_one(module):
+    shown = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]  # absl alone exits 1 after --help
+    assert "flags:" in shown.stdout, shown.stdout[-2000:]
+    refused = subprocess.run([sys.executable, "-m", module, "--no_such_flag=1"],
+                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    wrong_value = subprocess.run([sys.executable, "-m", module, "--helpshort=maybe"],
+                                 cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    for proc in (refused, wrong_value):
+        assert proc.returncode == 1, proc.stdout[-1000:] + proc.stderr[-1000:]
+        assert "FATAL Flags parsing error" in proc.stderr, proc.stderr[-2000:]

@@ -86,7 +86,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from popnet_tf import classes
+from popnet_tf import classes, cli
 from popnet_tf.data.images import (COLOUR_MASK_MODES, HEIF_HINT, IMAGE_EXTENSIONS, UPRIGHT,
                                    exif_orientation, grey_of_colour_mask, is_heif, to_rgb,
                                    upright_size)
@@ -1036,4 +1036,4 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from popnet_tf import classes
+from popnet_tf import classes, cli
 
 # One colour per label index (stage 3: the 12 merged classes; stages 1 and 2
 # use the first 2 / 5 entries). Background is black.
@@ -214,4 +214,4 @@ if __name__ == "__main__":
     from absl import app
 
     FLAGS = _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -64,7 +64,7 @@ from absl import logging
 from PIL import Image
 from PIL import ImageDraw
 
-from popnet_tf import classes
+from popnet_tf import classes, cli
 
 IMAGE_DIR = "JPEGImages"
 MASK_DIR = "SegmentationClassAug"
@@ -1078,4 +1078,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
