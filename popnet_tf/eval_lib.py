@@ -2,24 +2,34 @@
 
 K-way evaluation encodes each of the ten fixed supports once and each query
 once, then scores every (query, support) pair from the cached features: the
-5000 pairs of the paper protocol cost 510 encoder passes, not 10000.
+5000 pairs of the paper protocol cost 510 encoder passes, not 10000. `evaluate`
+runs the whole protocol on a training workdir and writes its outputs (the library
+behind `python -m popnet_tf.evaluate`); the Fine-tune baseline is tuned on each
+support instead (`finetune_kway`, `finetune_oneway`).
 
 Example:
     >>> summary = evaluate_kway(stage3, data_dir="tfrecords/synthetic", stage=3,
     ...                         fold=1, eval_size=160)
     >>> summary["novel_miou"]
+    >>> results = evaluate("workdirs/synthetic_cpu_fold1", way="oneway")
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 import weakref
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from keras.utils import Progbar
+from ml_collections import config_dict
 
-from popnet_tf import classes, metrics
+from popnet_tf import classes, losses, metrics
 from popnet_tf.data import episodes
+from popnet_tf.models import baselines
 from popnet_tf.models.stages import gate_by_foreground
 
 
@@ -278,3 +288,348 @@ def evaluate_oneway(model, *, data_dir, stage, fold, fold_set="paper", eval_size
     if return_examples:
         summary["examples"] = examples
     return summary
+
+
+# ============================================================ a trained workdir
+WAYS = ("kway", "oneway")
+RESULTS_FILE = "results.json"
+TABLE_FILE = "table.md"
+GALLERY_FILE = "gallery.png"
+
+
+def eval_dir(workdir: str, fold: int, way: str, foreground_gate: bool = False) -> str:
+    """W/eval/fold<F>_<way>/, or fold<F>_<way>_foreground_gate/ for gated results."""
+    return os.path.join(workdir, "eval",
+                        f"fold{fold}_{way}" + ("_foreground_gate" if foreground_gate else ""))
+
+
+def load_run(workdir: str) -> tuple[config_dict.ConfigDict, int]:
+    """(config, fold) recorded by training in `workdir/run.json`."""
+    from popnet_tf import train_lib  # train_lib imports this module
+
+    path = os.path.join(workdir, train_lib.RUN_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path}: not found; is {workdir} a training workdir? Train first: "
+            f"python -m popnet_tf.train --workdir {workdir} --fold 1 --stage 3")
+    with open(path) as f:
+        record = json.load(f)
+    if "config" not in record:
+        raise ValueError(f"{path}: holds no 'config'; pass --config=<the training config>")
+    return config_dict.ConfigDict(record["config"]), int(record["fold"])
+
+
+def eval_head(config) -> str:
+    """The prediction head to score: config.eval.head for POPNet, the model's own
+    prediction ("model") for a baseline."""
+    method = config.model.get("method", "popnet")
+    if method != "popnet":
+        if config.eval.head != "model":
+            logging.warning("eval.head=%r ignored: the %s baseline has its own prediction",
+                            config.eval.head, method)
+        return "model"
+    return config.eval.head
+
+
+# ----------------------------------------------------------------------------- Fine-tune
+def _finetune_fns(model, learning_rate: float):
+    """(restore, tune, predict) for test-time fine-tuning of a `FineTuneStage`.
+
+    `tune(image [1,E,E,3], mask [1,E,E])` is one plain SGD step on the support's
+    cross-entropy (BatchNorm in inference mode: one image gives no batch statistics);
+    `restore()` puts back the D_train weights; `predict(images, presence)` gives
+    probabilities [Q, E, E, C] with the support's classes only.
+    """
+    variables = model.finetune_variables()
+    snapshot = [tf.identity(v) for v in variables]
+    num_classes = model.num_classes
+
+    def restore():
+        for v, value in zip(variables, snapshot):
+            v.assign(value)
+
+    @tf.function(reduce_retracing=True)
+    def tune(image, mask):
+        presence = baselines.support_presence(mask, num_classes)
+        with tf.GradientTape() as tape:
+            features = model.infused_features(image, training=False)
+            logits = model.heads(features, None, presence, image)["logits"]
+            loss = tf.reduce_mean(losses.mean_cross_entropy(mask, logits))
+        for v, g in zip(variables, tape.gradient(loss, variables)):
+            v.assign_sub(learning_rate * g)
+        return loss
+
+    @tf.function(reduce_retracing=True)
+    def predict(images, presence):
+        features = model.infused_features(images, training=False)
+        return model.heads(features, None, presence, images)["probs"]
+
+    return restore, tune, predict
+
+
+def finetune_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size, steps,
+                  learning_rate, max_queries=None, query_batch=4, progress=True,
+                  return_examples=0) -> dict:
+    """K-way OSHP for the Fine-tune baseline: for each of the ten supports, tune
+    `model.finetune_variables()` on it for `steps` SGD steps, score every query
+    against it, restore. Same pairs, relabelling and metrics as
+    `evaluate_kway` (support-major order; the confusion matrix does not
+    depend on the order)."""
+    supports = episodes.test_supports(data_dir, stage=stage, eval_size=eval_size)
+    num_classes = classes.STAGE_NUM_CLASSES[stage]
+    presence = baselines.support_presence(supports["mask"], num_classes)  # [S, C]
+    num_supports = int(presence.shape[0])
+    restore, tune, predict = _finetune_fns(model, learning_rate)
+    queries = episodes.test_queries(data_dir, stage=stage, eval_size=eval_size)
+    if max_queries:
+        queries = queries.take(max_queries)
+    bar = Progbar(num_supports * max_queries if max_queries else None, unit_name="pair") \
+        if progress else None
+    matrix = metrics.ConfusionMatrix(num_classes)
+    absent_matrix = metrics.ConfusionMatrix(num_classes)
+    examples, pairs = [], 0
+
+    def score(batch, si, show):
+        """Updates the matrix with a list of queries against support `si`."""
+        nonlocal pairs
+        images = tf.stack([q["image"] for q in batch])
+        probs = predict(images, tf.repeat(presence[si:si + 1], len(batch), axis=0))
+        for qi, query in enumerate(batch):
+            preds, truths, cm, absent_cm = _score_against_supports(  # noqa: SLF001
+                probs[qi][None], query["valid_size"], tf.cast(query["label"], tf.int32),
+                presence[si:si + 1])  # the k-way geometry and relabelling of eval_lib
+            pred, truth = preds[0], truths[0]
+            matrix.matrix += cm.numpy()
+            absent_matrix.matrix += absent_cm.numpy()
+            if show and qi == 0 and len(examples) < return_examples:
+                examples.append(_example(supports["image"][si], supports["mask"][si],
+                                         query["image"], truth, pred, query["valid_size"]))
+            pairs += 1
+            if bar:
+                bar.update(pairs)
+
+    try:
+        for si in range(num_supports):
+            for _ in range(steps):
+                tune(supports["image"][si:si + 1], supports["mask"][si:si + 1])
+            batch, first = [], True
+            for query in queries:
+                batch.append(query)
+                if len(batch) == query_batch:
+                    score(batch, si, first)
+                    batch, first = [], False
+            if batch:
+                score(batch, si, first)
+            restore()
+    finally:
+        restore()
+    summary = metrics.kway_summary(matrix.result(), classes.novel_ids(stage, fold, fold_set),
+                                   classes.STAGE_CLASS_NAMES[stage])
+    summary.update({"num_pairs": pairs, "head": "model",
+                    "test_supports": [s.decode() for s in supports["source_id"].numpy()],
+                    "confusion_matrix": matrix.result().tolist(),
+                    "absent_class_confusion_matrix": absent_matrix.result().tolist(),
+                    "error_breakdown": metrics.kway_error_breakdown(
+                        matrix.result(), absent_matrix.result(), classes.STAGE_CLASS_NAMES[stage])})
+    if return_examples:
+        summary["examples"] = examples
+    return summary
+
+
+def finetune_oneway(model, *, data_dir, stage, fold, fold_set="paper", eval_size, steps,
+                    learning_rate, pairs_per_class=500, seed=0, progress=True,
+                    return_examples=0) -> dict:
+    """One-way OSHP for the Fine-tune baseline: each pair's model is tuned on its
+    binary support for `steps` SGD steps, then predicts the query (as
+    `evaluate_oneway` otherwise)."""
+    pairs = episodes.test_episodes(data_dir, stage=stage, fold=fold, fold_set=fold_set,
+                                   way="oneway", eval_size=eval_size,
+                                   pairs_per_class=pairs_per_class, seed=seed)
+    num_classes = classes.STAGE_NUM_CLASSES[stage]
+    restore, tune, predict = _finetune_fns(model, learning_rate)
+    matrices: dict[int, np.ndarray] = {}
+    examples, shown, count = [], set(), 0
+    bar = Progbar(None, unit_name="pair") if progress else None
+    try:
+        for pair in pairs:
+            c = int(pair["class_id"])
+            support_image, support_mask = pair["support_image"][None], pair["support_mask"][None]
+            for _ in range(steps):
+                tune(support_image, support_mask)
+            presence = baselines.support_presence(support_mask, num_classes)
+            probs = predict(pair["query_image"][None], presence)[0]
+            restore()
+            pred = _to_label_resolution(  # noqa: SLF001 - same geometry as one-way
+                probs, pair["valid_size"], tf.shape(pair["query_label"]))
+            truth = pair["query_label"]
+            valid = truth != classes.IGNORE_LABEL
+            binary_truth = tf.where(valid, tf.cast(truth == c, tf.int32), classes.IGNORE_LABEL)
+            binary_pred = tf.cast(pred == c, tf.int32)
+            matrices[c] = matrices.get(c, 0) + metrics.batch_confusion_matrix(
+                binary_truth, binary_pred, 2).numpy()
+            if len(examples) < return_examples and c not in shown:
+                shown.add(c)
+                examples.append(_example(pair["support_image"], pair["support_mask"],
+                                         pair["query_image"], truth, binary_pred * c,
+                                         pair["valid_size"]))
+            count += 1
+            if bar:
+                bar.update(count)
+    finally:
+        restore()
+    summary = metrics.oneway_summary(matrices, classes.novel_ids(stage, fold, fold_set),
+                                     num_classes, classes.STAGE_CLASS_NAMES[stage])
+    summary.update({"num_pairs": count, "head": "model"})
+    if return_examples:
+        summary["examples"] = examples
+    return summary
+
+
+def _example(support_image, support_mask, query_image, truth, prediction, valid_size) -> dict:
+    return {"support_image": np.asarray(support_image), "support_mask": np.asarray(support_mask),
+            "query_image": np.asarray(query_image), "truth": np.asarray(truth),
+            "prediction": np.asarray(prediction), "valid_size": np.asarray(valid_size)}
+
+
+# ----------------------------------------------------------------------------- evaluate
+def evaluate(workdir: str, *, way: str = "kway", fold: int | None = None, config=None,
+             stage: int = 3, max_queries: int | None = None, pairs_per_class: int | None = None,
+             foreground_gate: bool | None = None, num_examples: int = 6, progress: bool = True,
+             write: bool = True) -> dict:
+    """Runs the SPEC §5 test protocol on a trained workdir and writes its outputs.
+
+    Args:
+        workdir: a training workdir (run.json, stage<N>/checkpoints).
+        way: "kway" (every q_test query × the ten supports) or "oneway".
+        fold: the fold; default and check: the one run.json records.
+        config: the config; default: run.json's.
+        stage: the one-shot stage to score (3: the 12 classes of SPEC §8; 2: areas).
+        max_queries: k-way queries (None: config.eval.max_queries, 0 there = all).
+        pairs_per_class: one-way pairs per class (None: config.eval.oneway_pairs_per_class).
+        foreground_gate: gate the head by stage 1's human probability (None:
+            config.eval.foreground_gate, False in configs older than the option).
+        num_examples: episodes drawn in the gallery and TensorBoard.
+        write: write results.json, table.md, gallery.png and TensorBoard.
+    Returns:
+        The results dict written to results.json (fractions 0–1).
+
+    Example:
+        >>> results = evaluate("workdirs/fold1", way="oneway", pairs_per_class=50)
+    """
+    from popnet_tf import train_lib  # train_lib imports this module
+
+    if way not in WAYS:
+        raise ValueError(f"--way must be one of {WAYS}, got {way!r}")
+    if stage not in (2, 3):
+        raise ValueError(f"--stage must be 2 or 3 (the one-shot stages), got {stage!r}")
+    recorded, recorded_fold = load_run(workdir)
+    config = config if config is not None else recorded
+    fold = recorded_fold if fold is None else int(fold)
+    if fold != recorded_fold:
+        raise ValueError(f"{workdir}/run.json: this workdir was trained on fold {recorded_fold}, "
+                         f"not fold {fold}; novel classes would be wrong. Use --fold {recorded_fold}")
+    method = config.model.get("method", "popnet")
+    head = eval_head(config)
+    if max_queries is None:
+        max_queries = config.eval.max_queries or None
+    if pairs_per_class is None:
+        pairs_per_class = config.eval.oneway_pairs_per_class
+    if foreground_gate is None:
+        foreground_gate = bool(config.eval.get("foreground_gate", False))
+    if foreground_gate and method != "popnet":
+        raise ValueError(f"--foreground_gate needs POPNet's stage 1; the {method} baseline "
+                         "has none")
+    data_dir = train_lib.ensure_dataset(config)
+    checkpoint = tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, stage))
+    if checkpoint is None:
+        raise FileNotFoundError(f"{train_lib.checkpoint_dir(workdir, stage)}: no checkpoint; "
+                                f"train stage {stage} first")
+    if not train_lib.stage_finished(workdir, stage):
+        logging.warning("%s: stage %d has not finished training; evaluating its latest "
+                        "checkpoint %s", workdir, stage, checkpoint)
+    start = time.time()
+    model = train_lib.restore_stage(config, workdir, stage)
+    common = dict(data_dir=data_dir, stage=stage, fold=fold, fold_set=config.data.fold_set,
+                  eval_size=config.data.eval_size, progress=progress, return_examples=num_examples)
+    logging.info("Evaluating %s (%s, stage %d, fold %d, %s, head %s)", workdir, method, stage,
+                 fold, way, head)
+    if method == "finetune":
+        tuning = dict(steps=config.eval.finetune_steps,
+                      learning_rate=config.eval.finetune_learning_rate)
+        if way == "kway":
+            summary = finetune_kway(model, max_queries=max_queries, **tuning, **common)
+        else:
+            summary = finetune_oneway(model, pairs_per_class=pairs_per_class, seed=config.seed,
+                                      **tuning, **common)
+    elif way == "kway":
+        summary = evaluate_kway(model, head=head, foreground_gate=foreground_gate,
+                                         max_queries=max_queries, **common)
+    else:
+        summary = evaluate_oneway(model, head=head, foreground_gate=foreground_gate,
+                                           pairs_per_class=pairs_per_class,
+                                           seed=config.seed, **common)
+    examples = summary.pop("examples", [])
+    results = {
+        **summary,
+        "method": method, "way": way, "stage": stage, "fold": fold,
+        "foreground_gate": bool(foreground_gate),
+        "fold_set": config.data.fold_set, "seed": config.seed,
+        "max_queries": max_queries or 0,
+        "pairs_per_class": pairs_per_class if way == "oneway" else None,
+        "checkpoint": checkpoint, "workdir": workdir, "data_dir": data_dir,
+        "wall_time_s": round(time.time() - start, 1),
+        "config": config.to_dict(),
+    }
+    if write:
+        write_outputs(results, examples, workdir)
+    return results
+
+
+def format_results(results: dict) -> str:
+    """The Markdown table of a results dict (percent), with a line saying what it is."""
+    title = f"{results['method']} fold {results['fold']} {results['way']}"
+    gate = ", gated by stage 1's foreground" if results.get("foreground_gate") else ""
+    note = (f"{results['num_pairs']} pairs, head {results['head']}{gate}, stage {results['stage']}, "
+            f"checkpoint `{results['checkpoint']}`")
+    table = f"{note}\n\n{metrics.format_table(results, title)}"
+    if results.get("error_breakdown"):  # k-way
+        table += ("\nWhere each class's IoU goes (% of its union TP + FN + FP; a pixel of a "
+                  "class the support does not hold is background in the truth, SPEC §5):\n\n"
+                  + metrics.format_error_breakdown(results["error_breakdown"]))
+    return table
+
+
+def write_outputs(results: dict, examples: list, workdir: str) -> str:
+    """results.json, table.md, gallery.png under W/eval/fold<F>_<way>/ and the metrics
+    and gallery rows in TensorBoard. Returns the folder."""
+    from popnet_tf import train_lib  # train_lib imports this module
+
+    out_dir = eval_dir(workdir, results["fold"], results["way"], results.get("foreground_gate", False))
+    os.makedirs(out_dir, exist_ok=True)
+    train_lib.write_json_atomic(os.path.join(out_dir, RESULTS_FILE), results)
+    with open(os.path.join(out_dir, TABLE_FILE), "w") as f:
+        f.write(format_results(results))
+    writer = tf.summary.create_file_writer(
+        os.path.join(workdir, "tensorboard", "eval_" + os.path.basename(out_dir)))
+    with writer.as_default(step=0):
+        for key in ("novel_miou", "base_miou", "human_miou", "overall_acc", "bi_iou"):
+            value = results.get(key)
+            if value is not None and np.isfinite(value):
+                tf.summary.scalar(f"eval/{key}", value)
+    if examples:
+        from popnet_tf.data import show  # colours and legend live with the data viewer
+
+        stage = results["stage"]
+        names = classes.STAGE_CLASS_NAMES[stage]
+        captions = [_caption(e, names) for e in examples]
+        show.render_grid(examples, stage, captions).save(os.path.join(out_dir, GALLERY_FILE))
+        with writer.as_default(step=0):
+            rows = np.stack([show.episode_panel(e, stage) for e in examples])
+            tf.summary.image("eval/episodes", rows, max_outputs=len(examples))
+    writer.flush()
+    return out_dir
+
+
+def _caption(example: dict, names) -> str:
+    present = sorted(set(np.unique(example["support_mask"]).tolist()) - {0, classes.IGNORE_LABEL})
+    return "support: " + ", ".join(names[c] for c in present if c < len(names))

@@ -8,7 +8,7 @@ Usage (from the repository root):
     python scripts/study.py --out /tmp/RESULTS.md --scale smoke   # minutes: checks the script
     python scripts/study.py --out docs/RESULTS.md --seeds 0,1,2   # several seeds, tables show the mean
 
-Runs (each trained by popnet_tf.train_lib.train, evaluated by popnet_tf.evaluate):
+Runs (each trained by popnet_tf.train_lib.train, evaluated by popnet_tf.eval_lib.evaluate):
 - Tables 1 and 2: POPNet (configs/synthetic_cpu.py) and SG-One, PANet, AMP, Fine-tune
   (configs/baselines/) on folds 1 and 2, k-way and one-way. One model per (method,
   fold) is trained with k-way episodes and evaluated both ways (the paper trains its
@@ -152,9 +152,9 @@ def train_run(config, workdir: str, fold: int, stage1_cache: dict) -> float:
 
 
 def evaluate_run(workdir: str, way: str, eval_kwargs: dict) -> dict:
-    from popnet_tf import evaluate
+    from popnet_tf import eval_lib
 
-    path = os.path.join(evaluate.eval_dir(workdir, int(_fold_of(workdir)), way), evaluate.RESULTS_FILE)
+    path = os.path.join(eval_lib.eval_dir(workdir, int(_fold_of(workdir)), way), eval_lib.RESULTS_FILE)
     if os.path.exists(path):
         with open(path) as f:
             results = json.load(f)
@@ -164,7 +164,7 @@ def evaluate_run(workdir: str, way: str, eval_kwargs: dict) -> dict:
             return results
     kwargs = ({"max_queries": eval_kwargs["max_queries"]} if way == "kway"
               else {"pairs_per_class": eval_kwargs["pairs_per_class"]})
-    return evaluate.evaluate(workdir, way=way, progress=False, num_examples=6, **kwargs)
+    return eval_lib.evaluate(workdir, way=way, progress=False, num_examples=6, **kwargs)
 
 
 def _fold_of(workdir: str) -> int:

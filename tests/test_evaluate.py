@@ -1,4 +1,4 @@
-"""popnet_tf.evaluate: the CLI on a smoke-trained workdir, the k-way / one-way paths
+"""popnet_tf.evaluate and eval_lib.evaluate: the CLI on a smoke-trained workdir, the k-way / one-way paths
 against confusion matrices computed independently, and the Fine-tune path."""
 
 import json
@@ -19,6 +19,7 @@ from popnet_tf.data import episodes
 from popnet_tf.models import popnet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _smoke_config(data_dir):
@@ -44,11 +45,10 @@ def trained(tmp_path_factory):
 
 def test_cli_kway_writes_results_table_gallery(trained):
     config, workdir = trained
-    env = {**os.environ, "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run(
         [sys.executable, "-m", "popnet_tf.evaluate", f"--workdir={workdir}", "--fold=1",
          "--way=kway", "--max_queries=3", "--num_examples=2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     out_dir = os.path.join(workdir, "eval", "fold1_kway")
     with open(os.path.join(out_dir, "results.json")) as f:
@@ -90,7 +90,7 @@ def test_cli_kway_writes_results_table_gallery(trained):
 
 def test_oneway_results(trained):
     _, workdir = trained
-    results = evaluate.evaluate(workdir, way="oneway", pairs_per_class=1, num_examples=3,
+    results = eval_lib.evaluate(workdir, way="oneway", pairs_per_class=1, num_examples=3,
                                 progress=False)
     out_dir = os.path.join(workdir, "eval", "fold1_oneway")
     saved = json.load(open(os.path.join(out_dir, "results.json")))
@@ -105,12 +105,12 @@ def test_oneway_results(trained):
 def test_wrong_fold_refused(trained):
     _, workdir = trained
     with pytest.raises(ValueError, match="trained on fold 1"):
-        evaluate.evaluate(workdir, way="kway", fold=2, write=False)
+        eval_lib.evaluate(workdir, way="kway", fold=2, write=False)
 
 
 def test_missing_workdir_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="run.json"):
-        evaluate.evaluate(str(tmp_path), way="kway")
+        eval_lib.evaluate(str(tmp_path), way="kway")
 
 
 class _Background:
@@ -223,8 +223,8 @@ def test_finetune_kway_tunes_per_support_and_restores(trained):
     before = [v.numpy().copy() for v in model.weights]
     kwargs = dict(data_dir=ft.data.dir, stage=3, fold=1, eval_size=ft.data.eval_size,
                   max_queries=1, progress=False)
-    untuned = evaluate.finetune_kway(model, steps=0, learning_rate=0.5, **kwargs)
-    tuned = evaluate.finetune_kway(model, steps=3, learning_rate=0.5, return_examples=2, **kwargs)
+    untuned = eval_lib.finetune_kway(model, steps=0, learning_rate=0.5, **kwargs)
+    tuned = eval_lib.finetune_kway(model, steps=3, learning_rate=0.5, return_examples=2, **kwargs)
     assert untuned["num_pairs"] == tuned["num_pairs"] == 1 * 10
     assert len(tuned["examples"]) == 2
     # Tuning changes the predictions; every weight is back afterwards.
@@ -279,7 +279,7 @@ def test_foreground_gate_follows_stage_one(trained, way):
     else:
         assert all(v == 0 for c, v in nothing["per_class_iou"].items() if c != "background")
     with pytest.raises(ValueError, match="foreground gate needs stage 1"):
-        evaluate.evaluate(workdir, way=way, foreground_gate=True, max_queries=1,
+        eval_lib.evaluate(workdir, way=way, foreground_gate=True, max_queries=1,
                           pairs_per_class=1, progress=False, write=False)
 
 
@@ -287,11 +287,11 @@ def test_gated_and_ungated_results_have_their_own_tensorboard_runs(trained, tmp_
     """Gated results go to their own folder and their own TensorBoard run, so the two
     evaluations of one model show side by side instead of one hiding the other."""
     _, workdir = trained
-    results = evaluate.evaluate(workdir, way="kway", max_queries=1, num_examples=0,
+    results = eval_lib.evaluate(workdir, way="kway", max_queries=1, num_examples=0,
                                 progress=False, write=False)
     out = str(tmp_path / "work")
-    plain = evaluate.write_outputs(dict(results), [], out)
-    gated = evaluate.write_outputs({**results, "foreground_gate": True}, [], out)
+    plain = eval_lib.write_outputs(dict(results), [], out)
+    gated = eval_lib.write_outputs({**results, "foreground_gate": True}, [], out)
     assert (os.path.basename(plain), os.path.basename(gated)) == (
         "fold1_kway", "fold1_kway_foreground_gate")
     runs = sorted(os.listdir(os.path.join(out, "tensorboard")))
@@ -299,3 +299,18 @@ def test_gated_and_ungated_results_have_their_own_tensorboard_runs(trained, tmp_
     for run in runs:
         assert any(e.startswith("events.out.tfevents")
                    for e in os.listdir(os.path.join(out, "tensorboard", run))), run
+
+
+def test_cli_way_choices_are_eval_libs():
+    """The CLI lists the ways itself (it imports eval_lib, and TensorFlow, only after
+    parsing its flags); the two lists must agree."""
+    assert evaluate.WAYS == list(eval_lib.WAYS)
+
+
+def test_cli_help_does_not_import_tensorflow():
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, runpy; sys.argv = ['evaluate', '--help']\n"
+         "try:\n    runpy.run_module('popnet_tf.evaluate', run_name='__main__')\n"
+         "except SystemExit as e:\n    print('exit', e.code, 'tensorflow' in sys.modules)"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "exit 0 False", proc.stdout[-2000:] + proc.stderr[-2000:]

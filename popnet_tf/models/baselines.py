@@ -29,7 +29,7 @@ before "+KIM").
 - `FineTuneStage` — Fine-tune (Caelles et al. 2017): an ordinary segmentation net
   (encoder + 1×1 classifier) trained on D_train; at test `finetune_variables()` (the
   last two decoder convs and the classifier) are tuned on the support for a few
-  steps (`popnet_tf.evaluate.finetune_*`). Without that step it predicts with the
+  steps (`popnet_tf.eval_lib.finetune_*`). Without that step it predicts with the
   D_train classifier restricted to the support's classes.
 
 Example:

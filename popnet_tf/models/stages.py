@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 from keras import ops
 
 from popnet_tf.layers.kim import KnowledgeInfusion
