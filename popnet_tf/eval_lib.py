@@ -41,6 +41,13 @@ def test_prototypes(model, static, presence):
     return model.store(static, presence, training=False, use_dynamic=True)
 
 
+def pair_progress_bar(pairs: tf.data.Dataset) -> Progbar:
+    """A console bar over one-way pairs, with their total: the pairs are listed up front,
+    so their dataset's cardinality is known (else the bar counts without a total)."""
+    known = int(pairs.cardinality())
+    return Progbar(known if known >= 0 else None, unit_name="pair")
+
+
 def _to_label_resolution(probs, valid_size, label_shape):
     """[..., E, E, C] probabilities -> [..., h, w] labels at the ground truth's own
     resolution: crop the unpadded region, resize it bilinearly, take the argmax (SPEC §8)."""
@@ -261,8 +268,7 @@ def evaluate_oneway(model, *, data_dir, stage, fold, fold_set="paper", eval_size
     matrices: dict[int, np.ndarray] = {}
     examples, shown = [], set()
     count = 0
-    known = int(pairs.cardinality())  # the pairs are listed up front, so usually known
-    bar = Progbar(known if known >= 0 else None, unit_name="pair") if progress else None
+    bar = pair_progress_bar(pairs) if progress else None
     for pair in pairs:
         c = int(pair["class_id"])
         probs = predict(pair["query_image"], pair["support_image"], pair["support_mask"])
@@ -449,7 +455,7 @@ def finetune_oneway(model, *, data_dir, stage, fold, fold_set="paper", eval_size
     restore, tune, predict = _finetune_fns(model, learning_rate)
     matrices: dict[int, np.ndarray] = {}
     examples, shown, count = [], set(), 0
-    bar = Progbar(None, unit_name="pair") if progress else None
+    bar = pair_progress_bar(pairs) if progress else None
     try:
         for pair in pairs:
             c = int(pair["class_id"])

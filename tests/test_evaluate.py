@@ -176,6 +176,23 @@ def test_kway_background_model_by_hand(trained):
             assert parts["missed_as_background"] == 1.0 and parts["iou"] == 0.0
 
 
+def test_oneway_progress_bar_total_is_the_pair_count(trained, monkeypatch):
+    """The one-way bar shows N/total, not N/Unknown: its target is the number of pairs."""
+    config, _ = trained
+    targets = []
+    monkeypatch.setattr(eval_lib, "Progbar",
+                        lambda target, **kw: targets.append(target) or _SilentBar())
+    summary = eval_lib.evaluate_oneway(_Background(12), head="model", pairs_per_class=2,
+                                       seed=config.seed, progress=True, data_dir=config.data.dir,
+                                       stage=3, fold=1, eval_size=config.data.eval_size)
+    assert targets == [summary["num_pairs"]] and summary["num_pairs"] > 0
+
+
+class _SilentBar:
+    def update(self, *args, **kwargs):
+        pass
+
+
 def test_oneway_background_model_by_hand(trained):
     """Background everywhere in one-way: per class, fg IoU 0 and bg IoU = #bg / #all over
     its pairs; the background entry averages those over classes (SPEC §8); Bi-IoU is
