@@ -13,7 +13,7 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 from popnet_tf import export_lib, predict, serving
-from popnet_tf.data import show
+from popnet_tf.data import images, show
 from tests.test_export import make_workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -479,3 +479,22 @@ def test_saved_model_version_resolution(tmp_path):
     assert predict.saved_model_version(str(tmp_path / "10")) is None
     with pytest.raises(predict.InputError, match="neither a SavedModel"):
         predict.load_predictor(str(tmp_path / "10"))
+
+
+# ----------------------------------------------------------------------------- audit B
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_tiff_with_exif_orientation_is_turned_once(tmp_path, orientation):
+    # Pillow turns a TIFF upright itself while loading it: read_photo must not turn it again.
+    stored = asymmetric()
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    path = str(tmp_path / "p.tif")
+    image.save(path, exif=exif)
+    upright = (stored if orientation == 1 else
+               np.asarray(Image.fromarray(stored).transpose(images.UPRIGHT[orientation])))
+    photo = predict.read_photo(path)
+    np.testing.assert_array_equal(photo.pixels, upright)
+    np.testing.assert_array_equal(serving.decode_image(photo.data).numpy(), upright)
+    assert photo.orientation == orientation
+    np.testing.assert_array_equal(predict.read_photo(path, apply_exif=False).pixels, stored)
