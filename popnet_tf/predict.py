@@ -232,8 +232,18 @@ def read_photo(path: str, what: str = "query", apply_exif: bool = True) -> Photo
 
 
 def _tf_decodes(data: bytes) -> bool:
-    """Whether the bytes start like a format TensorFlow's image decoder reads."""
-    return data.startswith(_TF_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+    """Whether the bytes start like a format TensorFlow's image decoder reads, except the
+    variants it gets wrong or refuses (those go to Pillow): BMPs of 1-16 bits per pixel
+    (TensorFlow reads an 8-bit palette BMP's indices as grey levels and refuses the
+    others with a raw C++ warning) and animated WebP (refused)."""
+    if data.startswith(b"BM"):
+        header_size = int.from_bytes(data[14:18], "little")
+        bits = int.from_bytes(data[28:30], "little") if header_size >= 40 else 0
+        return bits in (24, 32)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        animated = data[12:16] == b"VP8X" and len(data) > 20 and data[20] & 0x02
+        return not animated
+    return data.startswith(_TF_SIGNATURES)
 
 
 # The transpose that undoes UPRIGHT[o] is UPRIGHT[_INVERSE.get(o, o)].

@@ -498,3 +498,28 @@ def test_tiff_with_exif_orientation_is_turned_once(tmp_path, orientation):
     np.testing.assert_array_equal(serving.decode_image(photo.data).numpy(), upright)
     assert photo.orientation == orientation
     np.testing.assert_array_equal(predict.read_photo(path, apply_exif=False).pixels, stored)
+
+
+@pytest.mark.parametrize("mode", ["P", "L", "1", "RGB", "RGBA"])
+def test_bmp_of_every_depth_reaches_the_model_as_its_colours(tmp_path, mode):
+    # TensorFlow reads an 8-bit palette BMP's indices as grey levels: such files go to Pillow.
+    image = Image.fromarray(asymmetric((12, 9))).convert(mode)
+    if mode == "P":  # a palette unrelated to the indices
+        image.putpalette(np.random.default_rng(5).integers(0, 256, 768).tolist())
+    path = str(tmp_path / f"{mode}.bmp")
+    image.save(path)
+    with Image.open(path) as saved:
+        expected = np.asarray(saved.convert("RGB"))
+    photo = predict.read_photo(path)
+    np.testing.assert_array_equal(photo.pixels, expected)
+    np.testing.assert_array_equal(serving.decode_image(photo.data).numpy(), expected)
+
+
+def test_animated_webp_is_its_first_frame_without_tensorflow_warnings(tmp_path):
+    frames = [Image.fromarray(np.roll(asymmetric((12, 9)), 40 * k)) for k in range(3)]
+    path = str(tmp_path / "anim.webp")
+    frames[0].save(path, save_all=True, append_images=frames[1:], lossless=True)
+    assert not predict._tf_decodes(open(path, "rb").read())  # TF refuses it with a C++ warning
+    with Image.open(path) as image:
+        first = np.asarray(image.convert("RGB"))
+    np.testing.assert_array_equal(predict.read_photo(path).pixels, first)
