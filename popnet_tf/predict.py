@@ -273,6 +273,28 @@ def _decode_with_pillow(path: str, data: bytes, what: str) -> tuple[np.ndarray, 
                          f"({_error_line(e)})") from None
 
 
+def _webp_chunks(data: bytes) -> list[bytes]:
+    """The FourCCs of a WebP file's top-level chunks."""
+    names, offset = [], 12
+    while offset + 8 <= len(data):
+        names.append(data[offset:offset + 4])
+        size = int.from_bytes(data[offset + 4:offset + 8], "little")
+        offset += 8 + size + (size & 1)
+    return names
+
+
+def _lossy_format(image: Image.Image, data: bytes) -> str:
+    """What makes a mask file lossy ("" when it is not): smeared values would become
+    classes of their own. AVIF and JPEG 2000 are taken as lossy (as they mostly are)."""
+    if image.format == "WEBP" and b"VP8 " in _webp_chunks(data):
+        return "a lossy WebP"
+    if image.format in ("AVIF", "JPEG2000", "HEIF"):
+        return f"a{'n' if image.format == 'AVIF' else ''} {image.format} image (a lossy format)"
+    if image.format == "TIFF" and image.info.get("compression") in ("jpeg", "tiff_jpeg"):
+        return "a JPEG-compressed TIFF"
+    return ""
+
+
 def read_mask(path: str) -> np.ndarray:
     """A mask file -> [H, W] uint8 of its class values (a palette PNG's indices)."""
     data = _read_bytes(path, "support mask")
@@ -281,8 +303,12 @@ def read_mask(path: str) -> np.ndarray:
         image.load()
     except Exception:  # PIL raises many types for a corrupt or foreign file
         raise InputError(f"{path}: the support mask is not a readable image") from None
-    if image.format == "JPEG":
+    if image.format in ("JPEG", "MPO"):
         raise InputError(f"{path}: the support mask is a JPEG, whose lossy values are not exact "
+                         "classes; save it as PNG")
+    lossy = _lossy_format(image, data)
+    if lossy:
+        raise InputError(f"{path}: the support mask is {lossy}, whose values are not exact "
                          "classes; save it as PNG")
     if image.mode in ("P", "L"):
         return np.asarray(image, np.uint8)

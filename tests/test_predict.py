@@ -523,3 +523,31 @@ def test_animated_webp_is_its_first_frame_without_tensorflow_warnings(tmp_path):
     with Image.open(path) as image:
         first = np.asarray(image.convert("RGB"))
     np.testing.assert_array_equal(predict.read_photo(path).pixels, first)
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("m.webp", {"quality": 80}, "is a lossy WebP"),
+    ("m.avif", {"quality": 60}, "is an AVIF image (a lossy format)"),
+    ("m.jp2", {"quality_mode": "rates", "quality_layers": [40]}, "is a JPEG2000 image"),
+    ("m.tif", {"compression": "jpeg"}, "is a JPEG-compressed TIFF"),
+])
+def test_lossy_support_masks_are_refused(tmp_path, stub, name, kwargs, message):
+    # Smeared values would be classes of their own (a 2-class mask read as 5 to 12 classes).
+    mask = np.zeros((20, 30), np.uint8)
+    mask[3:12, 4:20], mask[12:18, 10:25] = 3, 7
+    image = save_image(tmp_path / "s.png", np.zeros((20, 30, 3)))
+    path = str(tmp_path / name)
+    Image.fromarray(mask if name != "m.tif" else np.repeat(mask[..., None], 3, -1)).save(path, **kwargs)
+    with pytest.raises(predict.InputError) as error:
+        predict.read_support(image, path, stub)
+    text = str(error.value)
+    assert text.startswith(f"{path}: the support mask {message}") and "save it as PNG" in text
+
+
+def test_lossless_webp_mask_is_read(tmp_path, stub):
+    mask = np.zeros((20, 30), np.uint8)
+    mask[3:12, 4:20], mask[12:18, 10:25] = 3, 7
+    image = save_image(tmp_path / "s.png", np.zeros((20, 30, 3)))
+    path = str(tmp_path / "m.webp")
+    Image.fromarray(mask).save(path, lossless=True)
+    assert predict.read_support(image, path, stub).class_values == (3, 7)
