@@ -496,6 +496,15 @@ def _error_line(error: Exception) -> str:
 
 
 # ----------------------------------------------------------------------------- the run
+def make_output_folder(out_dir: str):
+    """Creates --out (and its parents); one-line InputError when it cannot be a folder."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{out_dir}: cannot create the output folder: "
+                         f"{e.strerror or e}") from None
+
+
 def predict_files(predictor: Predictor, support: Support, queries: list[str], out_dir: str, *,
                   class_names: dict[int, str] | None = None, batch_size: int = 4,
                   progress: bool = True, apply_exif: bool = True) -> dict:
@@ -507,7 +516,7 @@ def predict_files(predictor: Predictor, support: Support, queries: list[str], ou
     (`read_photo`) and their outputs are upright too. Returns the summary (also written
     to out_dir/summary.json).
     """
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_folder(out_dir)
     names = class_names if class_names is not None else read_class_names(None, predictor.class_names)
     files, skipped, skipped_folders = collect_queries(queries)
     results, failures, used = [], [], set()
@@ -654,6 +663,7 @@ def main(argv):
         predictor = load_predictor(f.model, f.mask_values, f.head, f.foreground_gate)
         support = read_support(f.support, f.support_mask, predictor, f.apply_exif)
         names = read_class_names(f.class_names, predictor.class_names)
+        make_output_folder(f.out)
     except (InputError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     summary = predict_files(predictor, support, queries, f.out, class_names=names,

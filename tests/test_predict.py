@@ -551,3 +551,25 @@ def test_lossless_webp_mask_is_read(tmp_path, stub):
     path = str(tmp_path / "m.webp")
     Image.fromarray(mask).save(path, lossless=True)
     assert predict.read_support(image, path, stub).class_values == (3, 7)
+
+
+def test_output_folder_that_cannot_be_made_is_one_line(tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    for out in (blocker, blocker / "sub"):
+        with pytest.raises(predict.InputError) as error:
+            predict.make_output_folder(str(out))
+        text = str(error.value)
+        assert text.startswith(f"{out}: cannot create the output folder: ") and "\n" not in text
+
+
+@pytest.mark.slow
+def test_cli_unusable_out_is_one_line(setup):
+    blocker = setup["tmp"] / "out_is_a_file"
+    blocker.write_text("a file")
+    result = run_cli(["--model", setup["base"], "--support", setup["support"],
+                      "--support_mask", setup["mask"], "--query", setup["queries"]["extra"],
+                      "--out", str(blocker)], cwd=REPO)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {blocker}: cannot create the output folder: File exists")
