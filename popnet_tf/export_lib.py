@@ -63,8 +63,17 @@ def last_trained_stage(workdir: str) -> int:
         >>> last_trained_stage("workdirs/synthetic_cpu_fold1")   # 3
     """
     for stage in (3, 2):
-        if tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, stage)):
+        directory = train_lib.checkpoint_dir(workdir, stage)
+        if tf.train.latest_checkpoint(directory):
             return stage
+        state = tf.train.get_checkpoint_state(directory)
+        if state is not None and state.model_checkpoint_path:
+            # Stage <stage> was trained but its latest checkpoint is gone: never fall back
+            # to an earlier stage without saying so.
+            raise ValueError(f"{directory}: the latest stage {stage} checkpoint "
+                             f"{state.model_checkpoint_path} has missing or incomplete files "
+                             "(.index, .data); restore them (or export another stage "
+                             "with --stage)")
     raise FileNotFoundError(
         f"{workdir}: no checkpoint of stage 3 or 2 (stage 1 is not one-shot and is not "
         f"exported); train one first: python -m popnet_tf.train --workdir={workdir} --stage=3")

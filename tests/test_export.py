@@ -663,3 +663,44 @@ def test_stale_temporaries_of_killed_exports_are_removed(tmp_path):
     assert removed == [str(stale)]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [running.name, other.name, "3"])
+
+
+# ----------------------------------------------------------------------------- audit B
+@pytest.fixture(scope="module")
+def fake_workdir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("damaged") / "work")
+    make_workdir(path)
+    return path
+
+
+def _copy_workdir(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_damaged_checkpoint_is_one_line_error(fake_workdir, tmp_path):
+    workdir = _copy_workdir(fake_workdir, tmp_path / "work")
+    latest = tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, 3))
+    data = latest + ".data-00000-of-00001"
+    with open(data, "rb") as f:
+        head = f.read(1000)
+    with open(data, "wb") as f:
+        f.write(head)  # truncated, as by a full disk or an interrupted copy
+    with pytest.raises(ValueError) as error:
+        export_lib.export_saved_model(workdir, str(tmp_path / "out"))
+    text = str(error.value)
+    assert text.startswith(f"{latest}: cannot restore stage 3 from this checkpoint") and "\n" not in text
+    assert not os.path.exists(tmp_path / "out" / "1")
+
+
+def test_latest_stage3_checkpoint_missing_files_does_not_fall_back_to_stage2(fake_workdir, tmp_path):
+    workdir = _copy_workdir(fake_workdir, tmp_path / "work")
+    latest = tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, 3))
+    os.remove(latest + ".index")
+    with pytest.raises(ValueError, match="the latest stage 3 checkpoint .* has missing or incomplete"):
+        export_lib.last_trained_stage(workdir)
+    # Without stage 3 at all, stage 2 is the last trained one, as before.
+    import shutil
+    shutil.rmtree(train_lib.stage_dir(workdir, 3))
+    assert export_lib.last_trained_stage(workdir) == 2
