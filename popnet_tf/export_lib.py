@@ -161,8 +161,25 @@ def export_saved_model(workdir: str, out_dir: str, *, version: int | None = None
     return path
 
 
+def _check_out_dir(out_dir: str):
+    """Refuses (one line) an out_dir that cannot become a folder: it or an ancestor is a
+    file, or its nearest existing ancestor is not writable; checked before the slow restore."""
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{out_dir}: cannot export there: {path} is a file, not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out_dir}: cannot export there: {path} is not writable")
+
+
 def _version_dir(out_dir: str, version: int | None) -> tuple[int, str]:
-    version = next_version(out_dir) if version is None else int(version)
+    _check_out_dir(out_dir)
+    if version is None:
+        version = next_version(out_dir)
+        while os.path.exists(os.path.join(out_dir, str(version))):  # a file of that name
+            version += 1
+    version = int(version)
     if version < 1:
         raise ValueError(f"version must be a positive integer, got {version}")
     final = os.path.join(out_dir, str(version))

@@ -704,3 +704,34 @@ def test_latest_stage3_checkpoint_missing_files_does_not_fall_back_to_stage2(fak
     import shutil
     shutil.rmtree(train_lib.stage_dir(workdir, 3))
     assert export_lib.last_trained_stage(workdir) == 2
+
+
+def test_out_that_cannot_be_a_folder_is_refused_before_the_restore(tmp_path, monkeypatch):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    for out in (blocker, blocker / "sub"):
+        # No workdir at all: the out folder is checked first, before the slow restore.
+        with pytest.raises(NotADirectoryError, match=f"{blocker} is a file, not a folder"):
+            export_lib.export_saved_model(str(tmp_path / "no_workdir"), str(out))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a non-root user sees it
+    with pytest.raises(PermissionError, match="is not writable"):
+        export_lib.export_saved_model(str(tmp_path / "no_workdir"), str(tmp_path / "models"))
+
+
+def test_cli_unusable_out_is_one_line(tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    result = subprocess.run([sys.executable, "-m", "popnet_tf.export", "--workdir", str(tmp_path),
+                             "--out", str(blocker / "sub")], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {blocker / 'sub'}: cannot export there: {blocker} is a file, not a folder")
+
+
+def test_default_version_skips_a_file_of_that_name(tmp_path):
+    (tmp_path / "1").mkdir()
+    (tmp_path / "2").write_text("not a version, but the name is taken")
+    assert export_lib._version_dir(str(tmp_path), None) == (3, str(tmp_path / "3"))
+    with pytest.raises(FileExistsError, match="version 2 exists"):
+        export_lib._version_dir(str(tmp_path), 2)
