@@ -670,8 +670,31 @@ def main(argv):
                             batch_size=f.batch_size, apply_exif=f.apply_exif)
     logging.info("Parsed %d image(s) with %s into %s (summary: %s)", len(summary["queries"]),
                  predictor.source, f.out, os.path.join(f.out, SUMMARY_FILE))
-    sys.stdout.write(format_summary(summary) + "\n")
+    write_text(format_summary(summary) + "\n")
     return 1 if summary["failures"] else 0
+
+
+def write_text(text: str, stream=None):
+    """Writes text that may hold file names which are not valid in the stream's encoding
+    (bytes that are not UTF-8 arrive as surrogates): as the bytes of the name where the
+    stream takes bytes, else with backslash escapes, never an UnicodeEncodeError."""
+    stream = stream or sys.stdout
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        buffer = getattr(stream, "buffer", None)
+        try:
+            data = text.encode(encoding, "surrogateescape")
+        except UnicodeEncodeError:
+            data = text.encode(encoding, "backslashreplace")
+        if buffer is not None:
+            stream.flush()
+            buffer.write(data)
+            buffer.flush()
+            return
+        text = data.decode(encoding, "backslashreplace")
+    stream.write(text)
 
 
 if __name__ == "__main__":

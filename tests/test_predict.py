@@ -573,3 +573,16 @@ def test_cli_unusable_out_is_one_line(setup):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {blocker}: cannot create the output folder: File exists")
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
+def test_summary_with_a_non_utf8_file_name_is_printed(encoding):
+    name = b"/photos/caf\xe9.jpg".decode("utf-8", "surrogateescape")  # a Latin-1 name
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding=encoding, errors="strict")  # as under en_US.UTF-8
+    predict.write_text(f"failed: {name}: the query file is empty\nnaïve\n", stream)
+    stream.flush()
+    out = raw.getvalue()
+    assert out.startswith(b"failed: /photos/caf") and b"the query file is empty" in out
+    if encoding == "utf-8":
+        assert b"caf\xe9.jpg" in out and "naïve".encode() in out  # the name's own bytes
