@@ -295,6 +295,23 @@ def _lossy_format(image: Image.Image, data: bytes) -> str:
     return ""
 
 
+def _check_grey_palette(path: str, image: Image.Image, indices: np.ndarray):
+    """A palette mask whose used colours are all grey, at levels other than their indices,
+    is ambiguous: it looks like a grey mask (GIF writers, Pillow's too, renumber a grey
+    image's levels into indices 0, 1, 2...), yet a palette's indices are its values."""
+    used = np.unique(indices)
+    palette = np.asarray(image.getpalette("RGB") or [], np.uint8).reshape(-1, 3)
+    if used.max(initial=0) >= len(palette):
+        return
+    colours = palette[used]
+    grey = (colours == colours[:, :1]).all()
+    if grey and (colours[:, 0] != used).any():
+        shown = ", ".join(f"{i} (grey {g})" for i, g in zip(used[:4], colours[:4, 0]))
+        raise InputError(f"{path}: the support mask is a palette image of grey colours whose "
+                         f"indices are not their grey levels ({shown}): it is unclear which "
+                         "are the class values; save it as a grayscale PNG of the values")
+
+
 def read_mask(path: str) -> np.ndarray:
     """A mask file -> [H, W] uint8 of its class values (a palette PNG's indices)."""
     data = _read_bytes(path, "support mask")
@@ -310,7 +327,11 @@ def read_mask(path: str) -> np.ndarray:
     if lossy:
         raise InputError(f"{path}: the support mask is {lossy}, whose values are not exact "
                          "classes; save it as PNG")
-    if image.mode in ("P", "L"):
+    if image.mode == "P":
+        values = np.asarray(image, np.uint8)
+        _check_grey_palette(path, image, values)
+        return values
+    if image.mode == "L":
         return np.asarray(image, np.uint8)
     if image.mode == "1":
         return np.asarray(image, np.uint8)  # 0/1: background and class 1

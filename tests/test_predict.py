@@ -586,3 +586,23 @@ def test_summary_with_a_non_utf8_file_name_is_printed(encoding):
     assert out.startswith(b"failed: /photos/caf") and b"the query file is empty" in out
     if encoding == "utf-8":
         assert b"caf\xe9.jpg" in out and "naïve".encode() in out  # the name's own bytes
+
+
+def test_grey_gif_mask_whose_levels_were_renumbered_is_refused(tmp_path, stub):
+    # Pillow (like most GIF writers) stores a grey 0/3/7 mask as indices 0/1/2 of a grey
+    # palette: reading the indices would silently turn classes 3 and 7 into 1 and 2.
+    mask = np.zeros((20, 30), np.uint8)
+    mask[3:12, 4:20], mask[12:18, 10:25] = 3, 7
+    image = save_image(tmp_path / "s.png", np.zeros((20, 30, 3)))
+    path = str(tmp_path / "m.gif")
+    Image.fromarray(mask, "L").save(path)
+    with pytest.raises(predict.InputError) as error:
+        predict.read_support(image, path, stub)
+    text = str(error.value)
+    assert text.startswith(f"{path}: the support mask is a palette image of grey colours whose "
+                           "indices are not their grey levels (0 (grey 0), 1 (grey 3), 2 (grey 7))")
+    # A grey palette whose indices are its levels is unambiguous.
+    same = Image.fromarray(mask, "P")
+    same.putpalette([c for v in range(256) for c in (v, v, v)])
+    same.save(tmp_path / "same.png")
+    assert predict.read_support(image, str(tmp_path / "same.png"), stub).class_values == (3, 7)
