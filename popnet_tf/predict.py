@@ -427,8 +427,13 @@ def read_class_names(arg: str | None, default=None) -> dict[int, str]:
         return names
     text = arg
     if os.path.exists(arg):
-        with open(arg) as f:
-            text = f.read()
+        try:
+            with open(arg, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else f"not UTF-8 text ({e.reason})" \
+                if isinstance(e, UnicodeDecodeError) else str(e)
+            raise InputError(f"--class_names: {arg}: cannot read it: {why}") from None
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as e:

@@ -606,3 +606,15 @@ def test_grey_gif_mask_whose_levels_were_renumbered_is_refused(tmp_path, stub):
     same.putpalette([c for v in range(256) for c in (v, v, v)])
     same.save(tmp_path / "same.png")
     assert predict.read_support(image, str(tmp_path / "same.png"), stub).class_values == (3, 7)
+
+
+def test_class_names_file_that_cannot_be_read_is_one_line(tmp_path):
+    folder = tmp_path / "names"
+    folder.mkdir()
+    binary = tmp_path / "names.json"
+    binary.write_bytes(b'\xff\xfe{"3": "jacket"}')
+    for arg, why in ((folder, "cannot read it: Is a directory"),
+                     (binary, "cannot read it: not UTF-8 text (invalid start byte)")):
+        with pytest.raises(predict.InputError) as error:
+            predict.read_class_names(str(arg))
+        assert str(error.value) == f"--class_names: {arg}: {why}"
