@@ -506,10 +506,11 @@ def _name(value: int, names: dict[int, str]) -> str:
     return names.get(value, f"class {value}")
 
 
-def _unique_stem(path: str, used: set) -> str:
+def _unique_stem(path: str, used: set, taken=lambda name: False) -> str:
+    """A stem not used yet in this run, and for which `taken(stem)` is false."""
     stem = os.path.splitext(os.path.basename(path))[0] or "query"
     name, k = stem, 1
-    while name in used:
+    while name in used or taken(name):
         name, k = f"{stem}-{k}", k + 1
     used.add(name)
     return name
@@ -546,6 +547,13 @@ def predict_files(predictor: Predictor, support: Support, queries: list[str], ou
     names = class_names if class_names is not None else read_class_names(None, predictor.class_names)
     files, skipped, skipped_folders = collect_queries(queries)
     results, failures, used = [], [], set()
+    # Never write over a query: --out may be (or hold) a query folder.
+    inputs = {os.path.realpath(p) for p in files}
+
+    def overwrites_a_query(stem):
+        return any(os.path.realpath(os.path.join(out_dir, stem + suffix)) in inputs
+                   for suffix in (".png", "_overlay.jpg"))
+
     bar = Progbar(len(files), unit_name="image") if progress and len(files) > 1 else None
     done = 0
 
@@ -564,7 +572,7 @@ def predict_files(predictor: Predictor, support: Support, queries: list[str], ou
     def write(path, photo, out):
         h, w = (int(s) for s in out["image_sizes"])
         labels = out["labels"][:h, :w]
-        stem = _unique_stem(path, used)
+        stem = _unique_stem(path, used, overwrites_a_query)
         label_path = os.path.join(out_dir, f"{stem}.png")
         overlay_path = os.path.join(out_dir, f"{stem}_overlay.jpg")
         label_image(labels).save(label_path)

@@ -618,3 +618,23 @@ def test_class_names_file_that_cannot_be_read_is_one_line(tmp_path):
         with pytest.raises(predict.InputError) as error:
             predict.read_class_names(str(arg))
         assert str(error.value) == f"--class_names: {arg}: {why}"
+
+
+def test_out_in_the_query_folder_never_overwrites_a_photo(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = save_image(folder / "a.png", smooth((20, 30), 1))
+    before = open(photo, "rb").read()
+    predictor = predict.Predictor(fn=_fake_model, num_classes=12, mask_values="user", source="fake")
+    support = predict.Support("s.png", "m.png", b"", b"", (3,))
+    summary = predict.predict_files(predictor, support, [str(folder)], str(folder), progress=False)
+    assert open(photo, "rb").read() == before  # the user's photo, not its label map
+    assert summary["queries"][0]["label"] == str(folder / "a-1.png")
+
+
+def _fake_model(query_images, support_image, support_mask):
+    n = int(query_images.shape[0])
+    sizes = [tf.shape(tf.io.decode_image(q, channels=3))[:2] for q in tf.unstack(query_images)]
+    h, w = (int(max(s[i] for s in sizes)) for i in (0, 1))
+    return {"labels": tf.fill([n, h, w], 3), "probabilities": tf.zeros([n, h, w, 2]),
+            "class_values": tf.constant([0, 3]), "image_sizes": tf.stack(sizes)}
