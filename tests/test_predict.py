@@ -638,3 +638,12 @@ def _fake_model(query_images, support_image, support_mask):
     h, w = (int(max(s[i] for s in sizes)) for i in (0, 1))
     return {"labels": tf.fill([n, h, w], 3), "probabilities": tf.zeros([n, h, w, 2]),
             "class_values": tf.constant([0, 3]), "image_sizes": tf.stack(sizes)}
+
+
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_float_tiff_is_not_black(tmp_path, scale):
+    grey = (np.arange(12 * 9).reshape(12, 9) * 2).astype(np.uint8)
+    path = str(tmp_path / "f.tif")
+    Image.fromarray(grey.astype(np.float32) / 255 * scale).save(path)  # 0..1, or 0..255
+    photo = predict.read_photo(path)
+    np.testing.assert_array_equal(photo.pixels, np.repeat(grey[..., None], 3, -1))
