@@ -243,6 +243,12 @@ def _tf_decodes(data: bytes) -> bool:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         animated = data[12:16] == b"VP8X" and len(data) > 20 and data[20] & 0x02
         return not animated
+    # A truncated JPEG or PNG (no end marker; trailing bytes after one are fine) goes
+    # to Pillow, which says "truncated", without TensorFlow's raw C++ log lines first.
+    if data.startswith(b"\xff\xd8\xff"):
+        return b"\xff\xd9" in data[-4096:]
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return b"IEND" in data[-4096:]
     return data.startswith(_TF_SIGNATURES)
 
 

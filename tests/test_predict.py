@@ -647,3 +647,21 @@ def test_float_tiff_is_not_black(tmp_path, scale):
     Image.fromarray(grey.astype(np.float32) / 255 * scale).save(path)  # 0..1, or 0..255
     photo = predict.read_photo(path)
     np.testing.assert_array_equal(photo.pixels, np.repeat(grey[..., None], 3, -1))
+
+
+@pytest.mark.slow
+def test_cli_truncated_queries_print_no_tensorflow_log_lines(setup):
+    folder = setup["tmp"] / "truncated"
+    folder.mkdir()
+    for name, kwargs in (("t.jpg", {"quality": 90}), ("t.png", {})):
+        path = save_image(folder / f"full_{name}", smooth((60, 40), 7), **kwargs)
+        data = open(path, "rb").read()
+        os.remove(path)
+        (folder / name).write_bytes(data[: len(data) // 2])
+    result = run_cli(["--model", setup["base"], "--support", setup["support"],
+                      "--support_mask", setup["mask"], "--query", str(folder),
+                      "--out", str(setup["tmp"] / "parsed_truncated")], cwd=REPO)
+    assert result.returncode == 1
+    assert f"failed: {folder / 't.jpg'}: the query is a damaged or truncated image file" in result.stdout
+    assert f"failed: {folder / 't.png'}: the query is a damaged or truncated image file" in result.stdout
+    assert "jpeg_mem.cc" not in result.stderr and "local_rendezvous" not in result.stderr
