@@ -735,3 +735,21 @@ def test_default_version_skips_a_file_of_that_name(tmp_path):
     assert export_lib._version_dir(str(tmp_path), None) == (3, str(tmp_path / "3"))
     with pytest.raises(FileExistsError, match="version 2 exists"):
         export_lib._version_dir(str(tmp_path), 2)
+
+
+@pytest.mark.parametrize("mode", ["P", "1", "RGB", "RGBA"])
+def test_served_decoder_refuses_bmps_it_would_misread(mode):
+    # TensorFlow reads an 8-bit palette BMP's indices as grey levels: refused, not misread.
+    rgb = np.arange(6 * 10 * 3, dtype=np.uint8).reshape(6, 10, 3)
+    image = Image.fromarray(rgb).convert(mode)
+    if mode == "P":
+        image.putpalette(np.random.default_rng(5).integers(0, 256, 768).tolist())
+    buf = io.BytesIO()
+    image.save(buf, format="BMP")
+    decode = tf.function(serving.decode_image, input_signature=[tf.TensorSpec([], tf.string)])
+    if mode in ("RGB", "RGBA"):
+        np.testing.assert_array_equal(decode(buf.getvalue()).numpy(),
+                                      np.asarray(image.convert("RGB")))
+    else:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="a BMP image must have 24 or 32 bits"):
+            decode(buf.getvalue())
