@@ -45,8 +45,10 @@ def main(argv):
         path = export_lib.export_saved_model(
             f.workdir, f.out, version=f.version, stage=int(f.stage) if f.stage else None,
             mask_values=f.mask_values, head=f.head, foreground_gate=f.foreground_gate)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (OSError, ValueError) as e:
+        text = str(e) if not e.args or not isinstance(e, OSError) or len(e.args) == 1 else (
+            f"{e.filename}: {e.strerror}" if e.filename else e.strerror)
+        raise SystemExit(f"error: {text}") from None
     logging.info("SavedModel written: %s", path)
     print(path)
 

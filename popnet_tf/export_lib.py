@@ -63,8 +63,17 @@ def last_trained_stage(workdir: str) -> int:
         >>> last_trained_stage("workdirs/synthetic_cpu_fold1")   # 3
     """
     for stage in (3, 2):
-        if tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, stage)):
+        directory = train_lib.checkpoint_dir(workdir, stage)
+        if tf.train.latest_checkpoint(directory):
             return stage
+        state = tf.train.get_checkpoint_state(directory)
+        if state is not None and state.model_checkpoint_path:
+            # Stage <stage> was trained but its latest checkpoint is gone: never fall back
+            # to an earlier stage without saying so.
+            raise ValueError(f"{directory}: the latest stage {stage} checkpoint "
+                             f"{state.model_checkpoint_path} has missing or incomplete files "
+                             "(.index, .data); restore them (or export another stage "
+                             "with --stage)")
     raise FileNotFoundError(
         f"{workdir}: no checkpoint of stage 3 or 2 (stage 1 is not one-shot and is not "
         f"exported); train one first: python -m popnet_tf.train --workdir={workdir} --stage=3")
@@ -152,8 +161,25 @@ def export_saved_model(workdir: str, out_dir: str, *, version: int | None = None
     return path
 
 
+def _check_out_dir(out_dir: str):
+    """Refuses (one line) an out_dir that cannot become a folder: it or an ancestor is a
+    file, or its nearest existing ancestor is not writable; checked before the slow restore."""
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{out_dir}: cannot export there: {path} is a file, not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out_dir}: cannot export there: {path} is not writable")
+
+
 def _version_dir(out_dir: str, version: int | None) -> tuple[int, str]:
-    version = next_version(out_dir) if version is None else int(version)
+    _check_out_dir(out_dir)
+    if version is None:
+        version = next_version(out_dir)
+        while os.path.exists(os.path.join(out_dir, str(version))):  # a file of that name
+            version += 1
+    version = int(version)
     if version < 1:
         raise ValueError(f"version must be a positive integer, got {version}")
     final = os.path.join(out_dir, str(version))

@@ -209,17 +209,20 @@ def read_photo(path: str, what: str = "query", apply_exif: bool = True) -> Photo
     data = _read_bytes(path, what)
     if not data:
         raise InputError(f"{path}: the {what} file is empty")
-    pixels = None
+    pixels, turned = None, 1
     if _tf_decodes(data):  # the serving decoder first, so files it reads reach the model unchanged
         try:
             pixels, reencode = serving.decode_image(data).numpy(), False
         except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
             pass  # damaged: Pillow says how
     if pixels is None:
-        pixels, reencode = _decode_with_pillow(path, data, what), True
+        (pixels, turned), reencode = _decode_with_pillow(path, data, what), True
     orientation = images.exif_orientation(data) if apply_exif else 1
-    if orientation in images.UPRIGHT:
-        pixels = np.asarray(Image.fromarray(pixels).transpose(images.UPRIGHT[orientation]))
+    # Pillow turns a TIFF upright itself while decoding it (`turned`): turn only what is
+    # left, and turn it back to the stored grid for --noapply_exif.
+    turn = (orientation if turned == 1 else None) if apply_exif else _INVERSE.get(turned, turned)
+    if turn in images.UPRIGHT:
+        pixels = np.asarray(Image.fromarray(pixels).transpose(images.UPRIGHT[turn]))
         reencode = True
     if reencode:
         buffer = io.BytesIO()
@@ -229,16 +232,40 @@ def read_photo(path: str, what: str = "query", apply_exif: bool = True) -> Photo
 
 
 def _tf_decodes(data: bytes) -> bool:
-    """Whether the bytes start like a format TensorFlow's image decoder reads."""
-    return data.startswith(_TF_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+    """Whether the bytes start like a format TensorFlow's image decoder reads, except the
+    variants it gets wrong or refuses (those go to Pillow): BMPs of 1-16 bits per pixel
+    (TensorFlow reads an 8-bit palette BMP's indices as grey levels and refuses the
+    others with a raw C++ warning) and animated WebP (refused)."""
+    if data.startswith(b"BM"):
+        header_size = int.from_bytes(data[14:18], "little")
+        bits = int.from_bytes(data[28:30], "little") if header_size >= 40 else 0
+        return bits in (24, 32)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        animated = data[12:16] == b"VP8X" and len(data) > 20 and data[20] & 0x02
+        return not animated
+    # A truncated JPEG or PNG (no end marker; trailing bytes after one are fine) goes
+    # to Pillow, which says "truncated", without TensorFlow's raw C++ log lines first.
+    if data.startswith(b"\xff\xd8\xff"):
+        return b"\xff\xd9" in data[-4096:]
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return b"IEND" in data[-4096:]
+    return data.startswith(_TF_SIGNATURES)
 
 
-def _decode_with_pillow(path: str, data: bytes, what: str) -> np.ndarray:
-    """Formats TensorFlow does not decode (TIFF, AVIF, ...) -> [H, W, 3] uint8."""
+# The transpose that undoes UPRIGHT[o] is UPRIGHT[_INVERSE.get(o, o)].
+_INVERSE = {6: 8, 8: 6}
+
+
+def _decode_with_pillow(path: str, data: bytes, what: str) -> tuple[np.ndarray, int]:
+    """Formats TensorFlow does not decode (TIFF, AVIF, ...) -> ([H, W, 3] uint8, the EXIF
+    orientation Pillow applied itself while decoding: TIFF's; 1 when none)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
+            before = images.exif_orientation(image)
             image.load()
-            return np.asarray(images.to_rgb(image))  # 16-bit grey: the high byte, as TF
+            after = images.exif_orientation(image)
+            turned = before if before != 1 and after == 1 else 1
+            return np.asarray(images.to_rgb(image)), turned  # 16-bit grey: the high byte, as TF
     except UnidentifiedImageError:
         hint = (f": {images.HEIF_HINT}"
                 if images.is_heif(data)
@@ -252,6 +279,45 @@ def _decode_with_pillow(path: str, data: bytes, what: str) -> np.ndarray:
                          f"({_error_line(e)})") from None
 
 
+def _webp_chunks(data: bytes) -> list[bytes]:
+    """The FourCCs of a WebP file's top-level chunks."""
+    names, offset = [], 12
+    while offset + 8 <= len(data):
+        names.append(data[offset:offset + 4])
+        size = int.from_bytes(data[offset + 4:offset + 8], "little")
+        offset += 8 + size + (size & 1)
+    return names
+
+
+def _lossy_format(image: Image.Image, data: bytes) -> str:
+    """What makes a mask file lossy ("" when it is not): smeared values would become
+    classes of their own. AVIF and JPEG 2000 are taken as lossy (as they mostly are)."""
+    if image.format == "WEBP" and b"VP8 " in _webp_chunks(data):
+        return "a lossy WebP"
+    if image.format in ("AVIF", "JPEG2000", "HEIF"):
+        return f"a{'n' if image.format == 'AVIF' else ''} {image.format} image (a lossy format)"
+    if image.format == "TIFF" and image.info.get("compression") in ("jpeg", "tiff_jpeg"):
+        return "a JPEG-compressed TIFF"
+    return ""
+
+
+def _check_grey_palette(path: str, image: Image.Image, indices: np.ndarray):
+    """A palette mask whose used colours are all grey, at levels other than their indices,
+    is ambiguous: it looks like a grey mask (GIF writers, Pillow's too, renumber a grey
+    image's levels into indices 0, 1, 2...), yet a palette's indices are its values."""
+    used = np.unique(indices)
+    palette = np.asarray(image.getpalette("RGB") or [], np.uint8).reshape(-1, 3)
+    if used.max(initial=0) >= len(palette):
+        return
+    colours = palette[used]
+    grey = (colours == colours[:, :1]).all()
+    if grey and (colours[:, 0] != used).any():
+        shown = ", ".join(f"{i} (grey {g})" for i, g in zip(used[:4], colours[:4, 0]))
+        raise InputError(f"{path}: the support mask is a palette image of grey colours whose "
+                         f"indices are not their grey levels ({shown}): it is unclear which "
+                         "are the class values; save it as a grayscale PNG of the values")
+
+
 def read_mask(path: str) -> np.ndarray:
     """A mask file -> [H, W] uint8 of its class values (a palette PNG's indices)."""
     data = _read_bytes(path, "support mask")
@@ -260,10 +326,18 @@ def read_mask(path: str) -> np.ndarray:
         image.load()
     except Exception:  # PIL raises many types for a corrupt or foreign file
         raise InputError(f"{path}: the support mask is not a readable image") from None
-    if image.format == "JPEG":
+    if image.format in ("JPEG", "MPO"):
         raise InputError(f"{path}: the support mask is a JPEG, whose lossy values are not exact "
                          "classes; save it as PNG")
-    if image.mode in ("P", "L"):
+    lossy = _lossy_format(image, data)
+    if lossy:
+        raise InputError(f"{path}: the support mask is {lossy}, whose values are not exact "
+                         "classes; save it as PNG")
+    if image.mode == "P":
+        values = np.asarray(image, np.uint8)
+        _check_grey_palette(path, image, values)
+        return values
+    if image.mode == "L":
         return np.asarray(image, np.uint8)
     if image.mode == "1":
         return np.asarray(image, np.uint8)  # 0/1: background and class 1
@@ -359,8 +433,13 @@ def read_class_names(arg: str | None, default=None) -> dict[int, str]:
         return names
     text = arg
     if os.path.exists(arg):
-        with open(arg) as f:
-            text = f.read()
+        try:
+            with open(arg, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else f"not UTF-8 text ({e.reason})" \
+                if isinstance(e, UnicodeDecodeError) else str(e)
+            raise InputError(f"--class_names: {arg}: cannot read it: {why}") from None
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as e:
@@ -433,10 +512,11 @@ def _name(value: int, names: dict[int, str]) -> str:
     return names.get(value, f"class {value}")
 
 
-def _unique_stem(path: str, used: set) -> str:
+def _unique_stem(path: str, used: set, taken=lambda name: False) -> str:
+    """A stem not used yet in this run, and for which `taken(stem)` is false."""
     stem = os.path.splitext(os.path.basename(path))[0] or "query"
     name, k = stem, 1
-    while name in used:
+    while name in used or taken(name):
         name, k = f"{stem}-{k}", k + 1
     used.add(name)
     return name
@@ -449,6 +529,15 @@ def _error_line(error: Exception) -> str:
 
 
 # ----------------------------------------------------------------------------- the run
+def make_output_folder(out_dir: str):
+    """Creates --out (and its parents); one-line InputError when it cannot be a folder."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{out_dir}: cannot create the output folder: "
+                         f"{e.strerror or e}") from None
+
+
 def predict_files(predictor: Predictor, support: Support, queries: list[str], out_dir: str, *,
                   class_names: dict[int, str] | None = None, batch_size: int = 4,
                   progress: bool = True, apply_exif: bool = True) -> dict:
@@ -460,10 +549,17 @@ def predict_files(predictor: Predictor, support: Support, queries: list[str], ou
     (`read_photo`) and their outputs are upright too. Returns the summary (also written
     to out_dir/summary.json).
     """
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_folder(out_dir)
     names = class_names if class_names is not None else read_class_names(None, predictor.class_names)
     files, skipped, skipped_folders = collect_queries(queries)
     results, failures, used = [], [], set()
+    # Never write over a query: --out may be (or hold) a query folder.
+    inputs = {os.path.realpath(p) for p in files}
+
+    def overwrites_a_query(stem):
+        return any(os.path.realpath(os.path.join(out_dir, stem + suffix)) in inputs
+                   for suffix in (".png", "_overlay.jpg"))
+
     bar = Progbar(len(files), unit_name="image") if progress and len(files) > 1 else None
     done = 0
 
@@ -482,7 +578,7 @@ def predict_files(predictor: Predictor, support: Support, queries: list[str], ou
     def write(path, photo, out):
         h, w = (int(s) for s in out["image_sizes"])
         labels = out["labels"][:h, :w]
-        stem = _unique_stem(path, used)
+        stem = _unique_stem(path, used, overwrites_a_query)
         label_path = os.path.join(out_dir, f"{stem}.png")
         overlay_path = os.path.join(out_dir, f"{stem}_overlay.jpg")
         label_image(labels).save(label_path)
@@ -607,14 +703,38 @@ def main(argv):
         predictor = load_predictor(f.model, f.mask_values, f.head, f.foreground_gate)
         support = read_support(f.support, f.support_mask, predictor, f.apply_exif)
         names = read_class_names(f.class_names, predictor.class_names)
+        make_output_folder(f.out)
     except (InputError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     summary = predict_files(predictor, support, queries, f.out, class_names=names,
                             batch_size=f.batch_size, apply_exif=f.apply_exif)
     logging.info("Parsed %d image(s) with %s into %s (summary: %s)", len(summary["queries"]),
                  predictor.source, f.out, os.path.join(f.out, SUMMARY_FILE))
-    sys.stdout.write(format_summary(summary) + "\n")
+    write_text(format_summary(summary) + "\n")
     return 1 if summary["failures"] else 0
+
+
+def write_text(text: str, stream=None):
+    """Writes text that may hold file names which are not valid in the stream's encoding
+    (bytes that are not UTF-8 arrive as surrogates): as the bytes of the name where the
+    stream takes bytes, else with backslash escapes, never an UnicodeEncodeError."""
+    stream = stream or sys.stdout
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        buffer = getattr(stream, "buffer", None)
+        try:
+            data = text.encode(encoding, "surrogateescape")
+        except UnicodeEncodeError:
+            data = text.encode(encoding, "backslashreplace")
+        if buffer is not None:
+            stream.flush()
+            buffer.write(data)
+            buffer.flush()
+            return
+        text = data.decode(encoding, "backslashreplace")
+    stream.write(text)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,19 @@ def read_metadata(version_dir: str) -> dict:
 def decode_image(data) -> tf.Tensor:
     """Encoded JPEG/PNG/GIF/BMP/WebP bytes -> [H, W, 3] uint8 (first frame of a GIF;
     grayscale and alpha images converted to RGB)."""
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    data = tf.convert_to_tensor(data, tf.string)
+    # TensorFlow's BMP decoder reads an 8-bit palette BMP's indices as grey levels (a
+    # silently wrong photo) and refuses 1-, 4- and 16-bit ones with a bare channel count.
+    header = tf.io.decode_raw(tf.strings.substr(tf.strings.substr(data, 0, 30) + b"\0" * 30, 0, 30),
+                              tf.uint8)
+    is_bmp = tf.equal(tf.strings.substr(data, 0, 2), b"BM")
+    bits = tf.cast(header[28], tf.int32) + 256 * tf.cast(header[29], tf.int32)
+    check_bmp = tf.debugging.Assert(
+        tf.logical_or(tf.logical_not(is_bmp), tf.logical_or(tf.equal(bits, 24), tf.equal(bits, 32))),
+        ["a BMP image must have 24 or 32 bits per pixel (its palette or packed pixels are not "
+         "decoded right); got", bits, "bits: send it as PNG"])
+    with tf.control_dependencies([check_bmp]):
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
     return tf.ensure_shape(image, [None, None, 3])
 
 

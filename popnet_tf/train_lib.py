@@ -371,7 +371,14 @@ def restore_stage(config, workdir: str, stage: int, strategy=None) -> keras.Mode
         latest = tf.train.latest_checkpoint(checkpoint_dir(workdir, s))
         if latest is None:
             raise FileNotFoundError(f"{checkpoint_dir(workdir, s)}: no checkpoint of stage {s}")
-        tf.train.Checkpoint(model=model).restore(latest).expect_partial().assert_existing_objects_matched()
+        try:
+            tf.train.Checkpoint(model=model).restore(latest).expect_partial().assert_existing_objects_matched()
+        except (tf.errors.OpError, IndexError, AssertionError, ValueError) as e:
+            # A truncated or damaged file raises IndexError or DataLoss; another model's, AssertionError.
+            detail = (getattr(e, "message", None) or str(e) or type(e).__name__).strip().splitlines()
+            raise ValueError(f"{latest}: cannot restore stage {s} from this checkpoint: damaged, "
+                             f"incomplete or of another config ({detail[0] if detail else type(e).__name__})"
+                             ) from None
         previous = model
     return previous
 

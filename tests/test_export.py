@@ -663,3 +663,93 @@ def test_stale_temporaries_of_killed_exports_are_removed(tmp_path):
     assert removed == [str(stale)]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [running.name, other.name, "3"])
+
+
+# ----------------------------------------------------------------------------- audit B
+@pytest.fixture(scope="module")
+def fake_workdir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("damaged") / "work")
+    make_workdir(path)
+    return path
+
+
+def _copy_workdir(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_damaged_checkpoint_is_one_line_error(fake_workdir, tmp_path):
+    workdir = _copy_workdir(fake_workdir, tmp_path / "work")
+    latest = tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, 3))
+    data = latest + ".data-00000-of-00001"
+    with open(data, "rb") as f:
+        head = f.read(1000)
+    with open(data, "wb") as f:
+        f.write(head)  # truncated, as by a full disk or an interrupted copy
+    with pytest.raises(ValueError) as error:
+        export_lib.export_saved_model(workdir, str(tmp_path / "out"))
+    text = str(error.value)
+    assert text.startswith(f"{latest}: cannot restore stage 3 from this checkpoint") and "\n" not in text
+    assert not os.path.exists(tmp_path / "out" / "1")
+
+
+def test_latest_stage3_checkpoint_missing_files_does_not_fall_back_to_stage2(fake_workdir, tmp_path):
+    workdir = _copy_workdir(fake_workdir, tmp_path / "work")
+    latest = tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, 3))
+    os.remove(latest + ".index")
+    with pytest.raises(ValueError, match="the latest stage 3 checkpoint .* has missing or incomplete"):
+        export_lib.last_trained_stage(workdir)
+    # Without stage 3 at all, stage 2 is the last trained one, as before.
+    import shutil
+    shutil.rmtree(train_lib.stage_dir(workdir, 3))
+    assert export_lib.last_trained_stage(workdir) == 2
+
+
+def test_out_that_cannot_be_a_folder_is_refused_before_the_restore(tmp_path, monkeypatch):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    for out in (blocker, blocker / "sub"):
+        # No workdir at all: the out folder is checked first, before the slow restore.
+        with pytest.raises(NotADirectoryError, match=f"{blocker} is a file, not a folder"):
+            export_lib.export_saved_model(str(tmp_path / "no_workdir"), str(out))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a non-root user sees it
+    with pytest.raises(PermissionError, match="is not writable"):
+        export_lib.export_saved_model(str(tmp_path / "no_workdir"), str(tmp_path / "models"))
+
+
+def test_cli_unusable_out_is_one_line(tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    result = subprocess.run([sys.executable, "-m", "popnet_tf.export", "--workdir", str(tmp_path),
+                             "--out", str(blocker / "sub")], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {blocker / 'sub'}: cannot export there: {blocker} is a file, not a folder")
+
+
+def test_default_version_skips_a_file_of_that_name(tmp_path):
+    (tmp_path / "1").mkdir()
+    (tmp_path / "2").write_text("not a version, but the name is taken")
+    assert export_lib._version_dir(str(tmp_path), None) == (3, str(tmp_path / "3"))
+    with pytest.raises(FileExistsError, match="version 2 exists"):
+        export_lib._version_dir(str(tmp_path), 2)
+
+
+@pytest.mark.parametrize("mode", ["P", "1", "RGB", "RGBA"])
+def test_served_decoder_refuses_bmps_it_would_misread(mode):
+    # TensorFlow reads an 8-bit palette BMP's indices as grey levels: refused, not misread.
+    rgb = np.arange(6 * 10 * 3, dtype=np.uint8).reshape(6, 10, 3)
+    image = Image.fromarray(rgb).convert(mode)
+    if mode == "P":
+        image.putpalette(np.random.default_rng(5).integers(0, 256, 768).tolist())
+    buf = io.BytesIO()
+    image.save(buf, format="BMP")
+    decode = tf.function(serving.decode_image, input_signature=[tf.TensorSpec([], tf.string)])
+    if mode in ("RGB", "RGBA"):
+        np.testing.assert_array_equal(decode(buf.getvalue()).numpy(),
+                                      np.asarray(image.convert("RGB")))
+    else:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="a BMP image must have 24 or 32 bits"):
+            decode(buf.getvalue())

@@ -13,7 +13,7 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 from popnet_tf import export_lib, predict, serving
-from popnet_tf.data import show
+from popnet_tf.data import images, show
 from tests.test_export import make_workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -479,3 +479,189 @@ def test_saved_model_version_resolution(tmp_path):
     assert predict.saved_model_version(str(tmp_path / "10")) is None
     with pytest.raises(predict.InputError, match="neither a SavedModel"):
         predict.load_predictor(str(tmp_path / "10"))
+
+
+# ----------------------------------------------------------------------------- audit B
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_tiff_with_exif_orientation_is_turned_once(tmp_path, orientation):
+    # Pillow turns a TIFF upright itself while loading it: read_photo must not turn it again.
+    stored = asymmetric()
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    path = str(tmp_path / "p.tif")
+    image.save(path, exif=exif)
+    upright = (stored if orientation == 1 else
+               np.asarray(Image.fromarray(stored).transpose(images.UPRIGHT[orientation])))
+    photo = predict.read_photo(path)
+    np.testing.assert_array_equal(photo.pixels, upright)
+    np.testing.assert_array_equal(serving.decode_image(photo.data).numpy(), upright)
+    assert photo.orientation == orientation
+    np.testing.assert_array_equal(predict.read_photo(path, apply_exif=False).pixels, stored)
+
+
+@pytest.mark.parametrize("mode", ["P", "L", "1", "RGB", "RGBA"])
+def test_bmp_of_every_depth_reaches_the_model_as_its_colours(tmp_path, mode):
+    # TensorFlow reads an 8-bit palette BMP's indices as grey levels: such files go to Pillow.
+    image = Image.fromarray(asymmetric((12, 9))).convert(mode)
+    if mode == "P":  # a palette unrelated to the indices
+        image.putpalette(np.random.default_rng(5).integers(0, 256, 768).tolist())
+    path = str(tmp_path / f"{mode}.bmp")
+    image.save(path)
+    with Image.open(path) as saved:
+        expected = np.asarray(saved.convert("RGB"))
+    photo = predict.read_photo(path)
+    np.testing.assert_array_equal(photo.pixels, expected)
+    np.testing.assert_array_equal(serving.decode_image(photo.data).numpy(), expected)
+
+
+def test_animated_webp_is_its_first_frame_without_tensorflow_warnings(tmp_path):
+    frames = [Image.fromarray(np.roll(asymmetric((12, 9)), 40 * k)) for k in range(3)]
+    path = str(tmp_path / "anim.webp")
+    frames[0].save(path, save_all=True, append_images=frames[1:], lossless=True)
+    assert not predict._tf_decodes(open(path, "rb").read())  # TF refuses it with a C++ warning
+    with Image.open(path) as image:
+        first = np.asarray(image.convert("RGB"))
+    np.testing.assert_array_equal(predict.read_photo(path).pixels, first)
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("m.webp", {"quality": 80}, "is a lossy WebP"),
+    ("m.avif", {"quality": 60}, "is an AVIF image (a lossy format)"),
+    ("m.jp2", {"quality_mode": "rates", "quality_layers": [40]}, "is a JPEG2000 image"),
+    ("m.tif", {"compression": "jpeg"}, "is a JPEG-compressed TIFF"),
+])
+def test_lossy_support_masks_are_refused(tmp_path, stub, name, kwargs, message):
+    # Smeared values would be classes of their own (a 2-class mask read as 5 to 12 classes).
+    mask = np.zeros((20, 30), np.uint8)
+    mask[3:12, 4:20], mask[12:18, 10:25] = 3, 7
+    image = save_image(tmp_path / "s.png", np.zeros((20, 30, 3)))
+    path = str(tmp_path / name)
+    Image.fromarray(mask if name != "m.tif" else np.repeat(mask[..., None], 3, -1)).save(path, **kwargs)
+    with pytest.raises(predict.InputError) as error:
+        predict.read_support(image, path, stub)
+    text = str(error.value)
+    assert text.startswith(f"{path}: the support mask {message}") and "save it as PNG" in text
+
+
+def test_lossless_webp_mask_is_read(tmp_path, stub):
+    mask = np.zeros((20, 30), np.uint8)
+    mask[3:12, 4:20], mask[12:18, 10:25] = 3, 7
+    image = save_image(tmp_path / "s.png", np.zeros((20, 30, 3)))
+    path = str(tmp_path / "m.webp")
+    Image.fromarray(mask).save(path, lossless=True)
+    assert predict.read_support(image, path, stub).class_values == (3, 7)
+
+
+def test_output_folder_that_cannot_be_made_is_one_line(tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    for out in (blocker, blocker / "sub"):
+        with pytest.raises(predict.InputError) as error:
+            predict.make_output_folder(str(out))
+        text = str(error.value)
+        assert text.startswith(f"{out}: cannot create the output folder: ") and "\n" not in text
+
+
+@pytest.mark.slow
+def test_cli_unusable_out_is_one_line(setup):
+    blocker = setup["tmp"] / "out_is_a_file"
+    blocker.write_text("a file")
+    result = run_cli(["--model", setup["base"], "--support", setup["support"],
+                      "--support_mask", setup["mask"], "--query", setup["queries"]["extra"],
+                      "--out", str(blocker)], cwd=REPO)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {blocker}: cannot create the output folder: File exists")
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
+def test_summary_with_a_non_utf8_file_name_is_printed(encoding):
+    name = b"/photos/caf\xe9.jpg".decode("utf-8", "surrogateescape")  # a Latin-1 name
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding=encoding, errors="strict")  # as under en_US.UTF-8
+    predict.write_text(f"failed: {name}: the query file is empty\nnaïve\n", stream)
+    stream.flush()
+    out = raw.getvalue()
+    assert out.startswith(b"failed: /photos/caf") and b"the query file is empty" in out
+    if encoding == "utf-8":
+        assert b"caf\xe9.jpg" in out and "naïve".encode() in out  # the name's own bytes
+
+
+def test_grey_gif_mask_whose_levels_were_renumbered_is_refused(tmp_path, stub):
+    # Pillow (like most GIF writers) stores a grey 0/3/7 mask as indices 0/1/2 of a grey
+    # palette: reading the indices would silently turn classes 3 and 7 into 1 and 2.
+    mask = np.zeros((20, 30), np.uint8)
+    mask[3:12, 4:20], mask[12:18, 10:25] = 3, 7
+    image = save_image(tmp_path / "s.png", np.zeros((20, 30, 3)))
+    path = str(tmp_path / "m.gif")
+    Image.fromarray(mask, "L").save(path)
+    with pytest.raises(predict.InputError) as error:
+        predict.read_support(image, path, stub)
+    text = str(error.value)
+    assert text.startswith(f"{path}: the support mask is a palette image of grey colours whose "
+                           "indices are not their grey levels (0 (grey 0), 1 (grey 3), 2 (grey 7))")
+    # A grey palette whose indices are its levels is unambiguous.
+    same = Image.fromarray(mask, "P")
+    same.putpalette([c for v in range(256) for c in (v, v, v)])
+    same.save(tmp_path / "same.png")
+    assert predict.read_support(image, str(tmp_path / "same.png"), stub).class_values == (3, 7)
+
+
+def test_class_names_file_that_cannot_be_read_is_one_line(tmp_path):
+    folder = tmp_path / "names"
+    folder.mkdir()
+    binary = tmp_path / "names.json"
+    binary.write_bytes(b'\xff\xfe{"3": "jacket"}')
+    for arg, why in ((folder, "cannot read it: Is a directory"),
+                     (binary, "cannot read it: not UTF-8 text (invalid start byte)")):
+        with pytest.raises(predict.InputError) as error:
+            predict.read_class_names(str(arg))
+        assert str(error.value) == f"--class_names: {arg}: {why}"
+
+
+def test_out_in_the_query_folder_never_overwrites_a_photo(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = save_image(folder / "a.png", smooth((20, 30), 1))
+    before = open(photo, "rb").read()
+    predictor = predict.Predictor(fn=_fake_model, num_classes=12, mask_values="user", source="fake")
+    support = predict.Support("s.png", "m.png", b"", b"", (3,))
+    summary = predict.predict_files(predictor, support, [str(folder)], str(folder), progress=False)
+    assert open(photo, "rb").read() == before  # the user's photo, not its label map
+    assert summary["queries"][0]["label"] == str(folder / "a-1.png")
+
+
+def _fake_model(query_images, support_image, support_mask):
+    n = int(query_images.shape[0])
+    sizes = [tf.shape(tf.io.decode_image(q, channels=3))[:2] for q in tf.unstack(query_images)]
+    h, w = (int(max(s[i] for s in sizes)) for i in (0, 1))
+    return {"labels": tf.fill([n, h, w], 3), "probabilities": tf.zeros([n, h, w, 2]),
+            "class_values": tf.constant([0, 3]), "image_sizes": tf.stack(sizes)}
+
+
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_float_tiff_is_not_black(tmp_path, scale):
+    grey = (np.arange(12 * 9).reshape(12, 9) * 2).astype(np.uint8)
+    path = str(tmp_path / "f.tif")
+    Image.fromarray(grey.astype(np.float32) / 255 * scale).save(path)  # 0..1, or 0..255
+    photo = predict.read_photo(path)
+    np.testing.assert_array_equal(photo.pixels, np.repeat(grey[..., None], 3, -1))
+
+
+@pytest.mark.slow
+def test_cli_truncated_queries_print_no_tensorflow_log_lines(setup):
+    folder = setup["tmp"] / "truncated"
+    folder.mkdir()
+    for name, kwargs in (("t.jpg", {"quality": 90}), ("t.png", {})):
+        path = save_image(folder / f"full_{name}", smooth((60, 40), 7), **kwargs)
+        data = open(path, "rb").read()
+        os.remove(path)
+        (folder / name).write_bytes(data[: len(data) // 2])
+    result = run_cli(["--model", setup["base"], "--support", setup["support"],
+                      "--support_mask", setup["mask"], "--query", str(folder),
+                      "--out", str(setup["tmp"] / "parsed_truncated")], cwd=REPO)
+    assert result.returncode == 1
+    assert f"failed: {folder / 't.jpg'}: the query is a damaged or truncated image file" in result.stdout
+    assert f"failed: {folder / 't.png'}: the query is a damaged or truncated image file" in result.stdout
+    assert "jpeg_mem.cc" not in result.stderr and "local_rendezvous" not in result.stderr

@@ -72,7 +72,8 @@ def upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow image -> 'RGB'. Alpha is dropped (through RGBA, so that palette
     transparency is resolved by Pillow rather than warned about); 16- and 32-bit grey
-    keep their high byte. Raises ValueError or OSError for a mode Pillow cannot convert."""
+    keep their high byte; float grey in 0..1 is scaled to 0..255 (Pillow's own
+    conversion would make it black). Raises ValueError or OSError for a mode Pillow cannot convert."""
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I;16") or image.mode == "I":
@@ -80,6 +81,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         # 'I' holds a 16-bit PNG's values on some Pillow versions: its high byte too.
         shift = 8 if image.mode != "I" or values.max(initial=0) > 255 else 0
         grey = (np.clip(values, 0, 65535) >> shift).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+    if image.mode == "F":  # float grey (TIFF): 0..1 as most tools write it, else 0..255
+        values = np.nan_to_num(np.asarray(image, np.float64))
+        scale = 255.0 if values.size and 0 <= values.min() and values.max() <= 1 else 1.0
+        grey = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
         return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         image = image.convert("RGBA")
