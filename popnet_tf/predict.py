@@ -64,6 +64,11 @@ _TF_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b
                   b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 SUMMARY_FILE = "summary.json"
 _OVERLAY_QUALITY = 90
+# A request's queries share one size, and hold at most this many pixels together: the
+# model pads a batch to its largest height and width and returns full-resolution
+# probabilities (4 bytes x classes a pixel), so two 48 MP photos of opposite orientation
+# took 11 GB in one batch. Photos larger than this go one by one.
+_BATCH_PIXELS = 16_000_000
 
 
 class InputError(ValueError):
@@ -538,12 +543,22 @@ def make_output_folder(out_dir: str):
                          f"{e.strerror or e}") from None
 
 
+def joins_batch(batch: list[Photo], photo: Photo, batch_size: int) -> bool:
+    """Whether `photo` can go in the same model request as `batch` (non-empty): the
+    request would stay within `batch_size` queries and `_BATCH_PIXELS` pixels, and every
+    query has the same size, so no padding is computed."""
+    h, w = photo.pixels.shape[:2]
+    return (len(batch) < batch_size and batch[0].pixels.shape[:2] == (h, w)
+            and (len(batch) + 1) * h * w <= _BATCH_PIXELS)
+
+
 def predict_files(predictor: Predictor, support: Support, queries: list[str], out_dir: str, *,
                   class_names: dict[int, str] | None = None, batch_size: int = 4,
                   progress: bool = True, apply_exif: bool = True) -> dict:
     """Parses query files and folders, writes label PNGs, overlays and summary.json.
 
-    Each request to the model carries the support and up to `batch_size` queries.
+    Each request to the model carries the support and up to `batch_size` consecutive
+    queries of one size (`joins_batch`).
     A query that cannot be read or decoded is listed in "failures" and the others
     still run. With `apply_exif`, queries are turned upright by their EXIF orientation
     (`read_photo`) and their outputs are upright too. Returns the summary (also written
@@ -612,9 +627,9 @@ def predict_files(predictor: Predictor, support: Support, queries: list[str], ou
             if bar:
                 bar.update(done)
         else:
-            batch.append((path, photo))
-            if len(batch) == batch_size:
+            if batch and not joins_batch([p for _, p in batch], photo, batch_size):
                 flush()
+            batch.append((path, photo))
     if batch:
         flush()
 
@@ -685,7 +700,9 @@ def _define_flags():
     flags.DEFINE_bool("foreground_gate", None, "Workdir only: gate the head by stage 1's human "
                       "probability, so that background cannot take a class (default: the "
                       "config's eval.foreground_gate); a SavedModel has it fixed at export.")
-    flags.DEFINE_integer("batch_size", 4, "Queries per model call.")
+    flags.DEFINE_integer("batch_size", 4, "Queries per model call, at most: a call holds "
+                         "consecutive queries of one size, 16 megapixels in all (larger photos "
+                         "go one by one), so that memory stays bounded.")
     flags.DEFINE_bool("apply_exif", True, "Turn photos upright by their EXIF orientation tag "
                       "before parsing, as viewers show them; labels and overlays are then "
                       "upright too. --noapply_exif parses the stored pixels (then a support "

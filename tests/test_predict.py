@@ -376,14 +376,17 @@ def test_sideways_query_is_parsed_upright(tmp_path):
 
 
 # ----------------------------------------------------------------------------- predict_files logic
-def fake_predictor(values=(5, 9), poison_size=(13, 13)):
+def fake_predictor(values=(5, 9), poison_value=13, calls=None):
     """A serving-shaped function without a model: label = values[(row // 4) % len]; a
-    request holding a poison_size image fails as a bad request would."""
+    request holding an image whose first pixel is poison_value fails as a bad request
+    would. Each request's query sizes are appended to `calls`."""
 
     def fn(query_images, support_image, support_mask):
         images = [tf.io.decode_image(q, channels=3).numpy() for q in query_images.numpy()]
         sizes = np.array([im.shape[:2] for im in images], np.int32)
-        if any(tuple(s) == poison_size for s in sizes):
+        if calls is not None:
+            calls.append([tuple(int(v) for v in size) for size in sizes])
+        if any(im[0, 0, 0] == poison_value for im in images):
             raise tf.errors.InvalidArgumentError(None, None, "assertion failed: [poisoned]\n more")
         h, w = sizes.max(0)
         class_values = np.array([0, *values], np.int32)
@@ -400,11 +403,13 @@ def fake_predictor(values=(5, 9), poison_size=(13, 13)):
 def test_bad_request_in_a_batch_fails_alone(tmp_path):
     folder = tmp_path / "q"
     folder.mkdir()
-    for name, size in (("1.png", (16, 8)), ("2.png", (13, 13)), ("3.png", (9, 20)), ("4.png", (8, 8))):
-        save_image(folder / name, np.full((*size, 3), 100))
+    for name, value in (("1.png", 100), ("2.png", 13), ("3.png", 100), ("4.png", 100)):
+        save_image(folder / name, np.full((9, 20, 3), value))
     support = predict.Support("s", "m", b"", b"", (5, 9))
-    summary = predict.predict_files(fake_predictor(), support, [str(folder)], str(tmp_path / "out"),
-                                    batch_size=3, progress=False)
+    calls = []
+    summary = predict.predict_files(fake_predictor(calls=calls), support, [str(folder)],
+                                    str(tmp_path / "out"), batch_size=3, progress=False)
+    assert [len(c) for c in calls] == [3, 1, 1, 1, 1]   # the failed request, then one by one
     assert [os.path.basename(q["file"]) for q in summary["queries"]] == ["1.png", "3.png", "4.png"]
     assert summary["failures"] == [{"file": str(folder / "2.png"), "error": "assertion failed: [poisoned]"}]
     labels = np.asarray(Image.open(tmp_path / "out" / "3.png"))
@@ -413,6 +418,28 @@ def test_bad_request_in_a_batch_fails_alone(tmp_path):
     areas = summary["queries"][1]["areas"]
     assert areas["class 5"]["pixels"] == 5 * 20 and areas["class 9"]["pixels"] == 4 * 20
     assert areas["background"]["pixels"] == 0
+
+
+def test_a_request_holds_consecutive_queries_of_one_size_within_the_pixel_budget(tmp_path, monkeypatch):
+    """The model pads a request to its largest photo at full resolution: mixed sizes go in
+    separate requests, and a request stays within _BATCH_PIXELS (memory stays bounded)."""
+    folder = tmp_path / "q"
+    folder.mkdir()
+    sizes = [(8, 8), (8, 8), (8, 12), (8, 12), (8, 12), (8, 8), (4, 4), (4, 4), (4, 4), (4, 4), (4, 4)]
+    for i, size in enumerate(sizes):
+        save_image(folder / f"{i:02d}.png", np.full((*size, 3), 100))
+    monkeypatch.setattr(predict, "_BATCH_PIXELS", 3 * 4 * 4)
+    calls = []
+    summary = predict.predict_files(fake_predictor(calls=calls), predict.Support("s", "m", b"", b"", (5, 9)),
+                                    [str(folder)], str(tmp_path / "out"), batch_size=2, progress=False)
+    assert calls == [[(8, 8)], [(8, 8)], [(8, 12)], [(8, 12)], [(8, 12)], [(8, 8)],
+                     [(4, 4)] * 2, [(4, 4)] * 2, [(4, 4)]]
+    assert [(q["height"], q["width"]) for q in summary["queries"]] == sizes
+    monkeypatch.setattr(predict, "_BATCH_PIXELS", 16_000_000)
+    calls.clear()
+    predict.predict_files(fake_predictor(calls=calls), predict.Support("s", "m", b"", b"", (5, 9)),
+                          [str(folder)], str(tmp_path / "out2"), batch_size=3, progress=False)
+    assert [len(c) for c in calls] == [2, 3, 1, 3, 2]
 
 
 def test_same_names_from_two_folders_do_not_overwrite(tmp_path):
