@@ -131,9 +131,9 @@ def test_versioned_layout_and_metadata(exported):
     assert meta["class_names"] == list(classes.MERGED_NAMES)
     assert serving.read_metadata(exported["user"])["class_names"] is None
     assert meta["foreground_gate"] is False  # the config's default: SPEC §6's NCM prediction
-    from popnet_tf import predict  # a SavedModel's gate is fixed at export
-    with pytest.raises(predict.InputError, match="exported without the foreground gate"):
-        predict.load_predictor(exported["user"], foreground_gate=True)
+    from popnet_tf import predict_lib  # a SavedModel's gate is fixed at export
+    with pytest.raises(predict_lib.InputError, match="exported without the foreground gate"):
+        predict_lib.load_predictor(exported["user"], foreground_gate=True)
 
 
 def test_next_version(tmp_path):

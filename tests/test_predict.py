@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from popnet_tf import export_lib, predict, serving
+from popnet_tf import export_lib, predict, predict_lib, serving
 from popnet_tf.data import images, show
 from tests.test_export import make_workdir
 
@@ -95,7 +95,7 @@ def test_cli_writes_labels_overlays_and_summary(setup, cli_run):
         setup["queries"]["extra"]]
     assert summary["support"]["classes"] == {"jacket": 3, "class 7": 7, "sneaker": 200}
     assert summary["foreground_gate"] is False  # as exported (the config's default)
-    palette = predict.palette()
+    palette = predict_lib.palette()
     for entry, name in zip(summary["queries"], ("a", "b", "extra")):
         query = np.asarray(Image.open(setup["queries"][name]).convert("RGB"), np.float32)
         label = Image.open(os.path.join(out, f"{name}.png"))
@@ -141,8 +141,8 @@ def test_local_workdir_and_served_model_agree(setup, cli_run):
     """The workdir predictor (the serving function traced here) gives the CLI's labels,
     which came from the SavedModel in another process."""
     _, out, _ = cli_run
-    predictor = predict.load_predictor(setup["workdir"])
-    support = predict.read_support(setup["support"], setup["mask"], predictor)
+    predictor = predict_lib.load_predictor(setup["workdir"])
+    support = predict_lib.read_support(setup["support"], setup["mask"], predictor)
     names = ("a", "b")
     result = predictor([open(setup["queries"][n], "rb").read() for n in names],
                        support.image_bytes, support.mask_png)
@@ -193,7 +193,7 @@ def test_cli_apply_exif_flag(setup):
 @pytest.fixture
 def stub():
     """A predictor of a 12-class user-values model that must not be called."""
-    return predict.Predictor(fn=None, num_classes=12, mask_values="user", source="stub")
+    return predict_lib.Predictor(fn=None, num_classes=12, mask_values="user", source="stub")
 
 
 def _support(tmp_path, mask, image_shape=(20, 30, 3), mask_format="PNG", mode=None):
@@ -238,8 +238,8 @@ def test_support_errors_name_the_file(tmp_path, stub, case, message):
     elif case == "no_foreground":
         mask[:3] = 255
     image, mask_path = _support(tmp_path, mask, **kwargs)
-    with pytest.raises(predict.InputError) as error:
-        predict.read_support(image, mask_path, stub)
+    with pytest.raises(predict_lib.InputError) as error:
+        predict_lib.read_support(image, mask_path, stub)
     text = str(error.value)
     assert message in text and text.startswith(mask_path) and "\n" not in text
 
@@ -252,31 +252,31 @@ def test_grey_mask_saved_in_colour_is_read_as_grey(tmp_path, stub, channels):
     if channels in (2, 4):
         mask[..., -1] = 255
     image, mask_path = _support(tmp_path, mask)
-    np.testing.assert_array_equal(predict.read_mask(mask_path), grey)
-    assert list(predict.read_support(image, mask_path, stub).class_values) == [7, 20]
+    np.testing.assert_array_equal(predict_lib.read_mask(mask_path), grey)
+    assert list(predict_lib.read_support(image, mask_path, stub).class_values) == [7, 20]
 
 
 def test_unreadable_and_non_image_support(tmp_path, stub):
     missing = str(tmp_path / "missing.jpg")
-    with pytest.raises(predict.InputError, match=f"^{missing}: cannot read the support image"):
-        predict.read_support(missing, missing, stub)
+    with pytest.raises(predict_lib.InputError, match=f"^{missing}: cannot read the support image"):
+        predict_lib.read_support(missing, missing, stub)
     text = tmp_path / "support.jpg"
     text.write_text("hello")
-    with pytest.raises(predict.InputError, match="the support image is not an image file that can be"):
-        predict.read_support(str(text), missing, stub)
+    with pytest.raises(predict_lib.InputError, match="the support image is not an image file that can be"):
+        predict_lib.read_support(str(text), missing, stub)
 
 
 def test_palette_mask_values_are_indices_and_merged_limits(tmp_path, stub):
     mask = np.zeros((20, 30), np.uint8)
     mask[:5], mask[5:9] = 11, 254
     image, path = _support(tmp_path, mask, mode="P")
-    support = predict.read_support(image, path, stub)
+    support = predict_lib.read_support(image, path, stub)
     assert support.class_values == (11, 254)
     # The re-encoded mask is the 8-bit grayscale PNG the serving function reads.
     np.testing.assert_array_equal(serving.decode_mask_png(support.mask_png).numpy(), mask)
-    merged = predict.Predictor(fn=None, num_classes=12, mask_values="merged", source="stub")
-    with pytest.raises(predict.InputError, match="value 254 is not a merged ATR-OS id 1..11"):
-        predict.read_support(image, path, merged)
+    merged = predict_lib.Predictor(fn=None, num_classes=12, mask_values="merged", source="stub")
+    with pytest.raises(predict_lib.InputError, match="value 254 is not a merged ATR-OS id 1..11"):
+        predict_lib.read_support(image, path, merged)
 
 
 # ----------------------------------------------------------------------------- reading photos
@@ -292,7 +292,7 @@ def test_read_photo_turns_exif_orientations_upright(tmp_path, orientation):
     exif[0x0112] = orientation
     path = str(tmp_path / "p.png")
     stored.save(path, exif=exif)
-    photo = predict.read_photo(path)
+    photo = predict_lib.read_photo(path)
     # Reference: Pillow's own EXIF transpose of the same file.
     with Image.open(path) as image:
         upright = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
@@ -301,7 +301,7 @@ def test_read_photo_turns_exif_orientations_upright(tmp_path, orientation):
     # The model is sent exactly these pixels; an unturned file is sent as it is.
     np.testing.assert_array_equal(serving.decode_image(photo.data).numpy(), upright)
     assert (photo.data == open(path, "rb").read()) == (photo.orientation == 1)
-    ignored = predict.read_photo(path, apply_exif=False)
+    ignored = predict_lib.read_photo(path, apply_exif=False)
     np.testing.assert_array_equal(ignored.pixels, asymmetric())
     assert ignored.orientation == 1
 
@@ -314,13 +314,13 @@ def test_read_photo_decodes_formats_tensorflow_does_not(tmp_path):
     save_image(tmp_path / "rgb.ppm", rgb)
     for name, expected in (("rgb.tiff", rgb), ("rgb.ppm", rgb),
                            ("grey16.tif", np.repeat((grey16 >> 8).astype(np.uint8)[..., None], 3, -1))):
-        photo = predict.read_photo(str(tmp_path / name))
+        photo = predict_lib.read_photo(str(tmp_path / name))
         np.testing.assert_array_equal(photo.pixels, expected, err_msg=name)
         np.testing.assert_array_equal(serving.decode_image(photo.data).numpy(), expected)
     # Lossy formats Pillow reads: decoded, right size, close to the source.
     smooth_rgb = smooth((24, 16), 5)
     save_image(tmp_path / "s.avif", smooth_rgb, quality=95)
-    photo = predict.read_photo(str(tmp_path / "s.avif"))
+    photo = predict_lib.read_photo(str(tmp_path / "s.avif"))
     assert photo.pixels.shape == (24, 16, 3)
     assert np.abs(photo.pixels.astype(float) - smooth_rgb).mean() < 8
 
@@ -338,8 +338,8 @@ def test_read_photo_errors_name_the_file(tmp_path, content, message):
         save_image(path, smooth((60, 40), 6), quality=95)
         content = path.read_bytes()[:-200]
     path.write_bytes(content)
-    with pytest.raises(predict.InputError) as error:
-        predict.read_photo(str(path))
+    with pytest.raises(predict_lib.InputError) as error:
+        predict_lib.read_photo(str(path))
     text = str(error.value)
     assert text.startswith(f"{path}: ") and message in text and "\n" not in text
 
@@ -353,13 +353,13 @@ def test_support_stored_sideways_takes_an_upright_mask(tmp_path, stub):
     image_path = str(tmp_path / "s.jpg")
     image.save(image_path, exif=exif)
     mask_path = save_image(tmp_path / "m.png", upright_mask)
-    support = predict.read_support(image_path, mask_path, stub)
+    support = predict_lib.read_support(image_path, mask_path, stub)
     assert support.image_orientation == 6 and support.class_values == (4,)
     assert serving.decode_image(support.image_bytes).shape == (20, 30, 3)
     stored_mask = save_image(tmp_path / "stored.png", upright_mask.T)
-    with pytest.raises(predict.InputError, match="the mask matches the stored pixels: turn the mask"):
-        predict.read_support(image_path, stored_mask, stub)
-    assert predict.read_support(image_path, stored_mask, stub, apply_exif=False).image_orientation == 1
+    with pytest.raises(predict_lib.InputError, match="the mask matches the stored pixels: turn the mask"):
+        predict_lib.read_support(image_path, stored_mask, stub)
+    assert predict_lib.read_support(image_path, stored_mask, stub, apply_exif=False).image_orientation == 1
 
 
 def test_sideways_query_is_parsed_upright(tmp_path):
@@ -367,8 +367,8 @@ def test_sideways_query_is_parsed_upright(tmp_path):
     exif = image.getexif()
     exif[0x0112] = 8
     image.save(tmp_path / "q.jpg", exif=exif)
-    support = predict.Support("s", "m", b"", b"", (5, 9))
-    summary = predict.predict_files(fake_predictor(), support, [str(tmp_path / "q.jpg")],
+    support = predict_lib.Support("s", "m", b"", b"", (5, 9))
+    summary = predict_lib.predict_files(fake_predictor(), support, [str(tmp_path / "q.jpg")],
                                     str(tmp_path / "out"), progress=False)
     entry = summary["queries"][0]
     assert (entry["height"], entry["width"], entry["exif_orientation"]) == (8, 16, 8)
@@ -397,7 +397,7 @@ def fake_predictor(values=(5, 9), poison_value=13, calls=None):
                 "image_sizes": tf.constant(sizes),
                 "probabilities": tf.zeros([len(images), h, w, len(class_values)])}
 
-    return predict.Predictor(fn=fn, num_classes=12, mask_values="user", source="fake")
+    return predict_lib.Predictor(fn=fn, num_classes=12, mask_values="user", source="fake")
 
 
 def test_bad_request_in_a_batch_fails_alone(tmp_path):
@@ -405,9 +405,9 @@ def test_bad_request_in_a_batch_fails_alone(tmp_path):
     folder.mkdir()
     for name, value in (("1.png", 100), ("2.png", 13), ("3.png", 100), ("4.png", 100)):
         save_image(folder / name, np.full((9, 20, 3), value))
-    support = predict.Support("s", "m", b"", b"", (5, 9))
+    support = predict_lib.Support("s", "m", b"", b"", (5, 9))
     calls = []
-    summary = predict.predict_files(fake_predictor(calls=calls), support, [str(folder)],
+    summary = predict_lib.predict_files(fake_predictor(calls=calls), support, [str(folder)],
                                     str(tmp_path / "out"), batch_size=3, progress=False)
     assert [len(c) for c in calls] == [3, 1, 1, 1, 1]   # the failed request, then one by one
     assert [os.path.basename(q["file"]) for q in summary["queries"]] == ["1.png", "3.png", "4.png"]
@@ -428,16 +428,16 @@ def test_a_request_holds_consecutive_queries_of_one_size_within_the_pixel_budget
     sizes = [(8, 8), (8, 8), (8, 12), (8, 12), (8, 12), (8, 8), (4, 4), (4, 4), (4, 4), (4, 4), (4, 4)]
     for i, size in enumerate(sizes):
         save_image(folder / f"{i:02d}.png", np.full((*size, 3), 100))
-    monkeypatch.setattr(predict, "_BATCH_PIXELS", 3 * 4 * 4)
+    monkeypatch.setattr(predict_lib, "_BATCH_PIXELS", 3 * 4 * 4)
     calls = []
-    summary = predict.predict_files(fake_predictor(calls=calls), predict.Support("s", "m", b"", b"", (5, 9)),
+    summary = predict_lib.predict_files(fake_predictor(calls=calls), predict_lib.Support("s", "m", b"", b"", (5, 9)),
                                     [str(folder)], str(tmp_path / "out"), batch_size=2, progress=False)
     assert calls == [[(8, 8)], [(8, 8)], [(8, 12)], [(8, 12)], [(8, 12)], [(8, 8)],
                      [(4, 4)] * 2, [(4, 4)] * 2, [(4, 4)]]
     assert [(q["height"], q["width"]) for q in summary["queries"]] == sizes
-    monkeypatch.setattr(predict, "_BATCH_PIXELS", 16_000_000)
+    monkeypatch.setattr(predict_lib, "_BATCH_PIXELS", 16_000_000)
     calls.clear()
-    predict.predict_files(fake_predictor(calls=calls), predict.Support("s", "m", b"", b"", (5, 9)),
+    predict_lib.predict_files(fake_predictor(calls=calls), predict_lib.Support("s", "m", b"", b"", (5, 9)),
                           [str(folder)], str(tmp_path / "out2"), batch_size=3, progress=False)
     assert [len(c) for c in calls] == [2, 3, 1, 3, 2]
 
@@ -446,16 +446,16 @@ def test_same_names_from_two_folders_do_not_overwrite(tmp_path):
     for sub in ("x", "y"):
         (tmp_path / sub).mkdir()
         save_image(tmp_path / sub / "p.png", np.zeros((8, 8, 3)))
-    support = predict.Support("s", "m", b"", b"", (5, 9))
-    summary = predict.predict_files(fake_predictor(), support, [str(tmp_path / "x"), str(tmp_path / "y")],
+    support = predict_lib.Support("s", "m", b"", b"", (5, 9))
+    summary = predict_lib.predict_files(fake_predictor(), support, [str(tmp_path / "x"), str(tmp_path / "y")],
                                     str(tmp_path / "out"), progress=False)
     assert [os.path.basename(q["label"]) for q in summary["queries"]] == ["p.png", "p-1.png"]
 
 
 def test_missing_query_file_is_a_failure(tmp_path):
-    support = predict.Support("s", "m", b"", b"", (5, 9))
+    support = predict_lib.Support("s", "m", b"", b"", (5, 9))
     missing = str(tmp_path / "gone.jpg")
-    summary = predict.predict_files(fake_predictor(), support, [missing], str(tmp_path / "out"),
+    summary = predict_lib.predict_files(fake_predictor(), support, [missing], str(tmp_path / "out"),
                                     progress=False)
     assert summary["queries"] == []
     assert summary["failures"][0]["error"].startswith(f"{missing}: cannot read the query")
@@ -463,7 +463,7 @@ def test_missing_query_file_is_a_failure(tmp_path):
 
 # ----------------------------------------------------------------------------- small parts
 def test_palette_extends_show_palette():
-    palette = predict.palette()
+    palette = predict_lib.palette()
     np.testing.assert_array_equal(palette[: len(show.PALETTE)], show.PALETTE)
     np.testing.assert_array_equal(palette[255], show.IGNORE_COLOUR)
     assert len({tuple(c) for c in palette}) == 256  # every value its own colour
@@ -472,13 +472,13 @@ def test_palette_extends_show_palette():
 def test_class_names(tmp_path):
     path = tmp_path / "names.json"
     path.write_text('{"7": "sneaker"}')
-    assert predict.read_class_names(str(path)) == {7: "sneaker"}
-    assert predict.read_class_names('["bg", "hat"]') == {0: "bg", 1: "hat"}
-    assert predict.read_class_names('{"1": "x"}', default=("background", "hat"))[1] == "x"
-    with pytest.raises(predict.InputError, match="not a JSON file or JSON text"):
-        predict.read_class_names("{nope")
-    with pytest.raises(predict.InputError, match="keys must be mask values"):
-        predict.read_class_names('{"hat": "x"}')
+    assert predict_lib.read_class_names(str(path)) == {7: "sneaker"}
+    assert predict_lib.read_class_names('["bg", "hat"]') == {0: "bg", 1: "hat"}
+    assert predict_lib.read_class_names('{"1": "x"}', default=("background", "hat"))[1] == "x"
+    with pytest.raises(predict_lib.InputError, match="not a JSON file or JSON text"):
+        predict_lib.read_class_names("{nope")
+    with pytest.raises(predict_lib.InputError, match="keys must be mask values"):
+        predict_lib.read_class_names('{"hat": "x"}')
 
 
 def test_collect_queries(tmp_path):
@@ -487,11 +487,11 @@ def test_collect_queries(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "f.jpg").write_bytes(b"")
     (tmp_path / ".git").mkdir()
-    files, skipped, folders = predict.collect_queries([str(tmp_path), "x.xyz"])
+    files, skipped, folders = predict_lib.collect_queries([str(tmp_path), "x.xyz"])
     assert files == [str(tmp_path / n) for n in ("a.png", "b.JPG", "d.tiff", "e.heic")] + ["x.xyz"]
     assert skipped == [str(tmp_path / "c.txt")]
     assert folders == [str(tmp_path / "sub")]   # reported, not searched; hidden ones ignored
-    line = predict.format_summary({"queries": [], "totals": {}, "failures": [], "skipped": [],
+    line = predict_lib.format_summary({"queries": [], "totals": {}, "failures": [], "skipped": [],
                                    "skipped_folders": folders})
     assert f"give it as a --query of its own): {tmp_path / 'sub'}" in line
 
@@ -501,11 +501,11 @@ def test_saved_model_version_resolution(tmp_path):
         (tmp_path / v).mkdir()
         if v != "10":
             (tmp_path / v / "saved_model.pb").write_bytes(b"")
-    assert predict.saved_model_version(str(tmp_path)) == str(tmp_path / "3")
-    assert predict.saved_model_version(str(tmp_path / "1")) == str(tmp_path / "1")
-    assert predict.saved_model_version(str(tmp_path / "10")) is None
-    with pytest.raises(predict.InputError, match="neither a SavedModel"):
-        predict.load_predictor(str(tmp_path / "10"))
+    assert predict_lib.saved_model_version(str(tmp_path)) == str(tmp_path / "3")
+    assert predict_lib.saved_model_version(str(tmp_path / "1")) == str(tmp_path / "1")
+    assert predict_lib.saved_model_version(str(tmp_path / "10")) is None
+    with pytest.raises(predict_lib.InputError, match="neither a SavedModel"):
+        predict_lib.load_predictor(str(tmp_path / "10"))
 
 
 # ----------------------------------------------------------------------------- audit B
@@ -520,11 +520,11 @@ def test_tiff_with_exif_orientation_is_turned_once(tmp_path, orientation):
     image.save(path, exif=exif)
     upright = (stored if orientation == 1 else
                np.asarray(Image.fromarray(stored).transpose(images.UPRIGHT[orientation])))
-    photo = predict.read_photo(path)
+    photo = predict_lib.read_photo(path)
     np.testing.assert_array_equal(photo.pixels, upright)
     np.testing.assert_array_equal(serving.decode_image(photo.data).numpy(), upright)
     assert photo.orientation == orientation
-    np.testing.assert_array_equal(predict.read_photo(path, apply_exif=False).pixels, stored)
+    np.testing.assert_array_equal(predict_lib.read_photo(path, apply_exif=False).pixels, stored)
 
 
 @pytest.mark.parametrize("mode", ["P", "L", "1", "RGB", "RGBA"])
@@ -537,7 +537,7 @@ def test_bmp_of_every_depth_reaches_the_model_as_its_colours(tmp_path, mode):
     image.save(path)
     with Image.open(path) as saved:
         expected = np.asarray(saved.convert("RGB"))
-    photo = predict.read_photo(path)
+    photo = predict_lib.read_photo(path)
     np.testing.assert_array_equal(photo.pixels, expected)
     np.testing.assert_array_equal(serving.decode_image(photo.data).numpy(), expected)
 
@@ -546,10 +546,10 @@ def test_animated_webp_is_its_first_frame_without_tensorflow_warnings(tmp_path):
     frames = [Image.fromarray(np.roll(asymmetric((12, 9)), 40 * k)) for k in range(3)]
     path = str(tmp_path / "anim.webp")
     frames[0].save(path, save_all=True, append_images=frames[1:], lossless=True)
-    assert not predict._tf_decodes(open(path, "rb").read())  # TF refuses it with a C++ warning
+    assert not predict_lib._tf_decodes(open(path, "rb").read())  # TF refuses it with a C++ warning
     with Image.open(path) as image:
         first = np.asarray(image.convert("RGB"))
-    np.testing.assert_array_equal(predict.read_photo(path).pixels, first)
+    np.testing.assert_array_equal(predict_lib.read_photo(path).pixels, first)
 
 
 @pytest.mark.parametrize("name, kwargs, message", [
@@ -565,8 +565,8 @@ def test_lossy_support_masks_are_refused(tmp_path, stub, name, kwargs, message):
     image = save_image(tmp_path / "s.png", np.zeros((20, 30, 3)))
     path = str(tmp_path / name)
     Image.fromarray(mask if name != "m.tif" else np.repeat(mask[..., None], 3, -1)).save(path, **kwargs)
-    with pytest.raises(predict.InputError) as error:
-        predict.read_support(image, path, stub)
+    with pytest.raises(predict_lib.InputError) as error:
+        predict_lib.read_support(image, path, stub)
     text = str(error.value)
     assert text.startswith(f"{path}: the support mask {message}") and "save it as PNG" in text
 
@@ -577,15 +577,15 @@ def test_lossless_webp_mask_is_read(tmp_path, stub):
     image = save_image(tmp_path / "s.png", np.zeros((20, 30, 3)))
     path = str(tmp_path / "m.webp")
     Image.fromarray(mask).save(path, lossless=True)
-    assert predict.read_support(image, path, stub).class_values == (3, 7)
+    assert predict_lib.read_support(image, path, stub).class_values == (3, 7)
 
 
 def test_output_folder_that_cannot_be_made_is_one_line(tmp_path):
     blocker = tmp_path / "taken"
     blocker.write_text("a file")
     for out in (blocker, blocker / "sub"):
-        with pytest.raises(predict.InputError) as error:
-            predict.make_output_folder(str(out))
+        with pytest.raises(predict_lib.InputError) as error:
+            predict_lib.make_output_folder(str(out))
         text = str(error.value)
         assert text.startswith(f"{out}: cannot create the output folder: ") and "\n" not in text
 
@@ -623,8 +623,8 @@ def test_grey_gif_mask_whose_levels_were_renumbered_is_refused(tmp_path, stub):
     image = save_image(tmp_path / "s.png", np.zeros((20, 30, 3)))
     path = str(tmp_path / "m.gif")
     Image.fromarray(mask, "L").save(path)
-    with pytest.raises(predict.InputError) as error:
-        predict.read_support(image, path, stub)
+    with pytest.raises(predict_lib.InputError) as error:
+        predict_lib.read_support(image, path, stub)
     text = str(error.value)
     assert text.startswith(f"{path}: the support mask is a palette image of grey colours whose "
                            "indices are not their grey levels (0 (grey 0), 1 (grey 3), 2 (grey 7))")
@@ -632,7 +632,7 @@ def test_grey_gif_mask_whose_levels_were_renumbered_is_refused(tmp_path, stub):
     same = Image.fromarray(mask, "P")
     same.putpalette([c for v in range(256) for c in (v, v, v)])
     same.save(tmp_path / "same.png")
-    assert predict.read_support(image, str(tmp_path / "same.png"), stub).class_values == (3, 7)
+    assert predict_lib.read_support(image, str(tmp_path / "same.png"), stub).class_values == (3, 7)
 
 
 def test_class_names_file_that_cannot_be_read_is_one_line(tmp_path):
@@ -642,8 +642,8 @@ def test_class_names_file_that_cannot_be_read_is_one_line(tmp_path):
     binary.write_bytes(b'\xff\xfe{"3": "jacket"}')
     for arg, why in ((folder, "cannot read it: Is a directory"),
                      (binary, "cannot read it: not UTF-8 text (invalid start byte)")):
-        with pytest.raises(predict.InputError) as error:
-            predict.read_class_names(str(arg))
+        with pytest.raises(predict_lib.InputError) as error:
+            predict_lib.read_class_names(str(arg))
         assert str(error.value) == f"--class_names: {arg}: {why}"
 
 
@@ -652,9 +652,9 @@ def test_out_in_the_query_folder_never_overwrites_a_photo(tmp_path):
     folder.mkdir()
     photo = save_image(folder / "a.png", smooth((20, 30), 1))
     before = open(photo, "rb").read()
-    predictor = predict.Predictor(fn=_fake_model, num_classes=12, mask_values="user", source="fake")
-    support = predict.Support("s.png", "m.png", b"", b"", (3,))
-    summary = predict.predict_files(predictor, support, [str(folder)], str(folder), progress=False)
+    predictor = predict_lib.Predictor(fn=_fake_model, num_classes=12, mask_values="user", source="fake")
+    support = predict_lib.Support("s.png", "m.png", b"", b"", (3,))
+    summary = predict_lib.predict_files(predictor, support, [str(folder)], str(folder), progress=False)
     assert open(photo, "rb").read() == before  # the user's photo, not its label map
     assert summary["queries"][0]["label"] == str(folder / "a-1.png")
 
@@ -672,7 +672,7 @@ def test_float_tiff_is_not_black(tmp_path, scale):
     grey = (np.arange(12 * 9).reshape(12, 9) * 2).astype(np.uint8)
     path = str(tmp_path / "f.tif")
     Image.fromarray(grey.astype(np.float32) / 255 * scale).save(path)  # 0..1, or 0..255
-    photo = predict.read_photo(path)
+    photo = predict_lib.read_photo(path)
     np.testing.assert_array_equal(photo.pixels, np.repeat(grey[..., None], 3, -1))
 
 
@@ -692,3 +692,10 @@ def test_cli_truncated_queries_print_no_tensorflow_log_lines(setup):
     assert f"failed: {folder / 't.jpg'}: the query is a damaged or truncated image file" in result.stdout
     assert f"failed: {folder / 't.png'}: the query is a damaged or truncated image file" in result.stdout
     assert "jpeg_mem.cc" not in result.stderr and "local_rendezvous" not in result.stderr
+
+
+def test_cli_choices_are_servings():
+    """The CLI lists the mask-value modes and heads itself (it imports serving, and
+    TensorFlow, only after parsing its flags); the lists must agree."""
+    assert predict.MASK_VALUES == list(serving.MASK_VALUES)
+    assert predict.HEADS == list(serving.HEADS)

@@ -1,7 +1,7 @@
 """Photos as users have them: file types, EXIF orientation, 16-bit grey -> 8-bit RGB.
 
 Pillow only (no TensorFlow), so the dataset builder's worker processes can use it
-cheaply; `popnet_tf.predict` reads query and support photos with the same rules.
+cheaply; `popnet_tf.predict_lib` reads query and support photos with the same rules.
 
 - `IMAGE_EXTENSIONS`: the file types a folder of photos contributes (HEIC/HEIF are
   listed so that they are reported with a hint rather than skipped silently).
