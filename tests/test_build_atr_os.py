@@ -728,3 +728,27 @@ def test_sigkill_mid_build_then_next_build_cleans_up(tmp_path):
         b.build(root, out, **{**SMALL, "num_query_train": 1000})
     assert _tree(out) == before
     assert _siblings(out) == []  # the killed build's temp folder is gone too
+
+
+# ----------------------------------------------------------------------------
+# Files as users have them (audit A).
+
+
+def test_file_name_not_utf8_is_skipped_not_a_traceback(tmp_path):
+    """A photo and mask whose names are Latin-1 bytes (a zip from Windows unpacked
+    here) were an id that could not be encoded into the Example: a UnicodeEncodeError
+    traceback. Now both files are skipped with the name shown in \\x escapes."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    _random_atr(root, 17, seed=40)
+    rng = np.random.default_rng(41)
+    for sub, data in (("JPEGImages", _jpeg(_photo(rng))), ("SegmentationClassAug",
+                                                           _png(_mask_with({1, 3})))):
+        suffix = b".jpg" if sub == "JPEGImages" else b".png"
+        with open(os.path.join(root.encode(), sub.encode(), b"caf\xe9" + suffix), "wb") as f:
+            f.write(data)
+    m = b.build(root, out, **TINY_TEST)
+    assert [(r["path"], r["reason"]) for r in m["rejected"]] == [
+        (f"{sub}/caf\\xe9{ext}", f"bad file name: {sub}/caf\\xe9{ext}: the file name is not "
+                                 "valid UTF-8 (written in another encoding?); rename the file")
+        for sub, ext in (("JPEGImages", ".jpg"), ("SegmentationClassAug", ".png"))]
+    assert len(_stored(out)) == 17

@@ -126,6 +126,7 @@ MASK_NOT_8_BIT = "mask not 8-bit"
 MASK_SIZE_MISMATCH = "mask size mismatch"
 LABEL_OUT_OF_RANGE = "label out of range"
 UNEXPECTED_FILE = "unexpected file"
+BAD_FILE_NAME = "bad file name"
 DUPLICATE_ID = "duplicate id"
 
 _FOREGROUND = frozenset(range(1, classes.NUM_CLASSES))
@@ -389,6 +390,17 @@ def _scan(root: str) -> tuple[dict[str, str], dict[str, str], list[_Rejection]]:
             if name.startswith(".") or not os.path.isfile(os.path.join(folder, name)):
                 continue  # hidden files (.DS_Store) and folders are not inputs
             stem, suffix = os.path.splitext(name)
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                # Bytes that are not UTF-8 (a name written in Latin-1 or cp1252 and
+                # unpacked here): the id could not be stored; shown with \x escapes.
+                shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                rel = f"{sub}/{shown}"
+                stray.append(_Rejection(os.path.splitext(shown)[0], rel, BAD_FILE_NAME,
+                                        f"{rel}: the file name is not valid UTF-8 (written "
+                                        "in another encoding?); rename the file"))
+                continue
             if suffix.lower() not in suffixes:
                 wanted = ("a photo <id>.jpg (or .png, .webp, .tif, .bmp...: "
                           "popnet_tf.data.images.IMAGE_EXTENSIONS)"
