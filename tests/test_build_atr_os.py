@@ -752,3 +752,27 @@ def test_file_name_not_utf8_is_skipped_not_a_traceback(tmp_path):
                                  "valid UTF-8 (written in another encoding?); rename the file")
         for sub, ext in (("JPEGImages", ".jpg"), ("SegmentationClassAug", ".png"))]
     assert len(_stored(out)) == 17
+
+
+def test_file_the_system_cannot_read_is_skipped(tmp_path, monkeypatch):
+    """A photo or mask that open() refuses (no permission: a folder copied from another
+    user; or removed since the scan) ended the build with a PermissionError traceback
+    from the worker. Now each is skipped with the system's reason."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    ids = _random_atr(root, 19, seed=42)
+    refused = {os.path.join(root, "JPEGImages", ids[0] + ".jpg"),
+               os.path.join(root, "SegmentationClassAug", ids[1] + ".png")}
+    real_open = open
+
+    def open_as_another_user(path, *args, **kwargs):
+        if str(path) in refused:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", open_as_another_user)
+    m = b.build(root, out, **TINY_TEST)  # num_workers=0: the patch reaches _process
+    assert [(r["id"], r["reason"]) for r in m["rejected"]] == [
+        (ids[0], f"unreadable image: JPEGImages/{ids[0]}.jpg: cannot read the file "
+                 "(PermissionError: Permission denied)"),
+        (ids[1], f"unreadable mask: SegmentationClassAug/{ids[1]}.png: cannot read the file "
+                 "(PermissionError: Permission denied)")]

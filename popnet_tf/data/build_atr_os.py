@@ -307,6 +307,17 @@ def _encode_mask(merged: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _read(root: str, rel: str, kind: str) -> bytes:
+    """The bytes of an input file, or a skip naming it when the system cannot read it
+    (no permission, removed since the scan, an I/O error)."""
+    try:
+        with open(os.path.join(root, rel), "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise _Skip(kind, rel, f"cannot read the file ({type(err).__name__}: "
+                    f"{err.strerror or err})") from None
+
+
 def _process(task: _Task) -> _Encoded | _Rejection:
     """One input id -> its encoded example or the reason to skip it."""
     sid = task.source_id
@@ -319,11 +330,9 @@ def _process(task: _Task) -> _Encoded | _Rejection:
         if task.mask is None:
             raise _Skip(MISSING_MASK, task.image,
                         f"no mask {MASK_DIR}/{sid}{MASK_SUFFIX} for this image")
-        with open(os.path.join(task.root, task.image), "rb") as f:
-            image_data = f.read()
+        image_data = _read(task.root, task.image, UNREADABLE_IMAGE)
         image = _open_fully(image_data, task.image, is_mask=False)
-        with open(os.path.join(task.root, task.mask), "rb") as f:
-            mask = _open_fully(f.read(), task.mask, is_mask=True)
+        mask = _open_fully(_read(task.root, task.mask, UNREADABLE_MASK), task.mask, is_mask=True)
         orientation = exif_orientation(image)
         turn = _exif_turn(task.exif, orientation, image.size, mask.size)
         size = upright_size(image.size, orientation) if turn else image.size
