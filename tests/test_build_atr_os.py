@@ -776,3 +776,40 @@ def test_file_the_system_cannot_read_is_skipped(tmp_path, monkeypatch):
                  "(PermissionError: Permission denied)"),
         (ids[1], f"unreadable mask: SegmentationClassAug/{ids[1]}.png: cannot read the file "
                  "(PermissionError: Permission denied)")]
+
+
+def _png16(array) -> bytes:
+    """A 16-bit PNG of an [H, W, C] array (C = 2 grey + alpha, 3 RGB, 4 RGBA), which
+    Pillow cannot write."""
+    import struct
+    import zlib
+    h, w, c = array.shape
+    rows = b"".join(b"\0" + array[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    colour_type = {2: 4, 3: 2, 4: 6}[c]
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_colour_mask_is_refused_not_read_as_background(tmp_path):
+    """A grey mask some tool saved as 16-bit RGB or grey + alpha: Pillow decodes only
+    each value's high byte, so ids 0-17 all read 0 and the image was kept with a mask
+    of background only, silently. Now refused as not 8-bit."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    _random_atr(root, 17, seed=44)
+    rng = np.random.default_rng(45)
+    mask = _mask_with({1, 3}).astype(np.uint16)
+    opaque = np.full(mask.shape, 65535, np.uint16)
+    _put(root, "rgb16", _jpeg(_photo(rng)), _png16(np.dstack([mask] * 3)))
+    _put(root, "la16", _jpeg(_photo(rng)), _png16(np.dstack([mask, opaque])))
+    _put(root, "rgba16", _jpeg(_photo(rng)), _png16(np.dstack([mask] * 3 + [opaque])))
+    m = b.build(root, out, **TINY_TEST)
+    assert [(r["id"], r["reason"]) for r in m["rejected"]] == [
+        (sid, f"mask not 8-bit: SegmentationClassAug/{sid}.png: mask is a 16-bit {kind} PNG, "
+              "whose values cannot be read as ATR ids (only their high byte is decoded); save "
+              "it as an 8-bit single-channel ('L') or palette ('P') PNG")
+        for sid, kind in (("la16", "grey + alpha"), ("rgb16", "RGB"), ("rgba16", "RGBA"))]

@@ -245,6 +245,22 @@ def _narrow_mask(mask: Image.Image, path: str) -> Image.Image:
     return Image.fromarray(values.astype(np.uint8), "L")
 
 
+# PNG colour types with more than one channel: grey + alpha, RGB, RGBA.
+_PNG_MULTI_CHANNEL = {4: "grey + alpha", 2: "RGB", 6: "RGBA"}
+
+
+def _check_not_wide_colour(data: bytes, path: str) -> None:
+    """Refuses a 16-bit PNG of several channels: Pillow reads it as 8-bit RGB(A) keeping
+    only each value's high byte, so ATR ids 0-17 stored in it would all read 0 (a mask
+    of background only). 16-bit single-channel masks are read whole (_narrow_mask)."""
+    if data[12:16] == b"IHDR" and len(data) >= 26 and data[24] == 16 \
+            and data[25] in _PNG_MULTI_CHANNEL:
+        raise _Skip(MASK_NOT_8_BIT, path,
+                    f"mask is a 16-bit {_PNG_MULTI_CHANNEL[data[25]]} PNG, whose values "
+                    "cannot be read as ATR ids (only their high byte is decoded); save it "
+                    "as an 8-bit single-channel ('L') or palette ('P') PNG")
+
+
 def _out_of_range(path: str, bad: list[int], note: str = "") -> _Skip:
     """The rejection of a mask holding values that are not raw ATR ids (first 8 named)."""
     shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
@@ -332,7 +348,9 @@ def _process(task: _Task) -> _Encoded | _Rejection:
                         f"no mask {MASK_DIR}/{sid}{MASK_SUFFIX} for this image")
         image_data = _read(task.root, task.image, UNREADABLE_IMAGE)
         image = _open_fully(image_data, task.image, is_mask=False)
-        mask = _open_fully(_read(task.root, task.mask, UNREADABLE_MASK), task.mask, is_mask=True)
+        mask_data = _read(task.root, task.mask, UNREADABLE_MASK)
+        mask = _open_fully(mask_data, task.mask, is_mask=True)
+        _check_not_wide_colour(mask_data, task.mask)
         orientation = exif_orientation(image)
         turn = _exif_turn(task.exif, orientation, image.size, mask.size)
         size = upright_size(image.size, orientation) if turn else image.size
