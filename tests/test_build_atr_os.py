@@ -813,3 +813,26 @@ def test_16_bit_colour_mask_is_refused_not_read_as_background(tmp_path):
               "whose values cannot be read as ATR ids (only their high byte is decoded); save "
               "it as an 8-bit single-channel ('L') or palette ('P') PNG")
         for sid, kind in (("la16", "grey + alpha"), ("rgb16", "RGB"), ("rgba16", "RGBA"))]
+
+
+def test_photo_and_mask_names_in_different_unicode_forms_pair_up(tmp_path):
+    """'café.jpg' written by one tool as NFC (é one character) and its mask by a Mac as
+    NFD (e + combining accent) look the same but were two ids: the pair was skipped as
+    'missing mask' and 'missing image' under names that look identical. They are one id
+    now (NFC), also in a list file."""
+    import unicodedata
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    ids = _random_atr(root, 17, seed=46)
+    rng = np.random.default_rng(47)
+    photo, mask = _photo(rng), _mask_with({1, 3})
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    _file(root, f"JPEGImages/{nfc}.jpg", _jpeg(photo))
+    _file(root, f"SegmentationClassAug/{nfd}.png", _png(mask))
+    m = b.build(root, out, **TINY_TEST)
+    assert m["rejected"] == []
+    np.testing.assert_array_equal(_stored(out)[nfc]["mask"], np.vectorize(HAND_MERGE.get)(mask))
+    m = b.build(root, str(tmp_path / "listed"), train_list=_write_list(tmp_path / "tr", ids[:6]),
+                test_list=_write_list(tmp_path / "te", ids[6:] + [nfd]),
+                **{**SMALL, "num_query_train": 5, "num_test_query": 2})
+    assert m["rejected"] == [] and nfc in _ids(str(tmp_path / "listed"), "s_test")

@@ -79,6 +79,7 @@ import re
 import shutil
 import signal
 import time
+import unicodedata
 import zlib
 from typing import NamedTuple, Sequence
 
@@ -435,6 +436,10 @@ def _scan(root: str) -> tuple[dict[str, str], dict[str, str], list[_Rejection]]:
                 stray.append(_Rejection(stem, rel, UNEXPECTED_FILE,
                                         f"{rel}: expected {wanted} in {sub}/"))
                 continue
+            # One id for the two Unicode spellings of a name: macOS writes "é" as e +
+            # combining accent (NFD), most other systems as one character (NFC), so a
+            # photo and its mask from different tools may differ only in that.
+            stem = unicodedata.normalize("NFC", stem)
             if (sub, stem) in seen:
                 stray.append(_Rejection(stem, rel, DUPLICATE_ID,
                                         f"{rel}: {seen[(sub, stem)]} has the same id; "
@@ -452,7 +457,8 @@ def _read_list(path: str, what: str) -> list[str]:
             lines = f.read().splitlines()
     except OSError as err:
         raise DatasetError(f"{what} {path}: cannot read ({err})") from None
-    return _check_ids([line.strip() for line in lines if line.strip()], f"{what} {path}")
+    return _check_ids([unicodedata.normalize("NFC", line.strip()) for line in lines
+                       if line.strip()], f"{what} {path}")
 
 
 def _check_ids(ids: Sequence[str], where: str) -> list[str]:
