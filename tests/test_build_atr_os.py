@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -836,3 +837,27 @@ def test_photo_and_mask_names_in_different_unicode_forms_pair_up(tmp_path):
                 test_list=_write_list(tmp_path / "te", ids[6:] + [nfd]),
                 **{**SMALL, "num_query_train": 5, "num_test_query": 2})
     assert m["rejected"] == [] and nfc in _ids(str(tmp_path / "listed"), "s_test")
+
+
+def test_broken_symlink_and_missing_mask_folder(tmp_path):
+    """A photo that is a dangling symbolic link was skipped as 'missing image: no image
+    JPEGImages/<id>.jpg' although ls lists that very name; it is a broken link now.
+    A root without SegmentationClassAug/ gave a 'missing mask' line per image before
+    the count error; now one line, as for a missing JPEGImages/."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    ids = _random_atr(root, 18, seed=48)
+    photo = os.path.join(root, "JPEGImages", ids[0] + ".jpg")
+    os.remove(photo)
+    os.symlink(str(tmp_path / "gone.jpg"), photo)
+    m = b.build(root, out, **TINY_TEST)
+    assert [(r["path"], r["reason"]) for r in m["rejected"]] == [
+        (f"JPEGImages/{ids[0]}.jpg", f"broken link: JPEGImages/{ids[0]}.jpg: a symbolic link "
+                                     f"to {tmp_path / 'gone.jpg'}, which does not exist"),
+        (f"SegmentationClassAug/{ids[0]}.png",
+         f"missing image: SegmentationClassAug/{ids[0]}.png: no image JPEGImages/{ids[0]}.jpg "
+         "(or .png, .webp, .tif...) for this mask")]
+    shutil.rmtree(os.path.join(root, "SegmentationClassAug"))
+    with pytest.raises(b.DatasetError, match=r"atr: no SegmentationClassAug/ folder; expected "
+                                             r"ROOT/JPEGImages/<id>.jpg and ROOT/"):
+        b.build(root, str(tmp_path / "o2"), **TINY_TEST)
+    assert not os.path.exists(tmp_path / "o2") and _siblings(str(tmp_path / "o2")) == []

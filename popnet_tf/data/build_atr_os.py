@@ -128,6 +128,7 @@ MASK_SIZE_MISMATCH = "mask size mismatch"
 LABEL_OUT_OF_RANGE = "label out of range"
 UNEXPECTED_FILE = "unexpected file"
 BAD_FILE_NAME = "bad file name"
+BROKEN_LINK = "broken link"
 DUPLICATE_ID = "duplicate id"
 
 _FOREGROUND = frozenset(range(1, classes.NUM_CLASSES))
@@ -415,7 +416,14 @@ def _scan(root: str) -> tuple[dict[str, str], dict[str, str], list[_Rejection]]:
             continue
         for name in sorted(os.listdir(folder)):
             rel = f"{sub}/{name}"
-            if name.startswith(".") or not os.path.isfile(os.path.join(folder, name)):
+            path = os.path.join(folder, name)
+            if not name.startswith(".") and os.path.islink(path) and not os.path.exists(path):
+                # Listed by ls, so "no image <id>.jpg" would puzzle; say what it is.
+                stray.append(_Rejection(os.path.splitext(name)[0], rel, BROKEN_LINK,
+                                        f"{rel}: a symbolic link to {os.readlink(path)}, "
+                                        "which does not exist"))
+                continue
+            if name.startswith(".") or not os.path.isfile(path):
                 continue  # hidden files (.DS_Store) and folders are not inputs
             stem, suffix = os.path.splitext(name)
             try:
@@ -704,6 +712,9 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
     out_dir = os.path.abspath(out_dir)
     if not os.path.isdir(os.path.join(atr_root, IMAGE_DIR)):
         raise DatasetError(f"--atr_root {atr_root}: no {IMAGE_DIR}/ folder; expected "
+                           f"ROOT/{IMAGE_DIR}/<id>.jpg and ROOT/{MASK_DIR}/<id>.png")
+    if not os.path.isdir(os.path.join(atr_root, MASK_DIR)):
+        raise DatasetError(f"--atr_root {atr_root}: no {MASK_DIR}/ folder; expected "
                            f"ROOT/{IMAGE_DIR}/<id>.jpg and ROOT/{MASK_DIR}/<id>.png")
     if split_lists in ("", "none"):
         split_lists = None
