@@ -26,10 +26,13 @@ Rules (SPEC §5):
   foreground classes (most new classes first, ties broken by more classes, then
   by id), filled up to ten with the images holding most classes.
 
-Bad inputs (truncated or unreadable image, non-image file, image without mask
-or mask without image, mask of another size, mask that is not single-channel,
-label values outside 0-17 and 255) are skipped, listed in the manifest under
-"rejected" with the file and the reason, and counted in the log at the end.
+Bad inputs (truncated or unreadable image, non-image file, a file the system
+cannot read, a dangling symbolic link, a file name that is not UTF-8, image
+without mask or mask without image, mask of another size, mask that is not
+single-channel or not 8-bit (a 16-bit colour PNG), label values outside 0-17 and
+255) are skipped, listed in the manifest under "rejected" with the file and the
+reason, and counted in the log at the end. A photo and its mask whose names
+differ only in Unicode normal form (a Mac's NFD) are one id.
 
 EXIF orientation (`exif`, `--exif`): ATR's masks are aligned to the stored pixel
 grid, which is also what TensorFlow's `decode_jpeg` returns. A phone photo stored
