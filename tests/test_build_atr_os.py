@@ -861,3 +861,20 @@ def test_broken_symlink_and_missing_mask_folder(tmp_path):
                                              r"ROOT/JPEGImages/<id>.jpg and ROOT/"):
         b.build(root, str(tmp_path / "o2"), **TINY_TEST)
     assert not os.path.exists(tmp_path / "o2") and _siblings(str(tmp_path / "o2")) == []
+
+
+def test_photos_in_subfolders_are_named_in_the_error(tmp_path):
+    """Photos one level too deep (JPEGImages/train/, as some dataset downloads are laid
+    out) gave '0 inputs found but the split asks for ...', which does not say where
+    the photos went."""
+    root = tmp_path / "atr"
+    _random_atr(str(tmp_path / "flat"), 17, seed=50)
+    for sub in ("JPEGImages", "SegmentationClassAug"):
+        os.makedirs(root / sub)
+        os.rename(tmp_path / "flat" / sub, root / sub / "train")
+    os.makedirs(root / "JPEGImages" / "val")
+    with pytest.raises(b.DatasetError, match=r"atr: JPEGImages/ holds no photo, only the "
+                                             r"subfolder\(s\) JPEGImages/train/, JPEGImages/val/; "
+                                             r"the builder reads JPEGImages/<id>.jpg"):
+        b.build(str(root), str(tmp_path / "out"), **TINY_TEST)
+    assert not os.path.exists(tmp_path / "out") and _siblings(str(tmp_path / "out")) == []

@@ -461,6 +461,20 @@ def _scan(root: str) -> tuple[dict[str, str], dict[str, str], list[_Rejection]]:
     return images, masks, stray
 
 
+def _refuse_subfolders_only(root: str) -> None:
+    """A JPEGImages/ with no photo but subfolders (train/, val/...): the photos are one
+    level too deep, and the count error ("0 inputs found") would not say so."""
+    folder = os.path.join(root, IMAGE_DIR)
+    subs = sorted(n for n in os.listdir(folder)
+                  if not n.startswith(".") and os.path.isdir(os.path.join(folder, n)))
+    if subs:
+        shown = ", ".join(f"{IMAGE_DIR}/{n}/" for n in subs[:5]) + (", ..." if len(subs) > 5 else "")
+        raise DatasetError(f"--atr_root {root}: {IMAGE_DIR}/ holds no photo, only the "
+                           f"subfolder(s) {shown}; the builder reads {IMAGE_DIR}/<id>.jpg and "
+                           f"{MASK_DIR}/<id>.png directly, not in subfolders: point --atr_root "
+                           "at a folder laid out so, or move the files up")
+
+
 def _read_list(path: str, what: str) -> list[str]:
     """Ids of a list file, one per line, blank lines skipped."""
     try:
@@ -733,6 +747,8 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
     _check_out_dir(out_dir)
 
     images, masks, stray = _scan(atr_root)
+    if not images:
+        _refuse_subfolders_only(atr_root)
     if lists is None:
         ids = sorted(set(images) | set(masks))
         needed = num_test_eff + num_query_train + 1
