@@ -878,3 +878,17 @@ def test_photos_in_subfolders_are_named_in_the_error(tmp_path):
                                              r"the builder reads JPEGImages/<id>.jpg"):
         b.build(str(root), str(tmp_path / "out"), **TINY_TEST)
     assert not os.path.exists(tmp_path / "out") and _siblings(str(tmp_path / "out")) == []
+
+
+def test_list_file_saved_by_notepad(tmp_path):
+    """A list saved by Windows Notepad (UTF-8 with a byte-order mark, CRLF line ends):
+    the mark became part of the first id, which was then skipped as 'missing image:
+    no image JPEGImages/<id>.jpg' for a file that exists, and q_train shifted by one."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    ids = _random_atr(root, 17, seed=52)
+    train = tmp_path / "train.txt"
+    train.write_bytes(b"\xef\xbb\xbf" + "".join(f"{i}\r\n" for i in ids[:6]).encode())
+    m = b.build(root, out, train_list=str(train), test_list=_write_list(tmp_path / "te", ids[6:]),
+                **{**SMALL, "num_query_train": 5, "num_test_query": 1})
+    assert m["rejected"] == []
+    assert _ids(out, "q_train") == ids[:5] and _ids(out, "s_train") == [ids[5]]

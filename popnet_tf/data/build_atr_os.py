@@ -478,7 +478,9 @@ def _refuse_subfolders_only(root: str) -> None:
 def _read_list(path: str, what: str) -> list[str]:
     """Ids of a list file, one per line, blank lines skipped."""
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: Windows editors (Notepad) start a UTF-8 file with a byte-order
+        # mark, which would otherwise become part of the first id.
+        with open(path, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
     except OSError as err:
         raise DatasetError(f"{what} {path}: cannot read ({err})") from None
