@@ -479,3 +479,19 @@ def test_saved_model_version_resolution(tmp_path):
     assert predict.saved_model_version(str(tmp_path / "10")) is None
     with pytest.raises(predict.InputError, match="neither a SavedModel"):
         predict.load_predictor(str(tmp_path / "10"))
+
+
+def test_16_bit_colour_support_mask_is_refused(tmp_path, stub):
+    """A grey mask saved as 16-bit RGB: Pillow decodes its high bytes, all 0, and the
+    support was refused with 'the mask has no foreground', which it has."""
+    from tests.test_build_atr_os import _png16
+    grey = np.zeros((20, 30), np.uint16)
+    grey[:5] = 7
+    image, mask_path = _support(tmp_path, np.ones((20, 30)))  # then overwritten
+    with open(mask_path, "wb") as f:
+        f.write(_png16(np.dstack([grey] * 3)))
+    with pytest.raises(predict.InputError) as error:
+        predict.read_support(image, mask_path, stub)
+    assert str(error.value) == (f"{mask_path}: the support mask is a 16-bit RGB PNG, whose values "
+                                "cannot be read as classes; save it as an 8-bit grayscale or "
+                                "palette PNG with the class values (1-254) as pixels")

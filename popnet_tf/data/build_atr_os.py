@@ -92,8 +92,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from popnet_tf import classes
 from popnet_tf.data.images import (COLOUR_MASK_MODES, HEIF_HINT, IMAGE_EXTENSIONS, UPRIGHT,
-                                   exif_orientation, grey_of_colour_mask, is_heif, to_rgb,
-                                   upright_size)
+                                   exif_orientation, grey_of_colour_mask, is_heif,
+                                   sixteen_bit_colour_png, to_rgb, upright_size)
 
 # TensorFlow and Keras are imported inside the functions that need them: worker
 # processes are started with "spawn" and import this module, and they only need
@@ -250,20 +250,16 @@ def _narrow_mask(mask: Image.Image, path: str) -> Image.Image:
     return Image.fromarray(values.astype(np.uint8), "L")
 
 
-# PNG colour types with more than one channel: grey + alpha, RGB, RGBA.
-_PNG_MULTI_CHANNEL = {4: "grey + alpha", 2: "RGB", 6: "RGBA"}
-
-
 def _check_not_wide_colour(data: bytes, path: str) -> None:
     """Refuses a 16-bit PNG of several channels: Pillow reads it as 8-bit RGB(A) keeping
     only each value's high byte, so ATR ids 0-17 stored in it would all read 0 (a mask
     of background only). 16-bit single-channel masks are read whole (_narrow_mask)."""
-    if data[12:16] == b"IHDR" and len(data) >= 26 and data[24] == 16 \
-            and data[25] in _PNG_MULTI_CHANNEL:
+    kind = sixteen_bit_colour_png(data)
+    if kind:
         raise _Skip(MASK_NOT_8_BIT, path,
-                    f"mask is a 16-bit {_PNG_MULTI_CHANNEL[data[25]]} PNG, whose values "
-                    "cannot be read as ATR ids (only their high byte is decoded); save it "
-                    "as an 8-bit single-channel ('L') or palette ('P') PNG")
+                    f"mask is a 16-bit {kind} PNG, whose values cannot be read as ATR ids "
+                    "(only their high byte is decoded); save it as an 8-bit single-channel "
+                    "('L') or palette ('P') PNG")
 
 
 def _out_of_range(path: str, bad: list[int], note: str = "") -> _Skip:
