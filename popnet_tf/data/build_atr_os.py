@@ -464,7 +464,8 @@ def _refuse_subfolders_only(root: str) -> None:
     subs = sorted(n for n in os.listdir(folder)
                   if not n.startswith(".") and os.path.isdir(os.path.join(folder, n)))
     if subs:
-        shown = ", ".join(f"{IMAGE_DIR}/{n}/" for n in subs[:5]) + (", ..." if len(subs) > 5 else "")
+        shown = ", ".join(f"{IMAGE_DIR}/{n}/" for n in subs[:5])
+        shown += ", ..." if len(subs) > 5 else ""
         raise DatasetError(f"--atr_root {root}: {IMAGE_DIR}/ holds no photo, only the "
                            f"subfolder(s) {shown}; the builder reads {IMAGE_DIR}/<id>.jpg and "
                            f"{MASK_DIR}/<id>.png directly, not in subfolders: point --atr_root "
