@@ -312,6 +312,11 @@ def read_mask(path: str) -> np.ndarray:
     if lossy:
         raise InputError(f"{path}: the support mask is {lossy}, whose values are not exact "
                          "classes; save it as PNG")
+    wide = images.sixteen_bit_colour_png(data)
+    if wide:  # Pillow would read its values' high byte only: all 0, "no foreground"
+        raise InputError(f"{path}: the support mask is a 16-bit {wide} PNG, whose values "
+                         "cannot be read as classes; save it as an 8-bit grayscale or palette "
+                         "PNG with the class values (1-254) as pixels")
     if image.mode == "P":
         values = np.asarray(image, np.uint8)
         _check_grey_palette(path, image, values)

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -728,3 +729,167 @@ def test_sigkill_mid_build_then_next_build_cleans_up(tmp_path):
         b.build(root, out, **{**SMALL, "num_query_train": 1000})
     assert _tree(out) == before
     assert _siblings(out) == []  # the killed build's temp folder is gone too
+
+
+# ----------------------------------------------------------------------------
+# Files as users have them (audit A).
+
+
+def test_file_name_not_utf8_is_skipped_not_a_traceback(tmp_path):
+    """A photo and mask whose names are Latin-1 bytes (a zip from Windows unpacked
+    here) were an id that could not be encoded into the Example: a UnicodeEncodeError
+    traceback. Now both files are skipped with the name shown in \\x escapes."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    _random_atr(root, 17, seed=40)
+    rng = np.random.default_rng(41)
+    for sub, data in (("JPEGImages", _jpeg(_photo(rng))), ("SegmentationClassAug",
+                                                           _png(_mask_with({1, 3})))):
+        suffix = b".jpg" if sub == "JPEGImages" else b".png"
+        with open(os.path.join(root.encode(), sub.encode(), b"caf\xe9" + suffix), "wb") as f:
+            f.write(data)
+    m = b.build(root, out, **TINY_TEST)
+    assert [(r["path"], r["reason"]) for r in m["rejected"]] == [
+        (f"{sub}/caf\\xe9{ext}", f"bad file name: {sub}/caf\\xe9{ext}: the file name is not "
+                                 "valid UTF-8 (written in another encoding?); rename the file")
+        for sub, ext in (("JPEGImages", ".jpg"), ("SegmentationClassAug", ".png"))]
+    assert len(_stored(out)) == 17
+
+
+def test_file_the_system_cannot_read_is_skipped(tmp_path, monkeypatch):
+    """A photo or mask that open() refuses (no permission: a folder copied from another
+    user; or removed since the scan) ended the build with a PermissionError traceback
+    from the worker. Now each is skipped with the system's reason."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    ids = _random_atr(root, 19, seed=42)
+    refused = {os.path.join(root, "JPEGImages", ids[0] + ".jpg"),
+               os.path.join(root, "SegmentationClassAug", ids[1] + ".png")}
+    real_open = open
+
+    def open_as_another_user(path, *args, **kwargs):
+        if str(path) in refused:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", open_as_another_user)
+    m = b.build(root, out, **TINY_TEST)  # num_workers=0: the patch reaches _process
+    assert [(r["id"], r["reason"]) for r in m["rejected"]] == [
+        (ids[0], f"unreadable image: JPEGImages/{ids[0]}.jpg: cannot read the file "
+                 "(PermissionError: Permission denied)"),
+        (ids[1], f"unreadable mask: SegmentationClassAug/{ids[1]}.png: cannot read the file "
+                 "(PermissionError: Permission denied)")]
+
+
+def _png16(array) -> bytes:
+    """A 16-bit PNG of an [H, W, C] array (C = 2 grey + alpha, 3 RGB, 4 RGBA), which
+    Pillow cannot write."""
+    import struct
+    import zlib
+    h, w, c = array.shape
+    rows = b"".join(b"\0" + array[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    colour_type = {2: 4, 3: 2, 4: 6}[c]
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_colour_mask_is_refused_not_read_as_background(tmp_path):
+    """A grey mask some tool saved as 16-bit RGB or grey + alpha: Pillow decodes only
+    each value's high byte, so ids 0-17 all read 0 and the image was kept with a mask
+    of background only, silently. Now refused as not 8-bit."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    _random_atr(root, 17, seed=44)
+    rng = np.random.default_rng(45)
+    mask = _mask_with({1, 3}).astype(np.uint16)
+    opaque = np.full(mask.shape, 65535, np.uint16)
+    _put(root, "rgb16", _jpeg(_photo(rng)), _png16(np.dstack([mask] * 3)))
+    _put(root, "la16", _jpeg(_photo(rng)), _png16(np.dstack([mask, opaque])))
+    _put(root, "rgba16", _jpeg(_photo(rng)), _png16(np.dstack([mask] * 3 + [opaque])))
+    m = b.build(root, out, **TINY_TEST)
+    assert [(r["id"], r["reason"]) for r in m["rejected"]] == [
+        (sid, f"mask not 8-bit: SegmentationClassAug/{sid}.png: mask is a 16-bit {kind} PNG, "
+              "whose values cannot be read as ATR ids (only their high byte is decoded); save "
+              "it as an 8-bit single-channel ('L') or palette ('P') PNG")
+        for sid, kind in (("la16", "grey + alpha"), ("rgb16", "RGB"), ("rgba16", "RGBA"))]
+
+
+def test_photo_and_mask_names_in_different_unicode_forms_pair_up(tmp_path):
+    """'café.jpg' written by one tool as NFC (é one character) and its mask by a Mac as
+    NFD (e + combining accent) look the same but were two ids: the pair was skipped as
+    'missing mask' and 'missing image' under names that look identical. They are one id
+    now (NFC), also in a list file."""
+    import unicodedata
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    ids = _random_atr(root, 17, seed=46)
+    rng = np.random.default_rng(47)
+    photo, mask = _photo(rng), _mask_with({1, 3})
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    _file(root, f"JPEGImages/{nfc}.jpg", _jpeg(photo))
+    _file(root, f"SegmentationClassAug/{nfd}.png", _png(mask))
+    m = b.build(root, out, **TINY_TEST)
+    assert m["rejected"] == []
+    np.testing.assert_array_equal(_stored(out)[nfc]["mask"], np.vectorize(HAND_MERGE.get)(mask))
+    m = b.build(root, str(tmp_path / "listed"), train_list=_write_list(tmp_path / "tr", ids[:6]),
+                test_list=_write_list(tmp_path / "te", ids[6:] + [nfd]),
+                **{**SMALL, "num_query_train": 5, "num_test_query": 2})
+    assert m["rejected"] == [] and nfc in _ids(str(tmp_path / "listed"), "s_test")
+
+
+def test_broken_symlink_and_missing_mask_folder(tmp_path):
+    """A photo that is a dangling symbolic link was skipped as 'missing image: no image
+    JPEGImages/<id>.jpg' although ls lists that very name; it is a broken link now.
+    A root without SegmentationClassAug/ gave a 'missing mask' line per image before
+    the count error; now one line, as for a missing JPEGImages/."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    ids = _random_atr(root, 18, seed=48)
+    photo = os.path.join(root, "JPEGImages", ids[0] + ".jpg")
+    os.remove(photo)
+    os.symlink(str(tmp_path / "gone.jpg"), photo)
+    m = b.build(root, out, **TINY_TEST)
+    assert [(r["path"], r["reason"]) for r in m["rejected"]] == [
+        (f"JPEGImages/{ids[0]}.jpg", f"broken link: JPEGImages/{ids[0]}.jpg: a symbolic link "
+                                     f"to {tmp_path / 'gone.jpg'}, which does not exist"),
+        (f"SegmentationClassAug/{ids[0]}.png",
+         f"missing image: SegmentationClassAug/{ids[0]}.png: no image JPEGImages/{ids[0]}.jpg "
+         "(or .png, .webp, .tif...) for this mask")]
+    shutil.rmtree(os.path.join(root, "SegmentationClassAug"))
+    with pytest.raises(b.DatasetError, match=r"atr: no SegmentationClassAug/ folder; expected "
+                                             r"ROOT/JPEGImages/<id>.jpg and ROOT/"):
+        b.build(root, str(tmp_path / "o2"), **TINY_TEST)
+    assert not os.path.exists(tmp_path / "o2") and _siblings(str(tmp_path / "o2")) == []
+
+
+def test_photos_in_subfolders_are_named_in_the_error(tmp_path):
+    """Photos one level too deep (JPEGImages/train/, as some dataset downloads are laid
+    out) gave '0 inputs found but the split asks for ...', which does not say where
+    the photos went."""
+    root = tmp_path / "atr"
+    _random_atr(str(tmp_path / "flat"), 17, seed=50)
+    for sub in ("JPEGImages", "SegmentationClassAug"):
+        os.makedirs(root / sub)
+        os.rename(tmp_path / "flat" / sub, root / sub / "train")
+    os.makedirs(root / "JPEGImages" / "val")
+    with pytest.raises(b.DatasetError, match=r"atr: JPEGImages/ holds no photo, only the "
+                                             r"subfolder\(s\) JPEGImages/train/, JPEGImages/val/; "
+                                             r"the builder reads JPEGImages/<id>.jpg"):
+        b.build(str(root), str(tmp_path / "out"), **TINY_TEST)
+    assert not os.path.exists(tmp_path / "out") and _siblings(str(tmp_path / "out")) == []
+
+
+def test_list_file_saved_by_notepad(tmp_path):
+    """A list saved by Windows Notepad (UTF-8 with a byte-order mark, CRLF line ends):
+    the mark became part of the first id, which was then skipped as 'missing image:
+    no image JPEGImages/<id>.jpg' for a file that exists, and q_train shifted by one."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    ids = _random_atr(root, 17, seed=52)
+    train = tmp_path / "train.txt"
+    train.write_bytes(b"\xef\xbb\xbf" + "".join(f"{i}\r\n" for i in ids[:6]).encode())
+    m = b.build(root, out, train_list=str(train), test_list=_write_list(tmp_path / "te", ids[6:]),
+                **{**SMALL, "num_query_train": 5, "num_test_query": 1})
+    assert m["rejected"] == []
+    assert _ids(out, "q_train") == ids[:5] and _ids(out, "s_train") == [ids[5]]

@@ -81,3 +81,20 @@ def test_grey_of_colour_mask():
                           "and 8 more)")
     with pytest.raises(ValueError, match="not one of"):
         images.grey_of_colour_mask(Image.fromarray(grey))
+
+
+def test_sixteen_bit_colour_png():
+    """16-bit PNGs of several channels are named (Pillow reads their high byte only);
+    8-bit colour, 16-bit grey and other files are not."""
+    from tests.test_build_atr_os import _png16
+    values = np.array([[0, 3], [17, 255]], np.uint16)
+    assert images.sixteen_bit_colour_png(_png16(np.dstack([values] * 3))) == "RGB"
+    assert images.sixteen_bit_colour_png(_png16(np.dstack([values] * 4))) == "RGBA"
+    assert images.sixteen_bit_colour_png(_png16(np.dstack([values] * 2))) == "grey + alpha"
+    for other in (Image.fromarray(np.dstack([values.astype(np.uint8)] * 3)),  # 8-bit RGB
+                  Image.fromarray(values)):                                    # 16-bit grey
+        buf = io.BytesIO()
+        other.save(buf, format="PNG")
+        assert images.sixteen_bit_colour_png(buf.getvalue()) == ""
+    assert images.sixteen_bit_colour_png(b"\xff\xd8\xff\xe0" + bytes(40)) == ""
+    assert images.sixteen_bit_colour_png(b"") == ""

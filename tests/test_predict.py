@@ -699,3 +699,19 @@ def test_cli_choices_are_servings():
     TensorFlow, only after parsing its flags); the lists must agree."""
     assert predict.MASK_VALUES == list(serving.MASK_VALUES)
     assert predict.HEADS == list(serving.HEADS)
+
+
+def test_16_bit_colour_support_mask_is_refused(tmp_path, stub):
+    """A grey mask saved as 16-bit RGB: Pillow decodes its high bytes, all 0, and the
+    support was refused with 'the mask has no foreground', which it has."""
+    from tests.test_build_atr_os import _png16
+    grey = np.zeros((20, 30), np.uint16)
+    grey[:5] = 7
+    image, mask_path = _support(tmp_path, np.ones((20, 30)))  # then overwritten
+    with open(mask_path, "wb") as f:
+        f.write(_png16(np.dstack([grey] * 3)))
+    with pytest.raises(predict_lib.InputError) as error:
+        predict_lib.read_support(image, mask_path, stub)
+    assert str(error.value) == (f"{mask_path}: the support mask is a 16-bit RGB PNG, whose values "
+                                "cannot be read as classes; save it as an 8-bit grayscale or "
+                                "palette PNG with the class values (1-254) as pixels")

@@ -84,3 +84,28 @@ def test_cli_writes_a_png(dataset, tmp_path):  # noqa: F811
                    check=True, env=env, capture_output=True, timeout=120)
     image = Image.open(out)
     assert image.mode == "RGB" and image.size[0] == 3 * 32
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{raw}"], "FATAL FileNotFoundError: {raw}/manifest.json: no manifest; {raw} is not "
+                          "a built ATR-OS dataset"),
+    (["--stage", "4"], "FATAL ValueError: --stage must be 1, 2 or 3, got 4"),
+    (["--fold", "3"], "FATAL ValueError: fold must be one of [1, 2], got 3"),
+    (["--num", "0"], "FATAL ValueError: --num must be at least 1, got 0"),
+    (["--out", "{tmp}/missing/grid.png"], "FATAL FileNotFoundError: [Errno 2] No such file or "
+                                          "directory: '{tmp}/missing/grid.png'"),
+])
+def test_cli_mistakes_end_in_one_line(dataset, tmp_path, args, message):  # noqa: F811
+    """An ATR folder given as --data (not yet built), a stage or fold that does not exist,
+    --num 0 or --out in a missing folder ended in a Python traceback."""
+    raw = tmp_path / "ATR"
+    (raw / "JPEGImages").mkdir(parents=True)
+    fill = {"raw": str(raw), "tmp": str(tmp_path)}
+    argv = ["--data", dataset["dir"], "--split", "q_test", "--eval_size", "32",
+            "--out", str(tmp_path / "grid.png")] + [a.format(**fill) for a in args]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run([sys.executable, "-m", "popnet_tf.data.show"] + argv, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(message.format(**fill)), done.stderr

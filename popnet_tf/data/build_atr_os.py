@@ -26,10 +26,13 @@ Rules (SPEC §5):
   foreground classes (most new classes first, ties broken by more classes, then
   by id), filled up to ten with the images holding most classes.
 
-Bad inputs (truncated or unreadable image, non-image file, image without mask
-or mask without image, mask of another size, mask that is not single-channel,
-label values outside 0-17 and 255) are skipped, listed in the manifest under
-"rejected" with the file and the reason, and counted in the log at the end.
+Bad inputs (truncated or unreadable image, non-image file, a file the system
+cannot read, a dangling symbolic link, a file name that is not UTF-8, image
+without mask or mask without image, mask of another size, mask that is not
+single-channel or not 8-bit (a 16-bit colour PNG), label values outside 0-17 and
+255) are skipped, listed in the manifest under "rejected" with the file and the
+reason, and counted in the log at the end. A photo and its mask whose names
+differ only in Unicode normal form (a Mac's NFD) are one id.
 
 EXIF orientation (`exif`, `--exif`): ATR's masks are aligned to the stored pixel
 grid, which is also what TensorFlow's `decode_jpeg` returns. A phone photo stored
@@ -79,6 +82,7 @@ import re
 import shutil
 import signal
 import time
+import unicodedata
 import zlib
 from typing import NamedTuple, Sequence
 
@@ -88,8 +92,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from popnet_tf import classes, cli
 from popnet_tf.data.images import (COLOUR_MASK_MODES, HEIF_HINT, IMAGE_EXTENSIONS, UPRIGHT,
-                                   exif_orientation, grey_of_colour_mask, is_heif, to_rgb,
-                                   upright_size)
+                                   exif_orientation, grey_of_colour_mask, is_heif,
+                                   sixteen_bit_colour_png, to_rgb, upright_size)
 
 # TensorFlow and Keras are imported inside the functions that need them: worker
 # processes are started with "spawn" and import this module, and they only need
@@ -126,6 +130,8 @@ MASK_NOT_8_BIT = "mask not 8-bit"
 MASK_SIZE_MISMATCH = "mask size mismatch"
 LABEL_OUT_OF_RANGE = "label out of range"
 UNEXPECTED_FILE = "unexpected file"
+BAD_FILE_NAME = "bad file name"
+BROKEN_LINK = "broken link"
 DUPLICATE_ID = "duplicate id"
 
 _FOREGROUND = frozenset(range(1, classes.NUM_CLASSES))
@@ -244,6 +250,18 @@ def _narrow_mask(mask: Image.Image, path: str) -> Image.Image:
     return Image.fromarray(values.astype(np.uint8), "L")
 
 
+def _check_not_wide_colour(data: bytes, path: str) -> None:
+    """Refuses a 16-bit PNG of several channels: Pillow reads it as 8-bit RGB(A) keeping
+    only each value's high byte, so ATR ids 0-17 stored in it would all read 0 (a mask
+    of background only). 16-bit single-channel masks are read whole (_narrow_mask)."""
+    kind = sixteen_bit_colour_png(data)
+    if kind:
+        raise _Skip(MASK_NOT_8_BIT, path,
+                    f"mask is a 16-bit {kind} PNG, whose values cannot be read as ATR ids "
+                    "(only their high byte is decoded); save it as an 8-bit single-channel "
+                    "('L') or palette ('P') PNG")
+
+
 def _out_of_range(path: str, bad: list[int], note: str = "") -> _Skip:
     """The rejection of a mask holding values that are not raw ATR ids (first 8 named)."""
     shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
@@ -306,6 +324,17 @@ def _encode_mask(merged: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _read(root: str, rel: str, kind: str) -> bytes:
+    """The bytes of an input file, or a skip naming it when the system cannot read it
+    (no permission, removed since the scan, an I/O error)."""
+    try:
+        with open(os.path.join(root, rel), "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise _Skip(kind, rel, f"cannot read the file ({type(err).__name__}: "
+                    f"{err.strerror or err})") from None
+
+
 def _process(task: _Task) -> _Encoded | _Rejection:
     """One input id -> its encoded example or the reason to skip it."""
     sid = task.source_id
@@ -318,11 +347,11 @@ def _process(task: _Task) -> _Encoded | _Rejection:
         if task.mask is None:
             raise _Skip(MISSING_MASK, task.image,
                         f"no mask {MASK_DIR}/{sid}{MASK_SUFFIX} for this image")
-        with open(os.path.join(task.root, task.image), "rb") as f:
-            image_data = f.read()
+        image_data = _read(task.root, task.image, UNREADABLE_IMAGE)
         image = _open_fully(image_data, task.image, is_mask=False)
-        with open(os.path.join(task.root, task.mask), "rb") as f:
-            mask = _open_fully(f.read(), task.mask, is_mask=True)
+        mask_data = _read(task.root, task.mask, UNREADABLE_MASK)
+        mask = _open_fully(mask_data, task.mask, is_mask=True)
+        _check_not_wide_colour(mask_data, task.mask)
         orientation = exif_orientation(image)
         turn = _exif_turn(task.exif, orientation, image.size, mask.size)
         size = upright_size(image.size, orientation) if turn else image.size
@@ -386,9 +415,27 @@ def _scan(root: str) -> tuple[dict[str, str], dict[str, str], list[_Rejection]]:
             continue
         for name in sorted(os.listdir(folder)):
             rel = f"{sub}/{name}"
-            if name.startswith(".") or not os.path.isfile(os.path.join(folder, name)):
+            path = os.path.join(folder, name)
+            if not name.startswith(".") and os.path.islink(path) and not os.path.exists(path):
+                # Listed by ls, so "no image <id>.jpg" would puzzle; say what it is.
+                stray.append(_Rejection(os.path.splitext(name)[0], rel, BROKEN_LINK,
+                                        f"{rel}: a symbolic link to {os.readlink(path)}, "
+                                        "which does not exist"))
+                continue
+            if name.startswith(".") or not os.path.isfile(path):
                 continue  # hidden files (.DS_Store) and folders are not inputs
             stem, suffix = os.path.splitext(name)
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                # Bytes that are not UTF-8 (a name written in Latin-1 or cp1252 and
+                # unpacked here): the id could not be stored; shown with \x escapes.
+                shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                rel = f"{sub}/{shown}"
+                stray.append(_Rejection(os.path.splitext(shown)[0], rel, BAD_FILE_NAME,
+                                        f"{rel}: the file name is not valid UTF-8 (written "
+                                        "in another encoding?); rename the file"))
+                continue
             if suffix.lower() not in suffixes:
                 wanted = ("a photo <id>.jpg (or .png, .webp, .tif, .bmp...: "
                           "popnet_tf.data.images.IMAGE_EXTENSIONS)"
@@ -396,6 +443,10 @@ def _scan(root: str) -> tuple[dict[str, str], dict[str, str], list[_Rejection]]:
                 stray.append(_Rejection(stem, rel, UNEXPECTED_FILE,
                                         f"{rel}: expected {wanted} in {sub}/"))
                 continue
+            # One id for the two Unicode spellings of a name: macOS writes "é" as e +
+            # combining accent (NFD), most other systems as one character (NFC), so a
+            # photo and its mask from different tools may differ only in that.
+            stem = unicodedata.normalize("NFC", stem)
             if (sub, stem) in seen:
                 stray.append(_Rejection(stem, rel, DUPLICATE_ID,
                                         f"{rel}: {seen[(sub, stem)]} has the same id; "
@@ -406,14 +457,32 @@ def _scan(root: str) -> tuple[dict[str, str], dict[str, str], list[_Rejection]]:
     return images, masks, stray
 
 
+def _refuse_subfolders_only(root: str) -> None:
+    """A JPEGImages/ with no photo but subfolders (train/, val/...): the photos are one
+    level too deep, and the count error ("0 inputs found") would not say so."""
+    folder = os.path.join(root, IMAGE_DIR)
+    subs = sorted(n for n in os.listdir(folder)
+                  if not n.startswith(".") and os.path.isdir(os.path.join(folder, n)))
+    if subs:
+        shown = ", ".join(f"{IMAGE_DIR}/{n}/" for n in subs[:5])
+        shown += ", ..." if len(subs) > 5 else ""
+        raise DatasetError(f"--atr_root {root}: {IMAGE_DIR}/ holds no photo, only the "
+                           f"subfolder(s) {shown}; the builder reads {IMAGE_DIR}/<id>.jpg and "
+                           f"{MASK_DIR}/<id>.png directly, not in subfolders: point --atr_root "
+                           "at a folder laid out so, or move the files up")
+
+
 def _read_list(path: str, what: str) -> list[str]:
     """Ids of a list file, one per line, blank lines skipped."""
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: Windows editors (Notepad) start a UTF-8 file with a byte-order
+        # mark, which would otherwise become part of the first id.
+        with open(path, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
     except OSError as err:
         raise DatasetError(f"{what} {path}: cannot read ({err})") from None
-    return _check_ids([line.strip() for line in lines if line.strip()], f"{what} {path}")
+    return _check_ids([unicodedata.normalize("NFC", line.strip()) for line in lines
+                       if line.strip()], f"{what} {path}")
 
 
 def _check_ids(ids: Sequence[str], where: str) -> list[str]:
@@ -660,6 +729,9 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
     if not os.path.isdir(os.path.join(atr_root, IMAGE_DIR)):
         raise DatasetError(f"--atr_root {atr_root}: no {IMAGE_DIR}/ folder; expected "
                            f"ROOT/{IMAGE_DIR}/<id>.jpg and ROOT/{MASK_DIR}/<id>.png")
+    if not os.path.isdir(os.path.join(atr_root, MASK_DIR)):
+        raise DatasetError(f"--atr_root {atr_root}: no {MASK_DIR}/ folder; expected "
+                           f"ROOT/{IMAGE_DIR}/<id>.jpg and ROOT/{MASK_DIR}/<id>.png")
     if split_lists in ("", "none"):
         split_lists = None
     lists = _resolve_lists(train_list, test_list, split_lists)
@@ -674,6 +746,8 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
     _check_out_dir(out_dir)
 
     images, masks, stray = _scan(atr_root)
+    if not images:
+        _refuse_subfolders_only(atr_root)
     if lists is None:
         ids = sorted(set(images) | set(masks))
         needed = num_test_eff + num_query_train + 1

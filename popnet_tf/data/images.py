@@ -10,6 +10,8 @@ cheaply; `popnet_tf.predict_lib` reads query and support photos with the same ru
 - `to_rgb`: any Pillow image -> 8-bit RGB, keeping the high byte of 16-bit grey
   (Pillow's own `convert("RGB")` clips 16-bit values at 255, a white image; TensorFlow's
   PNG decoder keeps the high byte, and so do we).
+- `sixteen_bit_colour_png`: whether PNG bytes are 16-bit RGB(A) or grey + alpha, which
+  Pillow reads as 8-bit (high byte only): a mask stored so cannot be read.
 - `grey_of_colour_mask`: a label mask some editor saved as RGB(A) or LA with equal
   colour channels and no transparency -> its single-channel values.
 
@@ -93,6 +95,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 COLOUR_MASK_MODES = ("RGB", "RGBA", "LA")
+
+# PNG colour types of several channels (IHDR byte 25): grey + alpha, RGB, RGBA.
+PNG_MULTI_CHANNEL = {4: "grey + alpha", 2: "RGB", 6: "RGBA"}
+
+
+def sixteen_bit_colour_png(data: bytes) -> str:
+    """"grey + alpha", "RGB" or "RGBA" when `data` is a 16-bit PNG of several channels,
+    else "". Pillow decodes such a PNG as 8-bit RGB(A) keeping only the high byte of each
+    value, so a grey mask saved that way with values 0-255 reads as all 0: a mask must
+    be refused rather than read. (16-bit single-channel PNGs are read whole.)
+
+    Example:
+        >>> sixteen_bit_colour_png(open("mask_rgb48.png", "rb").read())
+        'RGB'
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 26 \
+            and data[24] == 16:
+        return PNG_MULTI_CHANNEL.get(data[25], "")
+    return ""
 
 
 def grey_of_colour_mask(image: Image.Image) -> tuple[np.ndarray | None, str]:

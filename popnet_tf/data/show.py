@@ -198,15 +198,25 @@ def _define_flags():
 
 
 def main(argv):
-    del argv
-    from absl import logging
+    from absl import app, logging
 
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = FLAGS
-    rows, captions = load_episodes(
-        f.data, split=f.split, stage=f.stage, fold=f.fold, fold_set=f.fold_set, way=f.way,
-        num=f.num, seed=f.seed, crop_size=f.crop_size, eval_size=f.eval_size,
-        resize_long_side=f.resize_long_side or None)
-    render_grid(rows, f.stage, captions).save(f.out)
+    try:
+        # Mistakes of the user (no dataset at --data, a raw ATR folder there, a stage or
+        # fold that does not exist, --out in a missing folder): one line, no traceback.
+        if f.stage not in (1, 2, 3):
+            raise ValueError(f"--stage must be 1, 2 or 3, got {f.stage}")
+        if f.num < 1:
+            raise ValueError(f"--num must be at least 1, got {f.num}")
+        rows, captions = load_episodes(
+            f.data, split=f.split, stage=f.stage, fold=f.fold, fold_set=f.fold_set, way=f.way,
+            num=f.num, seed=f.seed, crop_size=f.crop_size, eval_size=f.eval_size,
+            resize_long_side=f.resize_long_side or None)
+        render_grid(rows, f.stage, captions).save(f.out)
+    except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
+        raise SystemExit(f"FATAL {type(e).__name__}: {e}") from None
     logging.info("wrote %d episodes to %s", len(rows), f.out)
 
 
