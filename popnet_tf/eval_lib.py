@@ -195,17 +195,25 @@ def evaluate_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size,
             batch = []
     if batch:
         flush(batch)
-    summary = metrics.kway_summary(matrix.result(), classes.novel_ids(stage, fold, fold_set),
-                                   classes.STAGE_CLASS_NAMES[stage])
-    summary.update({"num_pairs": seen * num_supports, "head": head,
-                    "foreground_gate": bool(foreground_gate),
-                    "test_supports": [s.decode() for s in supports["source_id"].numpy()],
+    summary = _kway_results(matrix, absent_matrix, supports, stage, fold, fold_set,
+                            num_pairs=seen * num_supports, head=head,
+                            foreground_gate=bool(foreground_gate))
+    if return_examples:
+        summary["examples"] = examples
+    return summary
+
+
+def _kway_results(matrix, absent_matrix, supports, stage, fold, fold_set, **extra) -> dict:
+    """The k-way summary (SPEC §8) from the accumulated confusion matrices, with the test
+    supports' ids, both matrices, the error breakdown and `extra` (num_pairs, head...)."""
+    names = classes.STAGE_CLASS_NAMES[stage]
+    summary = metrics.kway_summary(matrix.result(), classes.novel_ids(stage, fold, fold_set), names)
+    summary.update(extra)
+    summary.update({"test_supports": [s.decode() for s in supports["source_id"].numpy()],
                     "confusion_matrix": matrix.result().tolist(),
                     "absent_class_confusion_matrix": absent_matrix.result().tolist(),
                     "error_breakdown": metrics.kway_error_breakdown(
-                        matrix.result(), absent_matrix.result(), classes.STAGE_CLASS_NAMES[stage])})
-    if return_examples:
-        summary["examples"] = examples
+                        matrix.result(), absent_matrix.result(), names)})
     return summary
 
 
@@ -429,14 +437,8 @@ def finetune_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size, 
             restore()
     finally:
         restore()
-    summary = metrics.kway_summary(matrix.result(), classes.novel_ids(stage, fold, fold_set),
-                                   classes.STAGE_CLASS_NAMES[stage])
-    summary.update({"num_pairs": pairs, "head": "model",
-                    "test_supports": [s.decode() for s in supports["source_id"].numpy()],
-                    "confusion_matrix": matrix.result().tolist(),
-                    "absent_class_confusion_matrix": absent_matrix.result().tolist(),
-                    "error_breakdown": metrics.kway_error_breakdown(
-                        matrix.result(), absent_matrix.result(), classes.STAGE_CLASS_NAMES[stage])})
+    summary = _kway_results(matrix, absent_matrix, supports, stage, fold, fold_set,
+                            num_pairs=pairs, head="model")
     if return_examples:
         summary["examples"] = examples
     return summary
