@@ -582,6 +582,11 @@ def test_unexpected_file_and_bad_lists(tmp_path):
     with pytest.raises(b.DatasetError, match="more than once"):
         b.build(root, str(tmp_path / "o4"), train_list=_write_list(tmp_path / "c", ids[:2] * 4),
                 test_list=str(tmp_path / "b"), **SMALL)
+    with pytest.raises(b.DatasetError, match=r"entry 2 '.+\.jpg' is a file name, not an ATR "
+                                             r"id; list the ids without their suffix"):
+        b.build(root, str(tmp_path / "o5"),
+                train_list=_write_list(tmp_path / "d", [ids[0], ids[1] + ".jpg", *ids[2:10]]),
+                test_list=str(tmp_path / "b"), **SMALL)
 
 
 # ----------------------------------------------------------------------------

@@ -491,6 +491,10 @@ def _check_ids(ids: Sequence[str], where: str) -> list[str]:
         if "/" in sid or "\\" in sid or sid.startswith("."):
             raise DatasetError(f"{where}: entry {i + 1} {sid!r} is not an ATR id "
                                "(a file stem such as 'fash_97', without folder or suffix)")
+        stem, suffix = os.path.splitext(sid)
+        if suffix.lower() in IMAGE_SUFFIXES:  # a file name: every entry would be "missing"
+            raise DatasetError(f"{where}: entry {i + 1} {sid!r} is a file name, not an ATR id; "
+                               f"list the ids without their suffix ({stem!r})")
     dupes = [sid for sid, n in collections.Counter(ids).items() if n > 1]
     if dupes:
         raise DatasetError(f"{where}: ids listed more than once: {dupes[:5]}; "
