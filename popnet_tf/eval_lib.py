@@ -44,8 +44,19 @@ def test_prototypes(model, static, presence):
 def pair_progress_bar(pairs: tf.data.Dataset) -> Progbar:
     """A console bar over one-way pairs, with their total: the pairs are listed up front,
     so their dataset's cardinality is known (else the bar counts without a total)."""
-    known = int(pairs.cardinality())
-    return Progbar(known if known >= 0 else None, unit_name="pair")
+    return Progbar(_known_length(pairs), unit_name="pair")
+
+
+def _known_length(dataset: tf.data.Dataset) -> int | None:
+    """The dataset's length where tf.data knows it (the test splits carry the manifest's
+    count), else None: a progress bar's total."""
+    known = int(dataset.cardinality())
+    return known if known >= 0 else None
+
+
+def _first_queries(queries: tf.data.Dataset, max_queries: int | None) -> tf.data.Dataset:
+    """The first `max_queries` q_test queries (all for None or 0)."""
+    return queries.take(max_queries) if max_queries else queries
 
 
 def _to_label_resolution(probs, valid_size, label_shape):
@@ -159,10 +170,9 @@ def evaluate_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size,
     def score(images):
         return scorer(images, prototypes, presence)
 
-    queries = episodes.test_queries(data_dir, stage=stage, eval_size=eval_size)
-    if max_queries:
-        queries = queries.take(max_queries)
-    total = max_queries or None
+    queries = _first_queries(episodes.test_queries(data_dir, stage=stage, eval_size=eval_size),
+                             max_queries)
+    total = _known_length(queries)
     bar = Progbar(total, unit_name="query") if progress else None
     matrix = metrics.ConfusionMatrix(num_classes)
     absent_matrix = metrics.ConfusionMatrix(num_classes)  # pixels of classes a support lacked
@@ -219,15 +229,14 @@ def _kway_results(matrix, absent_matrix, supports, stage, fold, fold_set, **extr
 
 def evaluate_foreground(model, *, data_dir, eval_size, max_queries=None, progress=True):
     """Stage 1 on q_test: foreground IoU, background IoU, MIoU and accuracy."""
-    queries = episodes.test_queries(data_dir, stage=1, eval_size=eval_size)
-    if max_queries:
-        queries = queries.take(max_queries)
+    queries = _first_queries(episodes.test_queries(data_dir, stage=1, eval_size=eval_size),
+                             max_queries)
 
     predict = _compiled(model, ("foreground",),
                         lambda: lambda image: model(image[None], training=False)["probs"][0])
 
     matrix = metrics.ConfusionMatrix(2)
-    bar = Progbar(max_queries, unit_name="image") if progress else None
+    bar = Progbar(_known_length(queries), unit_name="image") if progress else None
     count = 0
     for query in queries:
         pred = _to_label_resolution(predict(query["image"]), query["valid_size"], tf.shape(query["label"]))
@@ -394,11 +403,10 @@ def finetune_kway(model, *, data_dir, stage, fold, fold_set="paper", eval_size, 
     presence = baselines.support_presence(supports["mask"], num_classes)  # [S, C]
     num_supports = int(presence.shape[0])
     restore, tune, predict = _finetune_fns(model, learning_rate)
-    queries = episodes.test_queries(data_dir, stage=stage, eval_size=eval_size)
-    if max_queries:
-        queries = queries.take(max_queries)
-    bar = Progbar(num_supports * max_queries if max_queries else None, unit_name="pair") \
-        if progress else None
+    queries = _first_queries(episodes.test_queries(data_dir, stage=stage, eval_size=eval_size),
+                             max_queries)
+    total = _known_length(queries)
+    bar = Progbar(total and num_supports * total, unit_name="pair") if progress else None
     matrix = metrics.ConfusionMatrix(num_classes)
     absent_matrix = metrics.ConfusionMatrix(num_classes)
     examples, pairs = [], 0

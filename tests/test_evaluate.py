@@ -176,16 +176,26 @@ def test_kway_background_model_by_hand(trained):
             assert parts["missed_as_background"] == 1.0 and parts["iou"] == 0.0
 
 
-def test_oneway_progress_bar_total_is_the_pair_count(trained, monkeypatch):
-    """The one-way bar shows N/total, not N/Unknown: its target is the number of pairs."""
+@pytest.mark.parametrize("way, max_queries", [("oneway", None), ("kway", None), ("kway", 3)])
+def test_progress_bar_total_is_known(trained, monkeypatch, way, max_queries):
+    """The bars show N/total, not N/Unknown: one-way counts pairs, k-way queries (q_test's
+    manifest count, or --max_queries)."""
     config, _ = trained
     targets = []
     monkeypatch.setattr(eval_lib, "Progbar",
                         lambda target, **kw: targets.append(target) or _SilentBar())
-    summary = eval_lib.evaluate_oneway(_Background(12), head="model", pairs_per_class=2,
-                                       seed=config.seed, progress=True, data_dir=config.data.dir,
-                                       stage=3, fold=1, eval_size=config.data.eval_size)
-    assert targets == [summary["num_pairs"]] and summary["num_pairs"] > 0
+    kwargs = dict(seed=config.seed, pairs_per_class=2) if way == "oneway" else dict(max_queries=max_queries)
+    run = eval_lib.evaluate_oneway if way == "oneway" else eval_lib.evaluate_kway
+    summary = run(_Background(12), head="model", progress=True, data_dir=config.data.dir,
+                  stage=3, fold=1, eval_size=config.data.eval_size, **kwargs)
+    queries = episodes.test_queries(config.data.dir, stage=3, eval_size=config.data.eval_size)
+    num_queries = sum(1 for _ in queries)
+    assert num_queries == config.data.num_test_query == int(queries.cardinality())
+    if way == "oneway":
+        assert targets == [summary["num_pairs"]] and summary["num_pairs"] > 0
+    else:
+        assert targets == [max_queries or num_queries]
+        assert summary["num_pairs"] == targets[0] * len(summary["test_supports"])
 
 
 class _SilentBar:

@@ -486,7 +486,11 @@ def test_queries(data_dir: str, *, stage: int, eval_size: int) -> tf.data.Datase
     if stage not in classes.STAGE_NUM_CLASSES:
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
     table = classes.merged_to_stage_table(stage)
-    ds = tf.data.TFRecordDataset(split_files(data_dir, "q_test"))
+    manifest = load_manifest(data_dir)
+    ds = tf.data.TFRecordDataset(split_files(data_dir, "q_test", manifest))
+    count = manifest["splits"]["q_test"].get("count")
+    if count is not None:  # known length: progress bars show a total (and a short file fails)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(int(count)))
     ds = ds.map(_plain(lambda s: _eval_example(features.decode_example(s), table, eval_size)),
                 num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
