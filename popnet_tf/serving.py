@@ -111,21 +111,39 @@ def read_metadata(version_dir: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- decoding
-def decode_image(data) -> tf.Tensor:
+_DECODED_FORMATS = "JPEG, PNG, GIF, BMP or WebP"
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+
+
+def decode_image(data, name="image") -> tf.Tensor:
     """Encoded JPEG/PNG/GIF/BMP/WebP bytes -> [H, W, 3] uint8 (first frame of a GIF;
-    grayscale and alpha images converted to RGB)."""
+    grayscale and alpha images converted to RGB).
+
+    `name` (a string or scalar string tensor) is what the errors call the input, so that a
+    client learns which one failed: "support_image", "query_images[3]".
+    """
     data = tf.convert_to_tensor(data, tf.string)
+    head = tf.strings.substr(data, 0, 30)  # fewer bytes when the input is shorter
+    padded = head + b"\0" * 30
+    is_webp = tf.logical_and(tf.equal(tf.strings.substr(padded, 0, 4), b"RIFF"),
+                             tf.equal(tf.strings.substr(padded, 8, 4), b"WEBP"))
+    known = tf.reduce_any(tf.stack([tf.equal(tf.strings.substr(head, 0, len(signature)), signature)
+                                    for signature in _IMAGE_SIGNATURES] + [is_webp]))
+    problem = tf.where(tf.equal(tf.strings.length(data), 0), " is empty",
+                       f" is not a {_DECODED_FORMATS} file")
+    check_format = tf.debugging.Assert(known, [tf.strings.join(
+        [name, problem, " (the formats decoded here; convert other images, e.g. to PNG)"])])
     # TensorFlow's BMP decoder reads an 8-bit palette BMP's indices as grey levels (a
     # silently wrong photo) and refuses 1-, 4- and 16-bit ones with a bare channel count.
-    header = tf.io.decode_raw(tf.strings.substr(tf.strings.substr(data, 0, 30) + b"\0" * 30, 0, 30),
-                              tf.uint8)
-    is_bmp = tf.equal(tf.strings.substr(data, 0, 2), b"BM")
+    header = tf.io.decode_raw(tf.strings.substr(padded, 0, 30), tf.uint8)  # [30]
+    is_bmp = tf.equal(tf.strings.substr(head, 0, 2), b"BM")
     bits = tf.cast(header[28], tf.int32) + 256 * tf.cast(header[29], tf.int32)
     check_bmp = tf.debugging.Assert(
         tf.logical_or(tf.logical_not(is_bmp), tf.logical_or(tf.equal(bits, 24), tf.equal(bits, 32))),
-        ["a BMP image must have 24 or 32 bits per pixel (its palette or packed pixels are not "
-         "decoded right); got", bits, "bits: send it as PNG"])
-    with tf.control_dependencies([check_bmp]):
+        [tf.strings.join([name, ": a BMP image must have 24 or 32 bits per pixel (its palette "
+                          "or packed pixels are not decoded right); got ", tf.strings.as_string(bits),
+                          " bits: send it as PNG"])])
+    with tf.control_dependencies([check_format, check_bmp]):
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
     return tf.ensure_shape(image, [None, None, 3])
 
@@ -293,18 +311,19 @@ class OneShotParser:
     def parse_encoded(self, query_images, support_image, support_mask):
         """query_images [N] string, support_image [] string, support_mask [] string
         (8-bit grayscale PNG) -> outputs dict (module doc)."""
-        image = decode_image(support_image)
+        image = decode_image(support_image, "support_image")
         mask = decode_mask_png(support_mask)
 
-        def prepare(data):
-            query = decode_image(data)
+        def prepare(args):
+            data, index = args
+            query = decode_image(data, tf.strings.join(["query_images[", tf.strings.as_string(index), "]"]))
             padded, valid = fit_and_pad(query, self.eval_size)
             return padded, valid, tf.shape(query)[:2]
 
         check = self._check_queries(query_images)
         with tf.control_dependencies([check]):
             queries, valid, sizes = tf.map_fn(
-                prepare, query_images, fn_output_signature=(
+                prepare, (query_images, tf.range(tf.shape(query_images)[0])), fn_output_signature=(
                     tf.TensorSpec([self.eval_size, self.eval_size, 3], tf.float32),
                     tf.TensorSpec([2], tf.int32), tf.TensorSpec([2], tf.int32)))
         return self._parse(queries, valid, sizes, image, mask)

@@ -523,6 +523,17 @@ def test_served_model_reports_bad_requests(loaded):
     with pytest.raises(tf.errors.InvalidArgumentError, match="query_images is empty"):
         fn(query_images=tf.zeros([0, 16, 16, 3]), support_image=tf.zeros([8, 8, 3]),
            support_mask=tf.ones([8, 8], tf.int32))
+    # The encoded signature names the input that cannot be decoded.
+    encoded = loaded.signatures["serving_default"]
+    photo = png_bytes(np.full((8, 8, 3), 90))
+    mask = png_bytes(np.ones((8, 8)), "L")
+    for queries, support, message in [
+            ([photo, b"not an image"], photo, r"query_images\[1\] is not a JPEG, PNG, GIF, BMP or WebP file"),
+            ([b"", photo], photo, r"query_images\[0\] is empty"),
+            ([photo], b"", r"support_image is empty")]:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            encoded(query_images=tf.constant(queries), support_image=tf.constant(support),
+                    support_mask=tf.constant(mask))
 
 
 @pytest.mark.parametrize("kind, message", [
