@@ -188,20 +188,17 @@ def read_photo(path: str, what: str = "query", apply_exif: bool = True) -> Photo
     data = _read_bytes(path, what)
     if not data:
         raise InputError(f"{path}: the {what} file is empty")
-    pixels, turned = None, 1
+    pixels = None
     if _tf_decodes(data):  # the serving decoder first, so files it reads reach the model unchanged
         try:
             pixels, reencode = serving.decode_image(data).numpy(), False
         except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
             pass  # damaged: Pillow says how
-    if pixels is None:
-        (pixels, turned), reencode = _decode_with_pillow(path, data, what), True
+    if pixels is None:  # as stored, whatever the format (images.load_stored)
+        pixels, reencode = _decode_with_pillow(path, data, what), True
     orientation = images.exif_orientation(data) if apply_exif else 1
-    # Pillow turns a TIFF upright itself while decoding it (`turned`): turn only what is
-    # left, and turn it back to the stored grid for --noapply_exif.
-    turn = (orientation if turned == 1 else None) if apply_exif else _INVERSE.get(turned, turned)
-    if turn in images.UPRIGHT:
-        pixels = np.asarray(Image.fromarray(pixels).transpose(images.UPRIGHT[turn]))
+    if orientation in images.UPRIGHT:
+        pixels = np.asarray(Image.fromarray(pixels).transpose(images.UPRIGHT[orientation]))
         reencode = True
     if reencode:
         buffer = io.BytesIO()
@@ -231,20 +228,13 @@ def _tf_decodes(data: bytes) -> bool:
     return data.startswith(_TF_SIGNATURES)
 
 
-# The transpose that undoes UPRIGHT[o] is UPRIGHT[_INVERSE.get(o, o)].
-_INVERSE = {6: 8, 8: 6}
-
-
-def _decode_with_pillow(path: str, data: bytes, what: str) -> tuple[np.ndarray, int]:
-    """Formats TensorFlow does not decode (TIFF, AVIF, ...) -> ([H, W, 3] uint8, the EXIF
-    orientation Pillow applied itself while decoding: TIFF's; 1 when none)."""
+def _decode_with_pillow(path: str, data: bytes, what: str) -> np.ndarray:
+    """Formats TensorFlow does not decode (TIFF, AVIF, ...) -> [H, W, 3] uint8 as stored
+    (a TIFF's EXIF turn, which Pillow applies while decoding, undone)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            before = images.exif_orientation(image)
-            image.load()
-            after = images.exif_orientation(image)
-            turned = before if before != 1 and after == 1 else 1
-            return np.asarray(images.to_rgb(image)), turned  # 16-bit grey: the high byte, as TF
+        with Image.open(io.BytesIO(data)) as opened:
+            image, _ = images.load_stored(opened)
+            return np.asarray(images.to_rgb(image))  # 16-bit grey: the high byte, as TF
     except UnidentifiedImageError:
         hint = (f": {images.HEIF_HINT}"
                 if images.is_heif(data)

@@ -564,6 +564,45 @@ def test_exif_orientation_follows_the_mask(tmp_path, caplog):
         b.build(root, str(tmp_path / "bad"), exif="rotate", **SMALL)
 
 
+def test_exif_tagged_tiff_follows_the_mask_like_a_jpeg(tmp_path):
+    """Pillow turns a TIFF upright while decoding it and drops the tag: the builder undoes
+    that, so --exif decides for TIFFs as for JPEGs. Before, a TIFF tagged 3 whose mask
+    follows the stored grid (ATR's convention) was silently stored turned 180 degrees
+    against its mask, and one tagged 6 with a stored-grid mask was refused."""
+    root = str(tmp_path / "atr")
+    _random_atr(root, 16, seed=32)
+    rng = np.random.default_rng(33)
+    photo = _photo(rng, 24, 16)
+    mask = _mask_with({1, 3}, 24, 16)
+    sideways = np.rot90(photo, 1)                     # stored 16 x 24; tag 6 turns it back
+
+    def tiff(array, orientation):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        return _encoded(Image.fromarray(array), "TIFF", exif=exif)
+
+    for sid, data, mask_array in [("sideways", tiff(sideways, 6), mask),        # upright mask
+                                  ("sideways_stored", tiff(sideways, 6), np.rot90(mask, 1)),
+                                  ("flipped", tiff(photo, 3), mask)]:         # stored-grid mask
+        os.makedirs(os.path.join(root, "SegmentationClassAug"), exist_ok=True)
+        with open(os.path.join(root, "JPEGImages", sid + ".tif"), "wb") as f:
+            f.write(data)
+        with open(os.path.join(root, "SegmentationClassAug", sid + ".png"), "wb") as f:
+            f.write(_png(np.ascontiguousarray(mask_array)))
+    m = b.build(root, str(tmp_path / "auto"), **TINY_TEST)
+    assert m["rejected"] == []
+    assert m["exif"] == {"mode": "auto", "turned_upright": ["sideways"],
+                         "kept_as_stored": ["flipped", "sideways_stored"]}
+    stored = _stored(str(tmp_path / "auto"))
+    assert np.abs(stored["sideways"]["image"].astype(int) - photo).mean() < 4
+    assert np.abs(stored["sideways_stored"]["image"].astype(int) - sideways).mean() < 4
+    assert np.abs(stored["flipped"]["image"].astype(int) - photo).mean() < 4
+    m = b.build(root, str(tmp_path / "upright"), exif="upright", **TINY_TEST)
+    assert [r["id"] for r in m["rejected"]] == ["sideways_stored"]
+    flipped = _stored(str(tmp_path / "upright"))["flipped"]["image"].astype(int)
+    assert np.abs(flipped - photo[::-1, ::-1]).mean() < 4
+
+
 def test_unexpected_file_and_bad_lists(tmp_path):
     root = str(tmp_path / "atr")
     ids = _random_atr(root, 20, seed=10)

@@ -98,3 +98,20 @@ def test_sixteen_bit_colour_png():
         assert images.sixteen_bit_colour_png(buf.getvalue()) == ""
     assert images.sixteen_bit_colour_png(b"\xff\xd8\xff\xe0" + bytes(40)) == ""
     assert images.sixteen_bit_colour_png(b"") == ""
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "JPEG", "PNG"])
+def test_load_stored_gives_the_stored_grid_and_the_tag(fmt):
+    """Pillow turns a TIFF upright while decoding it (and drops the tag); load_stored
+    undoes that, so every format arrives as stored with its orientation."""
+    stored = np.zeros((6, 10, 3), np.uint8)
+    stored[0, 0] = 255                                 # a corner that shows any turn
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format=fmt, exif=exif, **({"quality": 100} if fmt == "JPEG" else {}))
+    image, orientation = images.load_stored(Image.open(io.BytesIO(buffer.getvalue())))
+    assert orientation == 6
+    pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape == (6, 10, 3)
+    assert pixels[0, 0, 0] > 200 and pixels[-1, -1, 0] < 50

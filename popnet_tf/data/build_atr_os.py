@@ -92,7 +92,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from popnet_tf import classes, cli
 from popnet_tf.data.images import (COLOUR_MASK_MODES, HEIF_HINT, IMAGE_EXTENSIONS, UPRIGHT,
-                                   exif_orientation, grey_of_colour_mask, is_heif,
+                                   grey_of_colour_mask, is_heif, load_stored,
                                    sixteen_bit_colour_png, to_rgb, upright_size)
 
 # TensorFlow and Keras are imported inside the functions that need them: worker
@@ -184,15 +184,16 @@ class _Task(NamedTuple):
 # Worker side: decode, validate, merge, encode. Pure PIL/NumPy.
 
 
-def _open_fully(data: bytes, path: str, *, is_mask: bool) -> Image.Image:
+def _open_fully(data: bytes, path: str, *, is_mask: bool) -> tuple[Image.Image, int]:
     """Opens and fully decodes an image, so truncation is caught here and not
-    later in training. LOAD_TRUNCATED_IMAGES is held off meanwhile: PIL then
-    raises on a short file instead of padding it with grey."""
+    later in training -> (its pixels as stored, its EXIF orientation). Stored, also for
+    a TIFF, which Pillow would turn upright (`images.load_stored`): --exif decides.
+    LOAD_TRUNCATED_IMAGES is held off meanwhile: PIL then raises on a short file
+    instead of padding it with grey."""
     saved = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        img, orientation = load_stored(Image.open(io.BytesIO(data)))
     except UnidentifiedImageError:
         kind = UNREADABLE_MASK if is_mask else NOT_AN_IMAGE
         hint = f"; {HEIF_HINT}" if is_heif(data) else ""
@@ -211,7 +212,7 @@ def _open_fully(data: bytes, path: str, *, is_mask: bool) -> Image.Image:
         raise _Skip(kind, path, f"{type(err).__name__}: {err}") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
-    return img
+    return img, orientation
 
 
 def _image_jpeg(data: bytes, img: Image.Image, path: str, orientation: int = 1) -> bytes:
@@ -348,11 +349,10 @@ def _process(task: _Task) -> _Encoded | _Rejection:
             raise _Skip(MISSING_MASK, task.image,
                         f"no mask {MASK_DIR}/{sid}{MASK_SUFFIX} for this image")
         image_data = _read(task.root, task.image, UNREADABLE_IMAGE)
-        image = _open_fully(image_data, task.image, is_mask=False)
+        image, orientation = _open_fully(image_data, task.image, is_mask=False)
         mask_data = _read(task.root, task.mask, UNREADABLE_MASK)
-        mask = _open_fully(mask_data, task.mask, is_mask=True)
+        mask, _ = _open_fully(mask_data, task.mask, is_mask=True)  # a mask's own tag: ignored
         _check_not_wide_colour(mask_data, task.mask)
-        orientation = exif_orientation(image)
         turn = _exif_turn(task.exif, orientation, image.size, mask.size)
         size = upright_size(image.size, orientation) if turn else image.size
         merged, present = _merged_mask(size, mask, task.mask, task.image,

@@ -66,6 +66,24 @@ def exif_orientation(image: Image.Image | bytes) -> int:
     return value if value in UPRIGHT else 1
 
 
+def load_stored(image: Image.Image) -> tuple[Image.Image, int]:
+    """Decodes an opened image -> (its pixels in the stored grid, its EXIF orientation).
+
+    Pillow turns a TIFF upright while decoding it and drops its orientation tag; that turn
+    is undone here, so every format reaches the caller as stored, with its tag, and the
+    caller alone decides whether to turn (ATR's masks follow the stored grid).
+    """
+    orientation = exif_orientation(image)
+    image.load()
+    if orientation != 1 and exif_orientation(image) == 1:  # Pillow applied the tag itself
+        image = image.transpose(UPRIGHT[_UNDO.get(orientation, orientation)])
+    return image, orientation
+
+
+# The transpose that undoes UPRIGHT[o] is UPRIGHT[_UNDO.get(o, o)] (the others are their own inverse).
+_UNDO = {6: 8, 8: 6}
+
+
 def upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
     """(width, height) of the photo as seen, after its EXIF orientation."""
     return (size[1], size[0]) if orientation in SWAPS_AXES else tuple(size)
