@@ -61,7 +61,10 @@ def write_json_atomic(path: str, payload: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
+            # Strict JSON: an undefined metric (NaN, e.g. novel MIoU when no novel class is in
+            # the test data) is written as null, as per_class_iou already writes it.
+            json.dump(_finite_json(payload), f, indent=2, sort_keys=True,
+                      default=_json_default, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         os.replace(tmp, path)
@@ -69,6 +72,19 @@ def write_json_atomic(path: str, payload: dict) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _finite_json(value):
+    """`value` with every non-finite float (NaN, ±Inf, NumPy ones too) replaced by None."""
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _finite_json(value.tolist())
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
 
 
 def _json_default(value):
