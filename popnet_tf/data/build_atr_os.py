@@ -788,6 +788,13 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
             raise
         supports, missing = select_test_supports(
             {sid: staged[sid][2] for sid in splits["s_test"]})
+        if set(missing) == _FOREGROUND:
+            raise DatasetError(
+                f"s_test: none of its {len(splits['s_test'])} images holds a foreground class "
+                "(every mask is background or ignore), so the fixed test supports would have "
+                "nothing to parse and k-way scores would be background alone. Put images "
+                "with people (labelled masks) into the test images"
+                + (" (--test_list)" if lists else " or change --seed") + ".")
         if missing:
             logging.warning(
                 "The %d test supports do not cover the classes %s: s_test (%d images) "
