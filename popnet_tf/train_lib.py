@@ -669,6 +669,13 @@ def train(config, workdir: str, stage: int, fold: int, resume: bool = False) -> 
     _configure_runtime(config)
     data_dir = ensure_dataset(config)
     integrity.verify_dataset(data_dir)  # damaged shards: fail before any model is built
+    for s in popnet.stages_needed(config, stage):
+        if s > 1 and not stage_finished(workdir, s):  # one-shot stages need supports
+            try:
+                episodes.check_supports(data_dir, stage=s, fold=fold, fold_set=config.data.fold_set)
+            except ValueError as e:  # before stage 1 spends its time, not when stage 2 starts
+                raise integrity.DatasetContentError(
+                    f"{e}. Rebuild it with more labelled training images") from None
     previous, summary = None, None
     for s in popnet.stages_needed(config, stage):
         if stage_finished(workdir, s):
