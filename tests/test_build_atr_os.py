@@ -352,6 +352,22 @@ def test_test_split_without_any_person_is_refused(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["atr", "te.txt", "tr.txt"]
 
 
+def test_test_queries_without_any_person_are_refused(tmp_path):
+    """q_test whose masks are all background or ignore: nothing to score (k-way would
+    give every class IoU 0, one-way fails later). Refused, OUT not written."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    rng = np.random.default_rng(7)
+    empty = [f"e{i}" for i in range(2)]
+    for i, sid in enumerate(empty):
+        _put(root, sid, _jpeg(_photo(rng)), _png(np.full((24, 16), 255 * i, np.uint8)))
+    images = _random_atr(root, 16, seed=8, prefix="q")
+    with pytest.raises(b.DatasetError, match="q_test: none of its 2 images holds a foreground"):
+        b.build(root, out, train_list=_write_list(tmp_path / "tr.txt", images[:6]),
+                test_list=_write_list(tmp_path / "te.txt", empty + images[6:]),
+                **{**SMALL, "num_query_train": 5, "num_test_query": 2, "num_test_support": 10})
+    assert not os.path.exists(out)
+
+
 # ----------------------------------------------------------------------------
 # Manifest.
 

@@ -786,6 +786,12 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
         except DatasetError:
             _log_skipped(rejected, num_inputs)  # the error refers to these
             raise
+        if not any(set(staged[sid][2]) & _FOREGROUND for sid in splits["q_test"]):
+            raise DatasetError(
+                f"q_test: none of its {len(splits['q_test'])} images holds a foreground class "
+                "(every mask is background or ignore), so the test has no person to parse and "
+                "every class would score 0. Put images with people (labelled masks) into the "
+                "test images" + (" (--test_list)" if lists else " or change --seed") + ".")
         supports, missing = select_test_supports(
             {sid: staged[sid][2] for sid in splits["s_test"]})
         if set(missing) == _FOREGROUND:
