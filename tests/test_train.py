@@ -505,3 +505,27 @@ def test_no_usable_training_support_refused_before_stage_one(tmp_path):
     with pytest.raises(integrity.RunError, match="no s_train image holds a foreground class"):
         train_lib.train(config, workdir, stage=3, fold=1)
     assert not os.path.exists(train_lib.checkpoint_dir(workdir, 1))
+
+
+def test_workdir_continued_on_another_dataset_refused(tmp_path, data_config):
+    """A later stage (or --resume) with --config.data.dir at a dataset of other content
+    is refused in one line before training; the same dataset moved to another folder
+    is accepted and run.json then names the folder evaluation reads."""
+    import shutil
+
+    from popnet_tf import eval_lib
+
+    workdir = str(tmp_path / "w")
+    config = copy.deepcopy(data_config)
+    train_lib.train(config, workdir, stage=1, fold=1)
+    other = smoke_config(str(tmp_path / "other"))
+    other.data.synthetic_seed = 1                       # another dataset, same sizes
+    with pytest.raises(integrity.RunConfigError, match="holds another dataset"):
+        train_lib.train(other, workdir, stage=2, fold=1)
+    assert not os.path.exists(train_lib.checkpoint_dir(workdir, 2))
+    assert eval_lib.load_run(workdir)[0].data.dir == config.data.dir
+    moved = str(tmp_path / "moved")
+    shutil.copytree(config.data.dir, moved)
+    manifest = integrity.verify_dataset(moved, deep=False)
+    train_lib.check_dataset_record(workdir, moved, manifest)
+    assert eval_lib.load_run(workdir)[0].data.dir == moved
