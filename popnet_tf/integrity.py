@@ -55,6 +55,11 @@ class DatasetIntegrityError(RunError, ValueError):
     """The built dataset differs from its manifest (missing, extra, truncated or changed shard)."""
 
 
+class DatasetContentError(RunError, ValueError):
+    """The built dataset is intact but cannot make what the run asks for (e.g. no
+    s_train image can be a support of a one-shot stage of this fold)."""
+
+
 class DatasetMissingError(RunError, FileNotFoundError):
     """The config names a dataset folder that holds no built dataset (and is not the
     synthetic default, which is generated on first use)."""

@@ -61,7 +61,10 @@ def write_json_atomic(path: str, payload: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
+            # Strict JSON: an undefined metric (NaN, e.g. novel MIoU when no novel class is in
+            # the test data) is written as null, as per_class_iou already writes it.
+            json.dump(_finite_json(payload), f, indent=2, sort_keys=True,
+                      default=_json_default, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         os.replace(tmp, path)
@@ -69,6 +72,19 @@ def write_json_atomic(path: str, payload: dict) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _finite_json(value):
+    """`value` with every non-finite float (NaN, ±Inf, NumPy ones too) replaced by None."""
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _finite_json(value.tolist())
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
 
 
 def _json_default(value):
@@ -335,6 +351,46 @@ def check_run_record(config, workdir: str, fold: int) -> None:
                     f"{asks}; use another --workdir")
         return
     write_json_atomic(path, {**record, "config": config.to_dict()})
+
+
+def dataset_fingerprint(manifest: dict) -> str:
+    """A short digest of a built dataset's content: its shards' sha256 per split and
+    its test supports (the same data moved to another folder keeps it)."""
+    import hashlib
+
+    parts = {split: sorted(entry.get("shards", {}).values())
+             for split, entry in sorted(manifest["splits"].items())}
+    parts["test_supports"] = manifest.get("test_supports")
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_dataset_record(workdir: str, data_dir: str, manifest: dict) -> None:
+    """Refuses to continue a workdir on another dataset than the one it was trained on.
+
+    The first run records the dataset (folder and fingerprint) in run.json. A later run
+    (`--resume`, or a later stage) on a dataset of another content is refused in one
+    line; the same dataset in another folder is accepted and run.json then names the
+    new folder, which evaluation and export read.
+    """
+    path = os.path.join(workdir, RUN_FILE)
+    with open(path) as f:
+        record = json.load(f)
+    fingerprint = dataset_fingerprint(manifest)
+    old = record.get("dataset")
+    if old and old.get("fingerprint") != fingerprint:
+        raise integrity.RunConfigError(
+            f"{path}: this workdir was trained on the dataset {old.get('dir')} (fingerprint "
+            f"{old.get('fingerprint')}), but --config.data.dir {data_dir} holds another dataset "
+            f"(fingerprint {fingerprint}); point --config.data.dir at the dataset it was "
+            "trained on, or use another --workdir")
+    if old == {"dir": data_dir, "fingerprint": fingerprint}:
+        return
+    if old:
+        logging.info("%s: the dataset moved from %s to %s (same content); run.json now names it.",
+                     workdir, old.get("dir"), data_dir)
+    record["dataset"] = {"dir": data_dir, "fingerprint": fingerprint}
+    record.setdefault("config", {}).setdefault("data", {})["dir"] = data_dir
+    write_json_atomic(path, record)
 
 
 class _Absent:
@@ -652,7 +708,15 @@ def train(config, workdir: str, stage: int, fold: int, resume: bool = False) -> 
     verify_checkpoints(config, workdir, stage, resume)
     _configure_runtime(config)
     data_dir = ensure_dataset(config)
-    integrity.verify_dataset(data_dir)  # damaged shards: fail before any model is built
+    manifest = integrity.verify_dataset(data_dir)  # damaged shards: fail before any model is built
+    check_dataset_record(workdir, data_dir, manifest)  # the dataset the workdir was trained on
+    for s in popnet.stages_needed(config, stage):
+        if s > 1 and not stage_finished(workdir, s):  # one-shot stages need supports
+            try:
+                episodes.check_supports(data_dir, stage=s, fold=fold, fold_set=config.data.fold_set)
+            except ValueError as e:  # before stage 1 spends its time, not when stage 2 starts
+                raise integrity.DatasetContentError(
+                    f"{e}. Rebuild it with more labelled training images") from None
     previous, summary = None, None
     for s in popnet.stages_needed(config, stage):
         if stage_finished(workdir, s):

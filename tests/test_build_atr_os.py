@@ -333,6 +333,59 @@ def test_test_supports_missing_class_recorded(tmp_path, caplog):
     assert "do not cover the classes ['face', 'bag']" in caplog.text
 
 
+def test_test_split_without_any_person_is_refused(tmp_path):
+    """s_test whose masks are all background (or all ignore): the ten supports would hold
+    no class and k-way would score background alone (human MIoU 100%). Refused in one
+    error, and OUT is not written."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    rng = np.random.default_rng(5)
+    names = [f"t{i:02d}" for i in range(12)]
+    for i, sid in enumerate(names):
+        empty = np.full((24, 16), 255 if i % 2 else 0, np.uint8)
+        _put(root, sid, _jpeg(_photo(rng)), _png(empty))
+    queries = _random_atr(root, 7, seed=6, prefix="q")
+    with pytest.raises(b.DatasetError, match="s_test: only 0 of its 12 images hold a foreground"):
+        b.build(root, out, train_list=_write_list(tmp_path / "tr.txt", queries[:6]),
+                test_list=_write_list(tmp_path / "te.txt", queries[6:] + names),
+                **{**SMALL, "num_query_train": 5, "num_test_query": 1, "num_test_support": 12})
+    assert not os.path.exists(out)
+    assert sorted(os.listdir(tmp_path)) == ["atr", "te.txt", "tr.txt"]
+
+
+def test_test_supports_without_a_person_are_refused(tmp_path):
+    """Fewer than ten s_test images with a foreground class: the ten fixed supports would
+    include empty ones, whose pairs are background alone and inflate background IoU and
+    overall accuracy. Refused, naming how many have one."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    rng = np.random.default_rng(9)
+    names = [f"t{i:02d}" for i in range(12)]
+    for i, sid in enumerate(names):   # 9 with people, 3 all background or ignore
+        mask = _mask_with({1 + i % 11, 3}) if i < 9 else np.full((24, 16), 255 * (i % 2), np.uint8)
+        _put(root, sid, _jpeg(_photo(rng)), _png(mask))
+    queries = _random_atr(root, 7, seed=6, prefix="q")
+    with pytest.raises(b.DatasetError, match="s_test: only 9 of its 12 images hold a foreground"):
+        b.build(root, out, train_list=_write_list(tmp_path / "tr.txt", queries[:6]),
+                test_list=_write_list(tmp_path / "te.txt", queries[6:] + names),
+                **{**SMALL, "num_query_train": 5, "num_test_query": 1, "num_test_support": 12})
+    assert not os.path.exists(out)
+
+
+def test_test_queries_without_any_person_are_refused(tmp_path):
+    """q_test whose masks are all background or ignore: nothing to score (k-way would
+    give every class IoU 0, one-way fails later). Refused, OUT not written."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    rng = np.random.default_rng(7)
+    empty = [f"e{i}" for i in range(2)]
+    for i, sid in enumerate(empty):
+        _put(root, sid, _jpeg(_photo(rng)), _png(np.full((24, 16), 255 * i, np.uint8)))
+    images = _random_atr(root, 16, seed=8, prefix="q")
+    with pytest.raises(b.DatasetError, match="q_test: none of its 2 images holds a foreground"):
+        b.build(root, out, train_list=_write_list(tmp_path / "tr.txt", images[:6]),
+                test_list=_write_list(tmp_path / "te.txt", empty + images[6:]),
+                **{**SMALL, "num_query_train": 5, "num_test_query": 2, "num_test_support": 10})
+    assert not os.path.exists(out)
+
+
 # ----------------------------------------------------------------------------
 # Manifest.
 

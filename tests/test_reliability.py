@@ -603,6 +603,29 @@ def test_json_write_failure_keeps_previous_file(tmp_path):
     assert os.listdir(tmp_path) == ["result.json"]
 
 
+def test_undefined_metrics_are_written_as_null_not_nan(tmp_path):
+    """A test split without the fold's novel classes leaves novel MIoU undefined (NaN):
+    result.json / results.json stay strict JSON (null), readable by any JSON parser."""
+    from popnet_tf import metrics
+
+    matrix = np.zeros((12, 12), np.int64)
+    matrix[0, 0], matrix[3, 3] = 50, 5           # background and upper-clothes only
+    summary = metrics.kway_summary(matrix, novel=(5, 7, 9))
+    assert np.isnan(summary["novel_miou"])
+    path = str(tmp_path / "results.json")
+    train_lib.write_json_atomic(path, {"summary": summary, "inf": np.float32("inf"),
+                                       "array": np.array([1.0, np.nan])})
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    with open(path) as f:
+        written = json.loads(f.read(), parse_constant=refuse)
+    assert written["summary"]["novel_miou"] is None
+    assert written["summary"]["human_miou"] == 1.0
+    assert written["inf"] is None and written["array"] == [1.0, None]
+
+
 # ----------------------------------------------------------------------------- disk full / no permission
 def test_workdir_under_a_file_fails_fast(dataset, tmp_path):
     """No permission (runs everywhere): a workdir that cannot be created is refused in

@@ -480,3 +480,52 @@ def test_final_table_names_the_method_trained():
     panet = train_lib.format_summary(summary, 3, 2, "panet")
     assert "| PANet stage 3 fold 2 (10 pairs" in panet and "POPNet" not in panet
     assert "| SG-One stage 2 fold 1" in train_lib.format_summary(summary, 2, 1, "sgone")
+
+
+def test_no_usable_training_support_refused_before_stage_one(tmp_path):
+    """s_train whose masks are all background: refused as a one-line run error before any
+    model is built (not a traceback when stage 2 starts, after stage 1 has trained)."""
+    from PIL import Image
+    from popnet_tf.data import build_atr_os, synth
+
+    raw, data = str(tmp_path / "atr"), str(tmp_path / "data")
+    ids = synth.generate(raw, 18, 0)
+    train, test = ids[:7], ids[7:]                  # q_train 3, s_train 4; q_test 1, s_test 10
+    for sid in train[3:]:
+        path = os.path.join(raw, "SegmentationClassAug", f"{sid}.png")
+        Image.fromarray(np.zeros_like(np.array(Image.open(path)))).save(path)
+    (tmp_path / "tr.txt").write_text("\n".join(train) + "\n")
+    (tmp_path / "te.txt").write_text("\n".join(test) + "\n")
+    build_atr_os.build(raw, data, train_list=str(tmp_path / "tr.txt"),
+                       test_list=str(tmp_path / "te.txt"), num_query_train=3, num_test_query=1,
+                       num_test_support=10, progress=False, num_workers=0)
+    config = smoke_config(str(tmp_path))
+    config.data.dir, config.data.synthetic = data, False
+    workdir = str(tmp_path / "w")
+    with pytest.raises(integrity.RunError, match="no s_train image holds a foreground class"):
+        train_lib.train(config, workdir, stage=3, fold=1)
+    assert not os.path.exists(train_lib.checkpoint_dir(workdir, 1))
+
+
+def test_workdir_continued_on_another_dataset_refused(tmp_path, data_config):
+    """A later stage (or --resume) with --config.data.dir at a dataset of other content
+    is refused in one line before training; the same dataset moved to another folder
+    is accepted and run.json then names the folder evaluation reads."""
+    import shutil
+
+    from popnet_tf import eval_lib
+
+    workdir = str(tmp_path / "w")
+    config = copy.deepcopy(data_config)
+    train_lib.train(config, workdir, stage=1, fold=1)
+    other = smoke_config(str(tmp_path / "other"))
+    other.data.synthetic_seed = 1                       # another dataset, same sizes
+    with pytest.raises(integrity.RunConfigError, match="holds another dataset"):
+        train_lib.train(other, workdir, stage=2, fold=1)
+    assert not os.path.exists(train_lib.checkpoint_dir(workdir, 2))
+    assert eval_lib.load_run(workdir)[0].data.dir == config.data.dir
+    moved = str(tmp_path / "moved")
+    shutil.copytree(config.data.dir, moved)
+    manifest = integrity.verify_dataset(moved, deep=False)
+    train_lib.check_dataset_record(workdir, moved, manifest)
+    assert eval_lib.load_run(workdir)[0].data.dir == moved

@@ -786,6 +786,22 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
         except DatasetError:
             _log_skipped(rejected, num_inputs)  # the error refers to these
             raise
+        if not any(set(staged[sid][2]) & _FOREGROUND for sid in splits["q_test"]):
+            raise DatasetError(
+                f"q_test: none of its {len(splits['q_test'])} images holds a foreground class "
+                "(every mask is background or ignore), so the test has no person to parse and "
+                "every class would score 0. Put images with people (labelled masks) into the "
+                "test images" + (" (--test_list)" if lists else " or change --seed") + ".")
+        with_person = [sid for sid in splits["s_test"] if set(staged[sid][2]) & _FOREGROUND]
+        if len(with_person) < NUM_TEST_SUPPORTS:
+            # A support without a foreground class makes pairs whose truth and prediction
+            # are background alone: they would inflate background IoU and overall accuracy.
+            raise DatasetError(
+                f"s_test: only {len(with_person)} of its {len(splits['s_test'])} images hold a "
+                f"foreground class (the others' masks are background or ignore), but the "
+                f"{NUM_TEST_SUPPORTS} fixed test supports must each hold one. Put more images "
+                "with people (labelled masks) into the test images"
+                + (" (--test_list)" if lists else "") + " or raise --num_test_support.")
         supports, missing = select_test_supports(
             {sid: staged[sid][2] for sid in splits["s_test"]})
         if missing:

@@ -219,6 +219,14 @@ def _check_supports_exist(data_dir: str, manifest: dict, table, stage: int, fold
                          f"of stage {stage} outside fold {fold}'s novel classes; nothing can be a support")
 
 
+def check_supports(data_dir: str, *, stage: int, fold: int,
+                   fold_set: str = classes.DEFAULT_FOLD_SET) -> None:
+    """Raises ValueError where no s_train image can be a training support of `stage`
+    and `fold` (what `train_episodes` would otherwise find at the stage's start)."""
+    _check_supports_exist(data_dir, load_manifest(data_dir), _stage_table(stage, fold, fold_set),
+                          stage, fold)
+
+
 def _check_common(stage: int, crop_size, batch_size: int, scale_range) -> None:
     if stage not in classes.STAGE_NUM_CLASSES:
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
