@@ -333,41 +333,27 @@ def test_test_supports_missing_class_recorded(tmp_path, caplog):
     assert "do not cover the classes ['face', 'bag']" in caplog.text
 
 
-def test_test_split_without_any_person_is_refused(tmp_path):
-    """s_test whose masks are all background (or all ignore): the ten supports would hold
-    no class and k-way would score background alone (human MIoU 100%). Refused in one
-    error, and OUT is not written."""
+@pytest.mark.parametrize("people", [0, 9])
+def test_test_supports_without_a_person_are_refused(tmp_path, people):
+    """Fewer than ten s_test images with a foreground class (0: the whole split is
+    background or ignore, and k-way would score background alone, human MIoU 100%): the
+    ten fixed supports would include empty ones, whose pairs are background alone and
+    inflate background IoU and overall accuracy. Refused, naming how many have one, and
+    OUT is not written."""
     root, out = str(tmp_path / "atr"), str(tmp_path / "out")
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(9)
     names = [f"t{i:02d}" for i in range(12)]
-    for i, sid in enumerate(names):
-        empty = np.full((24, 16), 255 if i % 2 else 0, np.uint8)
-        _put(root, sid, _jpeg(_photo(rng)), _png(empty))
+    for i, sid in enumerate(names):   # `people` with people, the rest all background or ignore
+        mask = (_mask_with({1 + i % 11, 3}) if i < people
+                else np.full((24, 16), 255 * (i % 2), np.uint8))
+        _put(root, sid, _jpeg(_photo(rng)), _png(mask))
     queries = _random_atr(root, 7, seed=6, prefix="q")
-    with pytest.raises(b.DatasetError, match="s_test: only 0 of its 12 images hold a foreground"):
+    with pytest.raises(b.DatasetError, match=f"s_test: only {people} of its 12 images hold a foreground"):
         b.build(root, out, train_list=_write_list(tmp_path / "tr.txt", queries[:6]),
                 test_list=_write_list(tmp_path / "te.txt", queries[6:] + names),
                 **{**SMALL, "num_query_train": 5, "num_test_query": 1, "num_test_support": 12})
     assert not os.path.exists(out)
     assert sorted(os.listdir(tmp_path)) == ["atr", "te.txt", "tr.txt"]
-
-
-def test_test_supports_without_a_person_are_refused(tmp_path):
-    """Fewer than ten s_test images with a foreground class: the ten fixed supports would
-    include empty ones, whose pairs are background alone and inflate background IoU and
-    overall accuracy. Refused, naming how many have one."""
-    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
-    rng = np.random.default_rng(9)
-    names = [f"t{i:02d}" for i in range(12)]
-    for i, sid in enumerate(names):   # 9 with people, 3 all background or ignore
-        mask = _mask_with({1 + i % 11, 3}) if i < 9 else np.full((24, 16), 255 * (i % 2), np.uint8)
-        _put(root, sid, _jpeg(_photo(rng)), _png(mask))
-    queries = _random_atr(root, 7, seed=6, prefix="q")
-    with pytest.raises(b.DatasetError, match="s_test: only 9 of its 12 images hold a foreground"):
-        b.build(root, out, train_list=_write_list(tmp_path / "tr.txt", queries[:6]),
-                test_list=_write_list(tmp_path / "te.txt", queries[6:] + names),
-                **{**SMALL, "num_query_train": 5, "num_test_query": 1, "num_test_support": 12})
-    assert not os.path.exists(out)
 
 
 def test_test_queries_without_any_person_are_refused(tmp_path):
