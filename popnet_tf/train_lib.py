@@ -280,7 +280,8 @@ CONFIG_CHOICES = {
 }
 # Fields that must be integers >= 1; those of _ZERO_MEANS_DEFAULT may also be 0 ("as the
 # general field": batch_size, steps_per_epoch, crop_size).
-_POSITIVE = ("train.batch_size", "train.epochs", "train.steps_per_epoch", "data.crop_size",
+_POSITIVE = ("train.batch_size", "train.epochs", "train.stage1_epochs", "train.steps_per_epoch",
+             "data.crop_size",
              "data.oneway_crop_size", "data.eval_size", "model.filters")
 _ZERO_MEANS_DEFAULT = ("train.stage1_batch_size", "train.stage1_steps_per_epoch",
                        "data.stage1_crop_size", "data.stage1_crop_width", "data.crop_width",

@@ -454,6 +454,18 @@ def test_check_config_lists_every_problem():
         assert part in message, message
 
 
+@pytest.mark.parametrize("value", [0, -2])
+def test_check_config_refuses_stage1_epochs_below_one(value):
+    # 0 or fewer stage-1 epochs trained nothing, wrote stage1/result.json without a
+    # checkpoint, and a later --stage=2 crashed restoring it.
+    from popnet_tf import integrity
+
+    config = synthetic_cpu.get_config("smoke")
+    config.train.stage1_epochs = value
+    with pytest.raises(integrity.RunConfigError, match=f"train.stage1_epochs={value}"):
+        train_lib.check_config(config)
+
+
 @pytest.mark.parametrize("name", ["configs.paper", "configs.synthetic_cpu", "configs.baselines.sgone",
                                   "configs.baselines.panet", "configs.baselines.amp",
                                   "configs.baselines.finetune", "configs.ablations.agm",
