@@ -333,6 +333,26 @@ def check_config(config) -> None:
         raise integrity.RunConfigError("bad config: " + "; ".join(problems))
 
 
+def check_backbone_weights(config) -> None:
+    """Raises `integrity.RunConfigError` (one line naming the file and the problem) when
+    `model.backbone_weights` is set but does not load into the config's backbone: missing,
+    not a .weights.h5 file, unreadable, or saved from another backbone. Before anything
+    is written: a failed run used to leave run.json recording the bad path, and the
+    workdir then refused the corrected run."""
+    path = config.model.backbone_weights
+    if not path:
+        return
+    from popnet_tf.models import backbones, popnet
+
+    kwargs = popnet.encoder_kwargs(config)
+    try:
+        backbones.build_backbone(kwargs["backbone"], weights=path, dtype="float32",
+                                 **kwargs["backbone_kwargs"])
+    except (ValueError, OSError, TypeError) as e:
+        message = " ".join(str(e).split())
+        raise integrity.RunConfigError(f"model.backbone_weights: {message}") from None
+
+
 # ----------------------------------------------------------------------------- models
 def check_run_record(config, workdir: str, fold: int) -> None:
     """Refuses a workdir trained on another fold or class set (before any work)."""
@@ -702,6 +722,7 @@ def train(config, workdir: str, stage: int, fold: int, resume: bool = False) -> 
     if stage not in (1, 2, 3):
         raise ValueError(f"--stage must be 1, 2 or 3, got {stage!r}")
     check_config(config)
+    check_backbone_weights(config)    # a bad weight file: one line, before the workdir is made
     classes.novel_ids(3, fold, config.data.fold_set)  # validates fold and fold set
     check_dataset_present(config)     # no dataset: fail before the workdir is made
     integrity.check_workdir(workdir)  # read-only or full: fail before writing anything

@@ -541,3 +541,25 @@ def test_workdir_continued_on_another_dataset_refused(tmp_path, data_config):
     manifest = integrity.verify_dataset(moved, deep=False)
     train_lib.check_dataset_record(workdir, moved, manifest)
     assert eval_lib.load_run(workdir)[0].data.dir == moved
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "text", "other_model"])
+def test_bad_backbone_weight_file_refused_before_the_workdir(tmp_path, kind):
+    # It used to fail inside the first stage's build, with a traceback, after run.json had
+    # recorded the bad path; the workdir then refused the run with the corrected path.
+    path = tmp_path / f"{kind}.weights.h5"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("not a weight file\n")
+    elif kind == "other_model":
+        keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]).save_weights(path)
+    config = synthetic_cpu.get_config("smoke")
+    config.model.backbone_weights = str(path)
+    config.data.dir = str(tmp_path / "no_dataset")  # the check comes before the dataset's
+    workdir = tmp_path / "workdir"
+    with pytest.raises(integrity.RunConfigError) as err:
+        train_lib.train(config, str(workdir), stage=1, fold=1)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message, message
+    assert not workdir.exists()
