@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -438,6 +439,11 @@ def restore_stage(config, workdir: str, stage: int, strategy=None) -> keras.Mode
     """A finished stage (and the stages before it) rebuilt and restored, frozen."""
     previous = None
     needed = popnet.stages_needed(config, stage)
+    if config.model.backbone_weights:
+        # The checkpoint holds every weight: the backbone weight file only starts a
+        # training, and a finished workdir must not depend on it still being there.
+        config = copy.deepcopy(config)
+        config.model.backbone_weights = ""
     for s in needed:
         # Seeded as in train_stage: the frozen stage's dropout seed generators (not in
         # its checkpoint) get the same seeds in every process, so the next stage's
@@ -722,7 +728,8 @@ def train(config, workdir: str, stage: int, fold: int, resume: bool = False) -> 
     if stage not in (1, 2, 3):
         raise ValueError(f"--stage must be 1, 2 or 3, got {stage!r}")
     check_config(config)
-    check_backbone_weights(config)    # a bad weight file: one line, before the workdir is made
+    if not all(stage_finished(workdir, s) for s in popnet.stages_needed(config, stage)):
+        check_backbone_weights(config)  # a bad weight file: one line, before the workdir is made
     classes.novel_ids(3, fold, config.data.fold_set)  # validates fold and fold set
     check_dataset_present(config)     # no dataset: fail before the workdir is made
     integrity.check_workdir(workdir)  # read-only or full: fail before writing anything

@@ -563,3 +563,21 @@ def test_bad_backbone_weight_file_refused_before_the_workdir(tmp_path, kind):
     message = str(err.value)
     assert "\n" not in message and str(path) in message, message
     assert not workdir.exists()
+
+
+def test_finished_stage_does_not_need_the_backbone_weight_file(tmp_path, data_config):
+    # The checkpoint holds every weight; restoring (a later stage, evaluate, export) used
+    # to re-read the weight file and fail once it had been moved or deleted.
+    path = tmp_path / "small.weights.h5"
+    config = copy.deepcopy(data_config)
+    kwargs = dict(config.model.backbone_kwargs.to_dict())
+    from popnet_tf.models import backbones
+
+    backbones.build_backbone(config.model.backbone, **kwargs).save_weights(path)
+    config.model.backbone_weights = str(path)
+    config.train.stage1_steps_per_epoch = 1
+    workdir = str(tmp_path / "workdir")
+    train_lib.train(config, workdir, stage=1, fold=1)
+    os.remove(path)
+    train_lib.restore_stage(config, workdir, 1)
+    train_lib.train(config, workdir, stage=1, fold=1)  # finished: evaluates it
