@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -280,7 +281,8 @@ CONFIG_CHOICES = {
 }
 # Fields that must be integers >= 1; those of _ZERO_MEANS_DEFAULT may also be 0 ("as the
 # general field": batch_size, steps_per_epoch, crop_size).
-_POSITIVE = ("train.batch_size", "train.epochs", "train.steps_per_epoch", "data.crop_size",
+_POSITIVE = ("train.batch_size", "train.epochs", "train.stage1_epochs", "train.steps_per_epoch",
+             "data.crop_size",
              "data.oneway_crop_size", "data.eval_size", "model.filters")
 _ZERO_MEANS_DEFAULT = ("train.stage1_batch_size", "train.stage1_steps_per_epoch",
                        "data.stage1_crop_size", "data.stage1_crop_width", "data.crop_width",
@@ -330,6 +332,26 @@ def check_config(config) -> None:
         problems.append(f"train.prototype_warmup={config.train.prototype_warmup!r}: must be >= 0")
     if problems:
         raise integrity.RunConfigError("bad config: " + "; ".join(problems))
+
+
+def check_backbone_weights(config) -> None:
+    """Raises `integrity.RunConfigError` (one line naming the file and the problem) when
+    `model.backbone_weights` is set but does not load into the config's backbone: missing,
+    not a .weights.h5 file, unreadable, or saved from another backbone. Before anything
+    is written: a failed run used to leave run.json recording the bad path, and the
+    workdir then refused the corrected run."""
+    path = config.model.backbone_weights
+    if not path:
+        return
+    from popnet_tf.models import backbones, popnet
+
+    kwargs = popnet.encoder_kwargs(config)
+    try:
+        backbones.build_backbone(kwargs["backbone"], weights=path, dtype="float32",
+                                 **kwargs["backbone_kwargs"])
+    except (ValueError, OSError, TypeError) as e:
+        message = " ".join(str(e).split())
+        raise integrity.RunConfigError(f"model.backbone_weights: {message}") from None
 
 
 # ----------------------------------------------------------------------------- models
@@ -417,6 +439,11 @@ def restore_stage(config, workdir: str, stage: int, strategy=None) -> keras.Mode
     """A finished stage (and the stages before it) rebuilt and restored, frozen."""
     previous = None
     needed = popnet.stages_needed(config, stage)
+    if config.model.backbone_weights:
+        # The checkpoint holds every weight: the backbone weight file only starts a
+        # training, and a finished workdir must not depend on it still being there.
+        config = copy.deepcopy(config)
+        config.model.backbone_weights = ""
     for s in needed:
         # Seeded as in train_stage: the frozen stage's dropout seed generators (not in
         # its checkpoint) get the same seeds in every process, so the next stage's
@@ -701,6 +728,8 @@ def train(config, workdir: str, stage: int, fold: int, resume: bool = False) -> 
     if stage not in (1, 2, 3):
         raise ValueError(f"--stage must be 1, 2 or 3, got {stage!r}")
     check_config(config)
+    if not all(stage_finished(workdir, s) for s in popnet.stages_needed(config, stage)):
+        check_backbone_weights(config)  # a bad weight file: one line, before the workdir is made
     classes.novel_ids(3, fold, config.data.fold_set)  # validates fold and fold set
     check_dataset_present(config)     # no dataset: fail before the workdir is made
     integrity.check_workdir(workdir)  # read-only or full: fail before writing anything

@@ -137,3 +137,25 @@ def test_weight_file_errors_name_the_file(tmp_path):
     corrupt.write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match=r"corrupt\.weights\.h5: cannot be read"):
         backbones.build_backbone("small", weights=corrupt)
+
+
+def test_weight_file_reaches_the_stage_that_training_builds(tmp_path):
+    # A stage builds its encoder inside Keras' symbolic build (a StatelessScope), where
+    # load_weights' assignments used to be dropped: the file was read, the weights not.
+    from configs import synthetic_cpu
+    from popnet_tf.models import popnet
+
+    config = synthetic_cpu.get_config("smoke")
+    kwargs = dict(config.model.backbone_kwargs.to_dict())
+    source = backbones.build_backbone(config.model.backbone, **kwargs)
+    source(_image(32, 32, batch=2), training=True)  # moving statistics differ from fresh
+    path = tmp_path / "small.weights.h5"
+    source.save_weights(path)
+    config.model.backbone_weights = str(path)
+    for stage, previous in ((1, None), (2, "stage1")):
+        model = popnet.build_stage(config, stage, previous=previous and stage1)
+        popnet.build_variables(model, stage, 32)
+        for loaded, saved in zip(model.encoder.backbone.weights, source.weights):
+            np.testing.assert_array_equal(np.asarray(loaded), np.asarray(saved), err_msg=loaded.path)
+        if stage == 1:
+            stage1 = model

@@ -454,6 +454,18 @@ def test_check_config_lists_every_problem():
         assert part in message, message
 
 
+@pytest.mark.parametrize("value", [0, -2])
+def test_check_config_refuses_stage1_epochs_below_one(value):
+    # 0 or fewer stage-1 epochs trained nothing, wrote stage1/result.json without a
+    # checkpoint, and a later --stage=2 crashed restoring it.
+    from popnet_tf import integrity
+
+    config = synthetic_cpu.get_config("smoke")
+    config.train.stage1_epochs = value
+    with pytest.raises(integrity.RunConfigError, match=f"train.stage1_epochs={value}"):
+        train_lib.check_config(config)
+
+
 @pytest.mark.parametrize("name", ["configs.paper", "configs.synthetic_cpu", "configs.baselines.sgone",
                                   "configs.baselines.panet", "configs.baselines.amp",
                                   "configs.baselines.finetune", "configs.ablations.agm",
@@ -529,3 +541,43 @@ def test_workdir_continued_on_another_dataset_refused(tmp_path, data_config):
     manifest = integrity.verify_dataset(moved, deep=False)
     train_lib.check_dataset_record(workdir, moved, manifest)
     assert eval_lib.load_run(workdir)[0].data.dir == moved
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "text", "other_model"])
+def test_bad_backbone_weight_file_refused_before_the_workdir(tmp_path, kind):
+    # It used to fail inside the first stage's build, with a traceback, after run.json had
+    # recorded the bad path; the workdir then refused the run with the corrected path.
+    path = tmp_path / f"{kind}.weights.h5"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("not a weight file\n")
+    elif kind == "other_model":
+        keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]).save_weights(path)
+    config = synthetic_cpu.get_config("smoke")
+    config.model.backbone_weights = str(path)
+    config.data.dir = str(tmp_path / "no_dataset")  # the check comes before the dataset's
+    workdir = tmp_path / "workdir"
+    with pytest.raises(integrity.RunConfigError) as err:
+        train_lib.train(config, str(workdir), stage=1, fold=1)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message, message
+    assert not workdir.exists()
+
+
+def test_finished_stage_does_not_need_the_backbone_weight_file(tmp_path, data_config):
+    # The checkpoint holds every weight; restoring (a later stage, evaluate, export) used
+    # to re-read the weight file and fail once it had been moved or deleted.
+    path = tmp_path / "small.weights.h5"
+    config = copy.deepcopy(data_config)
+    kwargs = dict(config.model.backbone_kwargs.to_dict())
+    from popnet_tf.models import backbones
+
+    backbones.build_backbone(config.model.backbone, **kwargs).save_weights(path)
+    config.model.backbone_weights = str(path)
+    config.train.stage1_steps_per_epoch = 1
+    workdir = str(tmp_path / "workdir")
+    train_lib.train(config, workdir, stage=1, fold=1)
+    os.remove(path)
+    train_lib.restore_stage(config, workdir, 1)
+    train_lib.train(config, workdir, stage=1, fold=1)  # finished: evaluates it

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import keras
 from keras import ops
+from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from popnet_tf.layers.tracking import track_layers
 from popnet_tf.models import backbones
@@ -242,10 +243,16 @@ class DeepLabV3PlusEncoder(keras.layers.Layer):
 
     def build(self, input_shape):
         kw = {"dtype": self.dtype_policy}
-        weights = self.backbone_weights if self._read_backbone_weights else None
         self.backbone = backbones.build_backbone(
-            self.backbone_name, input_shape=(None, None, 3), weights=weights,
-            **kw, **self.backbone_kwargs)
+            self.backbone_name, input_shape=(None, None, 3), **kw, **self.backbone_kwargs)
+        # Inside a model's symbolic build (a stage without its own `build`: Keras runs
+        # `call` in a StatelessScope), the variables are not initialised yet and every
+        # assignment of `load_weights` is dropped: the file used to be read and checked
+        # while the backbone kept its random weights. Load it once the variables exist
+        # (`load_pending_backbone_weights`, called by `popnet.build_variables`).
+        self._pending_backbone_weights = bool(self.backbone_weights and self._read_backbone_weights)
+        if not in_stateless_scope():
+            self.load_pending_backbone_weights()
         low_channels = self.backbone.output["low"].shape[-1]
         high_channels = self.backbone.output["high"].shape[-1]
         separable = self.uses_separable_convs
@@ -265,6 +272,13 @@ class DeepLabV3PlusEncoder(keras.layers.Layer):
             decoder.append(conv)
             channels = self.filters
         self.decoder = track_layers(self, "decoder", decoder)  # visible to tf.train.Checkpoint
+
+    def load_pending_backbone_weights(self):
+        """Loads `backbone_weights` into the backbone if the build has not yet (see build)."""
+        if getattr(self, "_pending_backbone_weights", False):
+            backbones.load_backbone_weights(self.backbone, self.backbone_weights,
+                                            name=self.backbone_name)
+            self._pending_backbone_weights = False
 
     def call(self, images, training=None):
         x = ops.cast(images, self.compute_dtype) / 127.5 - 1.0        # [B, H, W, 3] in [-1, 1]

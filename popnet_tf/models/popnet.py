@@ -137,3 +137,9 @@ def build_variables(model: keras.Model, stage: int, size: int) -> None:
         model(batch["image"], training=False)
     else:
         model(batch, training=False, use_dynamic=False)
+    # A backbone weight file is loaded once the variables exist (encoder.build).
+    from popnet_tf.models.encoder import DeepLabV3PlusEncoder
+
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, DeepLabV3PlusEncoder):
+            layer.load_pending_backbone_weights()
