@@ -39,10 +39,15 @@ from __future__ import annotations
 
 import keras
 from keras import ops
-from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from popnet_tf.layers.tracking import track_layers
 from popnet_tf.models import backbones
+
+try:  # not public API (Keras 3.15, as pinned): tells a model's symbolic build from a real one
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+except ImportError:  # another Keras: always defer the weight file to popnet.build_variables
+    def in_stateless_scope() -> bool:
+        return True
 
 
 @keras.saving.register_keras_serializable(package="popnet_tf")
