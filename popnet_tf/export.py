@@ -46,11 +46,17 @@ def main(argv):
             f.workdir, f.out, version=f.version, stage=int(f.stage) if f.stage else None,
             mask_values=f.mask_values, head=f.head, foreground_gate=f.foreground_gate)
     except (OSError, ValueError) as e:
-        text = str(e) if not e.args or not isinstance(e, OSError) or len(e.args) == 1 else (
-            f"{e.filename}: {e.strerror}" if e.filename else e.strerror)
-        raise SystemExit(f"error: {text}") from None
+        raise SystemExit(f"error: {_one_line(e)}") from None
     logging.info("SavedModel written: %s", path)
     print(path)
+
+
+def _one_line(error: Exception) -> str:
+    """Our errors carry their own message; a system OSError ("[Errno 17] File exists: 'x'")
+    reads "x: File exists"."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return str(error)
 
 
 if __name__ == "__main__":
