@@ -764,3 +764,11 @@ def test_served_decoder_refuses_bmps_it_would_misread(mode):
     else:
         with pytest.raises(tf.errors.InvalidArgumentError, match="a BMP image must have 24 or 32 bits"):
             decode(buf.getvalue())
+
+
+def test_cli_error_line_of_system_and_own_errors():
+    from popnet_tf import export as export_cli
+    assert export_cli._one_line(FileExistsError(17, "File exists", "/m/1")) == "/m/1: File exists"
+    assert export_cli._one_line(PermissionError(13, "Permission denied")) == "Permission denied"
+    assert export_cli._one_line(FileExistsError("version 2 exists")) == "version 2 exists"
+    assert export_cli._one_line(ValueError("stage must be 2 or 3")) == "stage must be 2 or 3"
