@@ -1,8 +1,8 @@
 """Losses: pixel-wise cross-entropy with an ignore label, and the DML loss (Eq. 5).
 
 Example:
-    >>> per_pixel = masked_cross_entropy(labels, logits)          # [B, H, W]
-    >>> loss = dual_metric_loss(labels, agm_logits, ncm_logits, beta=0.7)
+    >>> loss_sum, count = masked_cross_entropy(labels, logits)    # [B], [B]
+    >>> loss = dual_metric_loss(labels, agm_logits, ncm_logits, beta=0.7)["total"]  # [B]
 """
 
 from __future__ import annotations

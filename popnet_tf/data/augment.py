@@ -20,7 +20,7 @@ the pixels they describe. All randomness is stateless and comes from one seed
 tensor, so an episode is a pure function of (seed, element index).
 
 Example:
-    >>> geometry = sample_geometry(tf.constant([0, 1]), 400, 600, crop_size=512)
+    >>> geometry = sample_geometry(tf.constant([0, 1]), 600, 400, crop_size=512)  # height, width
     >>> image = augment_image(jpeg_bytes, geometry)   # [512, 512, 3] float32
     >>> mask = augment_mask(mask_uint8, geometry)     # [512, 512] uint8, 255 = pad
 """

@@ -34,7 +34,9 @@ before "+KIM").
 
 Example:
     >>> from configs.baselines import panet
-    >>> model = build_baseline(panet.get_config("smoke"), stage=3)
+    >>> from popnet_tf.models import popnet
+    >>> config = panet.get_config("smoke")
+    >>> model = build_baseline(config, 3, popnet.encoder_kwargs(config))
     >>> out = model({"query_image": q, "support_image": s, "support_mask": m}, training=True)
     >>> out["logits"].shape, out["extra_loss"].shape   # [B, H, W, 12], [B]
 """
