@@ -27,8 +27,9 @@ def _define_flags():
         "user: a support mask's values 1-254 are the classes, with static prototypes (a user's "
         "classes are new to the model); merged: values are ATR-OS merged ids 0-11 and base "
         "classes use the dynamic prototype store, as in evaluation.")
-    flags.DEFINE_enum("head", None, ["ncm", "agm", "mean"], "Prediction head "
-                      "(default: the config's eval.head).")
+    flags.DEFINE_enum("head", None, ["ncm", "agm", "mean"], "Prediction head: ncm "
+                      "(nearest centroid, SPEC §6), agm (attention guidance) or mean (the mean "
+                      "of both heads' probabilities) (default: the config's eval.head, ncm).")
     flags.DEFINE_bool("foreground_gate", None, "Gate the head by stage 1's human probability, "
                       "so that background cannot take a one-shot class (default: the config's "
                       "eval.foreground_gate, off as in SPEC §6). Recommended for new classes.")

@@ -72,7 +72,10 @@ def _define_flags():
                         "{\"7\": \"sneaker\"} or a list.")
     flags.DEFINE_enum("mask_values", None, MASK_VALUES,
                       "Workdir only: 'user' (default) or 'merged' (ATR-OS ids 0-11).")
-    flags.DEFINE_enum("head", None, HEADS, "Workdir only: the prediction head.")
+    flags.DEFINE_enum("head", None, HEADS, "Workdir only: the prediction head: ncm (nearest "
+                      "centroid, SPEC §6), agm (attention guidance) or mean (the mean of both "
+                      "heads' probabilities) (default: the config's eval.head, ncm); a "
+                      "SavedModel has it fixed at export.")
     flags.DEFINE_bool("foreground_gate", None, "Workdir only: gate the head by stage 1's human "
                       "probability, so that background cannot take a class (default: the "
                       "config's eval.foreground_gate); a SavedModel has it fixed at export.")

@@ -184,16 +184,21 @@ def _define_flags():
     flags.DEFINE_string("data", None, "Built ATR-OS dataset folder.", required=True)
     flags.DEFINE_enum("split", "q_train", ["q_train", "s_train", "q_test", "s_test"],
                       "Training splits show training episodes, test splits test pairs.")
-    flags.DEFINE_integer("stage", 3, "Label space: 1, 2 or 3.")
-    flags.DEFINE_integer("fold", 1, "Fold (training: its novel classes are hidden).")
+    flags.DEFINE_integer("stage", 3, "Label space: 1 (human), 2 (main body areas) or 3 "
+                         "(the 12 merged classes).")
+    flags.DEFINE_integer("fold", 1, "Fold, 1 or 2 (training splits: its novel "
+                         "classes are hidden).")
     flags.DEFINE_string("fold_set", classes.DEFAULT_FOLD_SET, "Fold definitions: paper or journal.")
     flags.DEFINE_enum("way", "kway", ["kway", "oneway"], "k-way or one-way episodes.")
     flags.DEFINE_integer("num", 4, "Episodes (rows) to draw.")
     flags.DEFINE_integer("seed", 0, "Episode seed.")
-    flags.DEFINE_integer("crop_size", 512, "Training crop size (paper: 512 k-way, 576 one-way).")
-    flags.DEFINE_integer("eval_size", 512, "Test frame size.")
-    flags.DEFINE_integer("resize_long_side", 0, "Training pre-resize of the long side (0: none).")
-    flags.DEFINE_string("out", "episodes.png", "Output PNG.")
+    flags.DEFINE_integer("crop_size", 512, "Training splits: crop side in pixels "
+                         "(paper: 512 k-way, 576 one-way).")
+    flags.DEFINE_integer("eval_size", 512, "Test splits: side in pixels of the square frame "
+                         "each image is resized (aspect kept) and padded to.")
+    flags.DEFINE_integer("resize_long_side", 0, "Training splits: resize the long "
+                         "side to this many pixels before cropping (0: none).")
+    flags.DEFINE_string("out", "episodes.png", "Output PNG file.")
     return flags.FLAGS
 
 
