@@ -375,9 +375,10 @@ def render_only(args) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].replace("\n", " "),
-        epilog="Usage examples and what each scale runs: see the top of scripts/study.py.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[1] + "\n\nWhat each scale runs: see the top of scripts/study.py.",
+        formatter_class=type("Formatter", (argparse.ArgumentDefaultsHelpFormatter,
+                                           argparse.RawDescriptionHelpFormatter), {}))
     parser.add_argument("--out", default="docs/RESULTS.md", help="Markdown file to write.")
     parser.add_argument("--scale", choices=("smoke", "reduced", "cpu"), default="reduced",
                         help="smoke: minutes, checks the script; reduced: the configs' steps per "
