@@ -34,7 +34,8 @@ def _define_flags():
     flags.DEFINE_integer("eval_size", 144, "Long side the images are resized to for the model "
                          "(configs: data.eval_size).")
     flags.DEFINE_list("strides", ["1", "2", "4"], "Feature strides to score (4: the models' grid).")
-    flags.DEFINE_integer("fold", 1, "Fold whose novel classes are reported apart (SPEC §4).")
+    flags.DEFINE_integer("fold", 1, "Fold, 1 or 2, whose novel classes are reported apart "
+                         "(SPEC §4).")
 
 
 def cap_confusions(data_dir: str, eval_size: int, strides) -> dict[int, np.ndarray]:
