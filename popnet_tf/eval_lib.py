@@ -550,7 +550,7 @@ def evaluate(workdir: str, *, way: str = "kway", fold: int | None = None, config
         The results dict written to results.json (fractions 0–1).
 
     Example:
-        >>> results = evaluate("workdirs/fold1", way="oneway", pairs_per_class=50)
+        >>> results = evaluate("workdirs/synthetic_cpu_fold1", way="oneway", pairs_per_class=50)
     """
     from popnet_tf import train_lib  # train_lib imports this module
 

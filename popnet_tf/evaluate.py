@@ -29,7 +29,7 @@ change per support, so it is tuned on each support and then runs every query
 
 Example (from Python):
     >>> from popnet_tf import eval_lib
-    >>> results = eval_lib.evaluate("workdirs/fold1", way="kway")
+    >>> results = eval_lib.evaluate("workdirs/synthetic_cpu_fold1", way="kway")
     >>> results["novel_miou"], results["num_pairs"]
 """
 

@@ -334,7 +334,7 @@ def verify_checkpoint(prefix: str) -> None:
         previous checkpoints of its folder that a user can fall back to.
 
     Example:
-        >>> verify_checkpoint("workdirs/fold1/stage2/checkpoints/ckpt-600")
+        >>> verify_checkpoint("workdirs/synthetic_cpu_fold1/stage2/checkpoints/ckpt-900")
     """
     try:
         reader = tf.train.load_checkpoint(prefix)
