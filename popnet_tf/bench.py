@@ -70,7 +70,7 @@ flops section of one setting, and keeps every other figure.
 Example:
     $ python -m popnet_tf.bench --quick --out /tmp/bench.json --markdown /tmp/PERF.md
     $ python -m popnet_tf.bench --only data --data tfrecords/synthetic
-    data 512x512: 104.2 episodes/s (median of 5), 17.9 ms CPU per episode
+    data 512x512: 104.2 episodes/s (median of 5), 17.9 ms CPU per episode (load 1.5)
     $ python -m popnet_tf.bench --only peak,train --settings oneshot --out train.json
     $ python -m popnet_tf.bench --only peak,conv,flops --out docs/bench.json --merge \
           --markdown docs/PERFORMANCE.md
