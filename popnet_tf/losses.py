@@ -12,7 +12,7 @@ import tensorflow as tf
 from popnet_tf.classes import IGNORE_LABEL
 
 
-def masked_cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+def masked_cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Sum of pixel cross-entropies over labelled pixels, and their count.
 
     Args:
