@@ -351,7 +351,11 @@ def check_backbone_weights(config) -> None:
                                  **kwargs["backbone_kwargs"])
     except (ValueError, OSError, TypeError) as e:
         message = " ".join(str(e).split())
-        raise integrity.RunConfigError(f"model.backbone_weights: {message}") from None
+        # The remedy in the user's own terms: on the command line the library's
+        # `weights=None` is an empty config value.
+        raise integrity.RunConfigError(
+            f"model.backbone_weights: {message} To train from random initialisation, leave "
+            "it empty (--config.model.backbone_weights=).") from None
 
 
 # ----------------------------------------------------------------------------- models

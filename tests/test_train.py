@@ -562,6 +562,8 @@ def test_bad_backbone_weight_file_refused_before_the_workdir(tmp_path, kind):
         train_lib.train(config, str(workdir), stage=1, fold=1)
     message = str(err.value)
     assert "\n" not in message and str(path) in message, message
+    # The remedy in command-line terms, not the library's `weights=None`.
+    assert message.endswith("(--config.model.backbone_weights=)."), message
     assert not workdir.exists()
 
 

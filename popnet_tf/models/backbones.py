@@ -130,8 +130,7 @@ def load_backbone_weights(model, path, *, name=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path}: backbone weight file not found. Pass the path of a .weights.h5 "
-            f"file saved with save_weights() from the same {label}, or weights=None "
-            "for random initialisation.")
+            f"file saved with save_weights() from the same {label}.")
     if not path.endswith(".weights.h5"):
         raise ValueError(
             f"{path}: a backbone weight file must be a Keras '.weights.h5' file saved "
