@@ -292,6 +292,23 @@ def test_cli_official_lists(tmp_path):
     assert f"{15000 - 3 + 2706 - 11} missing image" in proc.stderr
 
 
+def test_official_lists_log_bad_files_before_absent_ids(tmp_path, caplog):
+    """With the official lists almost every rejection is a listed id not in the folder; the
+    log's per-file lines showed the first 20 of those and hid a real bad mask."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    train, test = _official_ids()
+    rng = np.random.default_rng(3)
+    for sid in train[7499:7503] + test[199:213]:
+        _put(root, sid, _jpeg(_photo(rng)), _png(_mask_with({2, 8})))
+    bad = _mask_with({2, 8})
+    bad[0, 0] = 40
+    _put(root, train[7502], None, _png(bad))
+    with caplog.at_level(logging.INFO):
+        b.build(root, out, split_lists="official", **{**SMALL, "num_query_train": 5,
+                                                      "num_test_query": 5})
+    assert f"skipped {train[7502]}: label out of range" in caplog.text
+
+
 def test_official_lists_keep_the_release_split(tmp_path):
     """--split_lists=official keeps the authors' split (train[:7501] and test[:201] are their
     queries), whatever the numbers: the old first-N rule with the default 500 test queries

@@ -994,8 +994,17 @@ def _log_skipped(rejected: list[_Rejection], num_inputs: int) -> None:
                         sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
     logging.warning("skipped %d of %d inputs: %s (each listed with its reason in "
                     "the manifest's 'rejected').", len(rejected), num_inputs, summary)
-    for r in rejected[:20]:
+    # Files that are there but unusable first: with lists (the official ones name 17706
+    # ids) most rejections are ids with neither file here, which would hide them.
+    shown = sorted(rejected, key=_absent_id)[:20]
+    for r in shown:
         logging.info("  skipped %s: %s: %s", r.source_id, r.kind, r.detail)
+
+
+def _absent_id(r: _Rejection) -> bool:
+    """Whether a rejection is an id with neither image nor mask (a listed id not in the
+    folder): its path is then the image it lacks (`_process`)."""
+    return r.kind == MISSING_IMAGE and r.path.startswith(f"{IMAGE_DIR}/")
 
 
 def _make_splits(staged, lists, tasks, num_test, num_query_train, num_test_query,
