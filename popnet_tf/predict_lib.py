@@ -353,8 +353,11 @@ def read_support(image_path: str, mask_path: str, predictor: Predictor,
         raise InputError(f"{mask_path}: the mask has {len(values)} classes ({list(values)}) but "
                          f"the model allows at most {limit}; merge some")
     if predictor.mask_values == "merged" and max(values) > limit:
+        # Predicting from a workdir, --mask_values is the user's flag, not an export's; and
+        # the likely cause is a raw ATR mask (ids 0-17: 12-17 are left/right parts, scarf).
         raise InputError(f"{mask_path}: value {max(values)} is not a merged ATR-OS id 1..{limit}; "
-                         "this model was exported with --mask_values=merged")
+                         "with --mask_values=merged the mask holds SPEC §2's merged ids "
+                         "(a raw ATR mask, ids 0-17, must be merged first)")
     buffer = io.BytesIO()
     Image.fromarray(mask, "L").save(buffer, format="PNG")
     return Support(image_path, mask_path, photo.data, buffer.getvalue(), values, photo.orientation)
