@@ -1141,12 +1141,14 @@ def _define_flags():
                         "--num_test_query usable ones form q_test, the next "
                         "--num_test_support s_test.")
     flags.DEFINE_enum("split_lists", None, [OFFICIAL], "'official': use the authors' "
-                      "released lists (popnet_tf/atr_os_official/) instead of "
-                      "--train_list/--test_list.")
+                      "released lists (popnet_tf/atr_os_official/) and their split into queries "
+                      "and supports, instead of --train_list/--test_list.")
     flags.DEFINE_integer("num_test", None, "Without lists: images held out for test "
                          "(default --num_test_query + --num_test_support).")
-    flags.DEFINE_integer("num_query_train", 8000, "Size of q_train (SPEC §5: 8000).")
-    flags.DEFINE_integer("num_test_query", 500, "Size of q_test (SPEC §5: 500).")
+    flags.DEFINE_integer("num_query_train", 8000, "Size of q_train (SPEC §5: 8000; with "
+                         "--split_lists=official at most the release's 7501 queries).")
+    flags.DEFINE_integer("num_test_query", 500, "Size of q_test (SPEC §5: 500; with "
+                         "--split_lists=official at most the release's 201 queries).")
     flags.DEFINE_integer("num_test_support", 500, "Size of s_test (SPEC §5: 500); the "
                          f"{NUM_TEST_SUPPORTS} fixed test supports come from it.")
     flags.DEFINE_integer("num_shards", None, "Shards per split (default: up to 1000 "
