@@ -362,6 +362,33 @@ def load_run(workdir: str) -> tuple[config_dict.ConfigDict, int]:
     return config_dict.ConfigDict(record["config"]), int(record["fold"])
 
 
+def _check_trained_dataset(workdir: str, data_dir: str) -> None:
+    """Refuses the folder the workdir was trained on when the dataset there was rebuilt
+    since (another content: other seed, numbers, lists or images): its q_test may then hold
+    images the model was trained on, and the scores would look fine. Another folder,
+    chosen with --config.data.dir, is accepted with a warning (scoring on another dataset).
+    Workdirs without a record (older than it) are accepted."""
+    from popnet_tf import train_lib  # train_lib imports this module
+
+    path = os.path.join(workdir, train_lib.RUN_FILE)
+    with open(path) as f:
+        old = json.load(f).get("dataset")
+    if not old:
+        return
+    fingerprint = train_lib.dataset_fingerprint(episodes.load_manifest(data_dir))
+    if old.get("fingerprint") == fingerprint:
+        return
+    if os.path.abspath(str(old.get("dir"))) == os.path.abspath(data_dir):
+        raise ValueError(
+            f"{path}: this workdir was trained on the dataset in {data_dir} (fingerprint "
+            f"{old.get('fingerprint')}), which was rebuilt since (fingerprint {fingerprint}); "
+            "its test images may be ones the model was trained on. Put the dataset it was "
+            "trained on back, or retrain")
+    logging.warning("%s: evaluating on %s, not the dataset the workdir was trained on (%s); "
+                    "make sure its test images were not in that one's training splits",
+                    workdir, data_dir, old.get("dir"))
+
+
 def eval_head(config) -> str:
     """The prediction head to score: config.eval.head for POPNet, the model's own
     prediction ("model") for a baseline."""
@@ -576,6 +603,7 @@ def evaluate(workdir: str, *, way: str = "kway", fold: int | None = None, config
         raise ValueError(f"--foreground_gate needs POPNet's stage 1; the {method} baseline "
                          "has none")
     data_dir = train_lib.ensure_dataset(config)
+    _check_trained_dataset(workdir, data_dir)
     checkpoint = tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, stage))
     if checkpoint is None:
         raise FileNotFoundError(f"{train_lib.checkpoint_dir(workdir, stage)}: no checkpoint; "

@@ -25,8 +25,9 @@ def _define_flags():
     flags.DEFINE_enum(
         "mask_values", "user", ["user", "merged"],
         "user: a support mask's values 1-254 are the classes, with static prototypes (a user's "
-        "classes are new to the model); merged: values are ATR-OS merged ids 0-11 and base "
-        "classes use the dynamic prototype store, as in evaluation.")
+        "classes are new to the model); merged: values are ATR-OS merged ids 0-11 (a stage-2 "
+        "export: its area ids 1 head, 2 body, 3 arms, 4 legs, so a merged-id mask would be "
+        "misread) and base classes use the dynamic prototype store, as in evaluation.")
     flags.DEFINE_enum("head", None, ["ncm", "agm", "mean"], "Prediction head: ncm "
                       "(nearest centroid, SPEC §6), agm (attention guidance) or mean (the mean "
                       "of both heads' probabilities) (default: the config's eval.head, ncm).")

@@ -71,7 +71,8 @@ def _define_flags():
     flags.DEFINE_string("class_names", None, "JSON file or text naming the mask values: "
                         "{\"7\": \"sneaker\"} or a list.")
     flags.DEFINE_enum("mask_values", None, MASK_VALUES,
-                      "Workdir only: 'user' (default) or 'merged' (ATR-OS ids 0-11).")
+                      "Workdir only: 'user' (default) or 'merged' (ATR-OS merged ids 0-11; "
+                      "for a workdir whose last stage is 2, its area ids 0-4).")
     flags.DEFINE_enum("head", None, HEADS, "Workdir only: the prediction head: ncm (nearest "
                       "centroid, SPEC §6), agm (attention guidance) or mean (the mean of both "
                       "heads' probabilities) (default: the config's eval.head, ncm); a "

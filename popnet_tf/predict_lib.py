@@ -353,8 +353,14 @@ def read_support(image_path: str, mask_path: str, predictor: Predictor,
         raise InputError(f"{mask_path}: the mask has {len(values)} classes ({list(values)}) but "
                          f"the model allows at most {limit}; merge some")
     if predictor.mask_values == "merged" and max(values) > limit:
+        # Predicting from a workdir, --mask_values is the user's flag, not an export's; and
+        # the likely cause is a raw ATR mask (ids 0-17: 12-17 are left/right parts, scarf).
+        names = classes.STAGE_CLASS_NAMES.get(
+            {n: s for s, n in classes.STAGE_NUM_CLASSES.items()}.get(predictor.num_classes), ())
+        meaning = ", ".join(f"{i} {n}" for i, n in enumerate(names) if i)
         raise InputError(f"{mask_path}: value {max(values)} is not a merged ATR-OS id 1..{limit}; "
-                         "this model was exported with --mask_values=merged")
+                         f"with --mask_values=merged the mask holds this model's ids ({meaning}); "
+                         "a raw ATR mask, ids 0-17, must be merged first (SPEC §2)")
     buffer = io.BytesIO()
     Image.fromarray(mask, "L").save(buffer, format="PNG")
     return Support(image_path, mask_path, photo.data, buffer.getvalue(), values, photo.orientation)

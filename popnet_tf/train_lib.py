@@ -103,7 +103,24 @@ def check_dataset_present(config) -> None:
     """Raises `integrity.DatasetMissingError` when the config's dataset is neither built
     nor the synthetic one (generated on first use): before anything is written."""
     data_dir = config.data.dir
-    if not config.data.synthetic and not os.path.exists(os.path.join(data_dir, "manifest.json")):
+    if os.path.exists(os.path.join(data_dir, "manifest.json")):
+        return
+    # The ATR download itself, given as the dataset: say to build it (the synthetic default
+    # would otherwise generate images beside it, then fail with a traceback).
+    if os.path.isdir(os.path.join(data_dir, "JPEGImages")):
+        built = data_dir.rstrip("/") + "_atr_os"
+        raise integrity.DatasetMissingError(
+            f"{data_dir}: an ATR-layout folder (JPEGImages/, SegmentationClassAug/), not a built "
+            f"ATR-OS dataset (no manifest.json). Build one from it first: python -m "
+            f"popnet_tf.data.build_atr_os --atr_root {data_dir} --out {built}, then train with "
+            f"--config.data.dir={built}")
+    if config.data.synthetic and os.path.isdir(data_dir) and os.listdir(data_dir):
+        raise integrity.DatasetMissingError(
+            f"{data_dir}: not empty and holds no manifest.json, so it is no built dataset, and the "
+            "synthetic one is only generated into a new or empty folder. Point "
+            "--config.data.dir at a built dataset (python -m popnet_tf.data.build_atr_os "
+            "--atr_root ... --out DIR) or at a new folder")
+    if not config.data.synthetic:
         raise integrity.DatasetMissingError(
             f"{data_dir}: no manifest.json. Build the dataset first: "
             f"python -m popnet_tf.data.build_atr_os --atr_root /path/to/ATR --out {data_dir} "

@@ -252,19 +252,22 @@ def test_official_lists_with_missing_ids(tmp_path):
     root, out = str(tmp_path / "atr"), str(tmp_path / "out")
     train, test = _official_ids()
     assert (len(train), len(test)) == (15000, 2706)
-    train_here = [train[i] for i in (9000, 3, 14999, 500, 42)]  # deliberately not sorted
-    test_here = [test[i] for i in (2705, 0, 7, 100, 1000, 1500, 2000, 2500, 11, 12, 13, 14)]
+    # Deliberately not sorted. The release's queries are train[:7501] and test[:201].
+    train_here = [train[i] for i in (9000, 3, 14999, 500, 42)]
+    test_here = [test[i] for i in (2705, 0, 7, 100, 1000, 1500, 2000, 2500, 11, 12, 13, 14,
+                                   201, 300, 2600, 2704, 2703)]
     rng = np.random.default_rng(0)
     for sid in train_here + test_here:
         _put(root, sid, _jpeg(_photo(rng)), _png(_mask_with({1, 2, 3})))
     m = b.build(root, out, split_lists="official",
                 **{**SMALL, "num_query_train": 2, "num_test_query": 1})
-    by_position = lambda ids, full: sorted(ids, key=full.index)  # noqa: E731
-    assert _ids(out, "q_train") == by_position(train_here, train)[:2]
-    assert _ids(out, "s_train") == by_position(train_here, train)[2:]
-    assert _ids(out, "q_test") == by_position(test_here, test)[:1]
-    assert _ids(out, "s_test") == by_position(test_here, test)[1:11]
-    assert len(m["rejected"]) == 15000 - 5 + 2706 - 12
+    pick = lambda full, idx: [full[i] for i in idx]  # noqa: E731
+    assert _ids(out, "q_train") == pick(train, (3, 42))  # 500, a query, is not a support
+    assert _ids(out, "s_train") == pick(train, (9000, 14999))
+    assert _ids(out, "q_test") == pick(test, (0,))
+    assert _ids(out, "s_test") == pick(test, (201, 300, 1000, 1500, 2000, 2500, 2600, 2703,
+                                              2704, 2705))
+    assert len(m["rejected"]) == 15000 - 5 + 2706 - 17
     missing = next(r for r in m["rejected"] if r["id"] == train[0])
     assert missing["path"] == f"JPEGImages/{train[0]}.jpg"
     assert missing["reason"].startswith("missing image:")
@@ -276,7 +279,7 @@ def test_cli_official_lists(tmp_path):
     root, out = str(tmp_path / "atr"), str(tmp_path / "out")
     train, test = _official_ids()
     rng = np.random.default_rng(1)
-    for sid in train[:3] + test[:11]:
+    for sid in train[:1] + train[7501:7503] + test[:1] + test[201:211]:
         _put(root, sid, _jpeg(_photo(rng)), _png(_mask_with({2, 8})))
     proc = subprocess.run(
         [sys.executable, "-m", "popnet_tf.data.build_atr_os", f"--atr_root={root}",
@@ -284,9 +287,53 @@ def test_cli_official_lists(tmp_path):
          "--num_test_query=1", "--num_test_support=10", "--num_workers=1"],
         cwd=REPO, capture_output=True, text=True, timeout=120, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _ids(out, "q_train") == train[:1] and _ids(out, "s_train") == train[1:3]
+    assert _ids(out, "q_train") == train[:1] and _ids(out, "s_train") == train[7501:7503]
     assert f"skipped {15000 - 3 + 2706 - 11} of {15000 + 2706} inputs" in proc.stderr
     assert f"{15000 - 3 + 2706 - 11} missing image" in proc.stderr
+
+
+def test_official_lists_log_bad_files_before_absent_ids(tmp_path, caplog):
+    """With the official lists almost every rejection is a listed id not in the folder; the
+    log's per-file lines showed the first 20 of those and hid a real bad mask."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    train, test = _official_ids()
+    rng = np.random.default_rng(3)
+    for sid in train[7499:7503] + test[199:213]:
+        _put(root, sid, _jpeg(_photo(rng)), _png(_mask_with({2, 8})))
+    bad = _mask_with({2, 8})
+    bad[0, 0] = 40
+    _put(root, train[7502], None, _png(bad))
+    with caplog.at_level(logging.INFO):
+        b.build(root, out, split_lists="official", **{**SMALL, "num_query_train": 5,
+                                                      "num_test_query": 5})
+    assert f"skipped {train[7502]}: label out of range" in caplog.text
+
+
+def test_official_lists_keep_the_release_split(tmp_path):
+    """--split_lists=official keeps the authors' split (train[:7501] and test[:201] are their
+    queries), whatever the numbers: the old first-N rule with the default 500 test queries
+    made release supports queries, and with ids missing it moved the boundary."""
+    root, out = str(tmp_path / "atr"), str(tmp_path / "out")
+    train, test = _official_ids()
+    rng = np.random.default_rng(2)
+    here = train[7499:7503] + test[199:213]
+    for sid in here:
+        _put(root, sid, _jpeg(_photo(rng)), _png(_mask_with({2, 8})))
+    b.build(root, out, split_lists="official", **{**SMALL, "num_query_train": 5,
+                                                  "num_test_query": 5})
+    assert _ids(out, "q_train") == train[7499:7501]
+    assert _ids(out, "s_train") == train[7501:7503]
+    assert _ids(out, "q_test") == test[199:201]
+    assert _ids(out, "s_test") == test[201:211]
+    # Too few of the release's test supports: refused, naming the part of the list.
+    shutil.rmtree(os.path.join(root, "JPEGImages"))
+    for sid in train[7499:7503] + test[199:212]:
+        _put(root, sid, _jpeg(_photo(rng)), _png(_mask_with({2, 8})))
+    for sid in test[203:212]:
+        os.remove(os.path.join(root, "JPEGImages", sid + ".jpg"))
+    with pytest.raises(b.DatasetError, match=r"s_test: 2 usable images among the release's "
+                                             r"supports \(entries 201-2705 of"):
+        b.build(root, str(tmp_path / "out2"), split_lists="official", **SMALL)
 
 
 # ----------------------------------------------------------------------------

@@ -108,6 +108,20 @@ def test_wrong_fold_refused(trained):
         eval_lib.evaluate(workdir, way="kway", fold=2, write=False)
 
 
+def test_dataset_rebuilt_since_training_refused(trained, tmp_path):
+    """A dataset rebuilt in the folder the workdir was trained on (another seed or other
+    numbers: its q_test may hold training images) was scored silently."""
+    _, workdir = trained
+    with open(os.path.join(workdir, train_lib.RUN_FILE)) as f:
+        record = json.load(f)
+    record["dataset"]["fingerprint"] = "0" * 16  # what training recorded, before a rebuild
+    other = tmp_path / "work"
+    other.mkdir()
+    (other / train_lib.RUN_FILE).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="which was rebuilt since"):
+        eval_lib.evaluate(str(other), way="kway", write=False)
+
+
 def test_missing_workdir_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="run.json"):
         eval_lib.evaluate(str(tmp_path), way="kway")

@@ -277,6 +277,9 @@ def test_palette_mask_values_are_indices_and_merged_limits(tmp_path, stub):
     merged = predict_lib.Predictor(fn=None, num_classes=12, mask_values="merged", source="stub")
     with pytest.raises(predict_lib.InputError, match="value 254 is not a merged ATR-OS id 1..11"):
         predict_lib.read_support(image, path, merged)
+    # The message named an export even for a workdir, and not the likely cause.
+    with pytest.raises(predict_lib.InputError, match="a raw ATR mask, ids 0-17, must be merged"):
+        predict_lib.read_support(image, path, merged)
 
 
 # ----------------------------------------------------------------------------- reading photos

@@ -87,8 +87,10 @@ def test_cli_writes_a_png(dataset, tmp_path):  # noqa: F811
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--data", "{raw}"], "FATAL FileNotFoundError: {raw}/manifest.json: no manifest; {raw} is not "
-                          "a built ATR-OS dataset"),
+    (["--data", "{raw}"], "FATAL FileNotFoundError: {raw}/manifest.json: no manifest; {raw} is an "
+                          "ATR-layout folder, not a built ATR-OS dataset. Build one from it with "
+                          "`python -m popnet_tf.data.build_atr_os --atr_root {raw} --out "
+                          "{raw}_atr_os`"),
     (["--stage", "4"], "FATAL ValueError: --stage must be 1, 2 or 3, got 4"),
     (["--fold", "3"], "FATAL ValueError: fold must be one of [1, 2], got 3"),
     (["--num", "0"], "FATAL ValueError: --num must be at least 1, got 0"),

@@ -583,3 +583,24 @@ def test_finished_stage_does_not_need_the_backbone_weight_file(tmp_path, data_co
     os.remove(path)
     train_lib.restore_stage(config, workdir, 1)
     train_lib.train(config, workdir, stage=1, fold=1)  # finished: evaluates it
+
+
+def test_raw_atr_folder_or_other_folder_as_dataset_refused_before_generating(tmp_path):
+    """`--config.data.dir` at the ATR download itself, with the default (synthetic) config:
+    synthetic images were generated beside it, then the build refused its folder with a
+    traceback. Now one DatasetMissingError naming the folder and the build command."""
+    config = synthetic_cpu.get_config("smoke")
+    raw = tmp_path / "ATR"
+    (raw / "JPEGImages").mkdir(parents=True)
+    (raw / "SegmentationClassAug").mkdir()
+    config.data.dir = str(raw)
+    with pytest.raises(integrity.DatasetMissingError,
+                       match=rf"an ATR-layout folder .* --atr_root {raw} --out {raw}_atr_os"):
+        train_lib.ensure_dataset(config)
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a dataset")
+    config.data.dir = str(other)
+    with pytest.raises(integrity.DatasetMissingError, match="not empty and holds no manifest"):
+        train_lib.ensure_dataset(config)
+    assert sorted(os.listdir(tmp_path)) == ["ATR", "photos"]  # nothing generated beside them

@@ -14,11 +14,16 @@ q_test and s_test, and `OUT/manifest.json` (docs/DESIGN.md). Each example holds
 the JPEG, a PNG of the **merged** ids 0-11 (255 kept) and the merged ids present.
 
 Rules (SPEC §5):
-- With id lists (`train_list`/`test_list`, or `split_lists="official"` for the
-  authors' lists in `popnet_tf/atr_os_official/`): q_train = the first
+- With id lists (`train_list`/`test_list`): q_train = the first
   `num_query_train` usable ids of the train list, s_train = the rest; q_test = the
   first `num_test_query` usable ids of the test list, s_test = the next
   `num_test_support`. Listed ids missing on disk are rejected with a reason.
+- With `split_lists="official"` (the authors' lists in `popnet_tf/atr_os_official/`):
+  the release's own split, whatever is missing. q_train = the usable ids among the
+  train list's first 7501 (its queries), at most `num_query_train`; s_train = the
+  usable ids among the rest (its supports); q_test = the usable ids among the test
+  list's first 201, at most `num_test_query`; s_test = the next usable supports,
+  at most `num_test_support`.
 - Without lists: the sorted usable ids are shuffled with `seed`; the first
   `num_test` form the test list, the others the train list (in that shuffled
   order), then the same rule.
@@ -116,6 +121,10 @@ MANIFEST_NAME = "manifest.json"
 OFFICIAL = "official"
 _OFFICIAL_FILES = ("atr_os_official/meta_train_id.txt", "atr_os_official/meta_test_id.txt")
 _STAGING_NAME = "staging.bin"
+# The authors' loader takes, in each official list, the ids before these indices as
+# queries and the rest as supports (atr_os_official/README.md; the indices of the
+# release's class lists, meta_*_supports.json, say the same).
+OFFICIAL_QUERIES = {"train": 7501, "test": 201}
 
 # Kinds of rejection: the first words of each reason, counted in the summary.
 MISSING_IMAGE = "missing image"
@@ -782,7 +791,8 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
         num_inputs = len(tasks) + len(prior)
         try:
             splits = _make_splits(staged, lists, tasks, num_test_eff, num_query_train,
-                                  num_test_query, num_test_support, seed, atr_root)
+                                  num_test_query, num_test_support, seed, atr_root,
+                                  official=split_lists == OFFICIAL)
         except DatasetError:
             _log_skipped(rejected, num_inputs)  # the error refers to these
             raise
@@ -984,12 +994,21 @@ def _log_skipped(rejected: list[_Rejection], num_inputs: int) -> None:
                         sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
     logging.warning("skipped %d of %d inputs: %s (each listed with its reason in "
                     "the manifest's 'rejected').", len(rejected), num_inputs, summary)
-    for r in rejected[:20]:
+    # Files that are there but unusable first: with lists (the official ones name 17706
+    # ids) most rejections are ids with neither file here, which would hide them.
+    shown = sorted(rejected, key=_absent_id)[:20]
+    for r in shown:
         logging.info("  skipped %s: %s: %s", r.source_id, r.kind, r.detail)
 
 
+def _absent_id(r: _Rejection) -> bool:
+    """Whether a rejection is an id with neither image nor mask (a listed id not in the
+    folder): its path is then the image it lacks (`_process`)."""
+    return r.kind == MISSING_IMAGE and r.path.startswith(f"{IMAGE_DIR}/")
+
+
 def _make_splits(staged, lists, tasks, num_test, num_query_train, num_test_query,
-                 num_test_support, seed, atr_root) -> dict[str, list[str]]:
+                 num_test_support, seed, atr_root, official=False) -> dict[str, list[str]]:
     """{split: ids in file order} by the rules of SPEC §5 (module docstring)."""
     if lists is None:
         usable = sorted(staged)
@@ -1000,6 +1019,9 @@ def _make_splits(staged, lists, tasks, num_test, num_query_train, num_test_query
         order = np.random.default_rng(seed).permutation(len(usable))
         shuffled = [usable[i] for i in order]
         test_ids, train_ids = shuffled[:num_test], shuffled[num_test:]
+    elif official:
+        return _official_splits(staged, lists, num_query_train, num_test_query,
+                                num_test_support)
     else:
         train_ids = [i for i in lists[0] if i in staged]
         test_ids = [i for i in lists[1] if i in staged]
@@ -1022,6 +1044,41 @@ def _make_splits(staged, lists, tasks, num_test, num_query_train, num_test_query
         logging.info("%d usable test images beyond num_test_query + num_test_support "
                      "are not used.", unused)
     return {"q_train": q_train, "s_train": s_train, "q_test": q_test, "s_test": s_test}
+
+
+def _official_splits(staged, lists, num_query_train, num_test_query,
+                     num_test_support) -> dict[str, list[str]]:
+    """Splits of the authors' lists: the release's query ids (the first
+    OFFICIAL_QUERIES[list] of each list) form q_train / q_test and its support ids
+    s_train / s_test, usable ids in list order, q_train, q_test and s_test capped by
+    their numbers. The first-N rule of other lists would move supports of the release
+    into q_train / q_test whenever N is not the release's count (the defaults 8000 and
+    500 are not) or ids are missing."""
+    train, test = lists[0], lists[1]
+    end = OFFICIAL_QUERIES
+    usable = lambda ids: [i for i in ids if i in staged]  # noqa: E731
+    splits = {"q_train": usable(train[:end["train"]])[:num_query_train],
+              "s_train": usable(train[end["train"]:]),
+              "q_test": usable(test[:end["test"]])[:num_test_query],
+              "s_test": usable(test[end["test"]:])[:num_test_support]}
+    parts = {"q_train": (lists[2], f"0-{end['train'] - 1}", 1),
+             "s_train": (lists[2], f"{end['train']}-{len(train) - 1}", 1),
+             "q_test": (lists[3], f"0-{end['test'] - 1}", 1),
+             "s_test": (lists[3], f"{end['test']}-{len(test) - 1}", NUM_TEST_SUPPORTS)}
+    for split, (source, lines, needed) in parts.items():
+        if len(splits[split]) < needed:
+            raise DatasetError(
+                f"{split}: {len(splits[split])} usable images among the release's "
+                f"{'queries' if split.startswith('q') else 'supports'} (entries {lines} of "
+                f"{source}) but at least {needed} are needed; the other listed ids are "
+                "missing from --atr_root or rejected (see the log). Provide the missing images.")
+    for split, asked in (("q_train", num_query_train), ("q_test", num_test_query),
+                         ("s_test", num_test_support)):
+        if len(splits[split]) < asked:
+            logging.info("Official lists: %s holds %d images, all the usable ones of the "
+                         "release's part, fewer than the %d asked.", split, len(splits[split]),
+                         asked)
+    return splits
 
 
 def _write_splits(tmp_dir, splits, staged, num_shards, progress) -> dict:
@@ -1084,12 +1141,14 @@ def _define_flags():
                         "--num_test_query usable ones form q_test, the next "
                         "--num_test_support s_test.")
     flags.DEFINE_enum("split_lists", None, [OFFICIAL], "'official': use the authors' "
-                      "released lists (popnet_tf/atr_os_official/) instead of "
-                      "--train_list/--test_list.")
+                      "released lists (popnet_tf/atr_os_official/) and their split into queries "
+                      "and supports, instead of --train_list/--test_list.")
     flags.DEFINE_integer("num_test", None, "Without lists: images held out for test "
                          "(default --num_test_query + --num_test_support).")
-    flags.DEFINE_integer("num_query_train", 8000, "Size of q_train (SPEC §5: 8000).")
-    flags.DEFINE_integer("num_test_query", 500, "Size of q_test (SPEC §5: 500).")
+    flags.DEFINE_integer("num_query_train", 8000, "Size of q_train (SPEC §5: 8000; with "
+                         "--split_lists=official at most the release's 7501 queries).")
+    flags.DEFINE_integer("num_test_query", 500, "Size of q_test (SPEC §5: 500; with "
+                         "--split_lists=official at most the release's 201 queries).")
     flags.DEFINE_integer("num_test_support", 500, "Size of s_test (SPEC §5: 500); the "
                          f"{NUM_TEST_SUPPORTS} fixed test supports come from it.")
     flags.DEFINE_integer("num_shards", None, "Shards per split (default: up to 1000 "

@@ -67,6 +67,13 @@ def load_manifest(data_dir: str) -> dict:
     """
     path = os.path.join(data_dir, "manifest.json")
     if not tf.io.gfile.exists(path):
+        # The ATR download itself given as the dataset: build from it into another folder
+        # (the builder will not write into a folder that is not a dataset).
+        if tf.io.gfile.isdir(os.path.join(data_dir, "JPEGImages")):
+            raise FileNotFoundError(
+                f"{path}: no manifest; {data_dir} is an ATR-layout folder, not a built ATR-OS "
+                f"dataset. Build one from it with `python -m popnet_tf.data.build_atr_os "
+                f"--atr_root {data_dir} --out {data_dir.rstrip('/')}_atr_os` and use that.")
         raise FileNotFoundError(
             f"{path}: no manifest; {data_dir} is not a built ATR-OS dataset. Build one with "
             f"`python -m popnet_tf.data.build_atr_os --atr_root ATR --out {data_dir}`.")
