@@ -272,6 +272,10 @@ def test_official_lists_with_missing_ids(tmp_path):
     assert missing["path"] == f"JPEGImages/{train[0]}.jpg"
     assert missing["reason"].startswith("missing image:")
     assert m["source"]["split_lists"] == "official"
+    # A held-out count means nothing with lists: refused, not silently ignored.
+    with pytest.raises(b.DatasetError, match="num_test=40 applies only without split lists"):
+        b.build(root, str(tmp_path / "out2"), split_lists="official", num_test=40, **SMALL)
+    assert not os.path.exists(tmp_path / "out2")
 
 
 def test_cli_official_lists(tmp_path):

@@ -748,6 +748,11 @@ def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
     if split_lists in ("", "none"):
         split_lists = None
     lists = _resolve_lists(train_list, test_list, split_lists)
+    if lists is not None and num_test is not None:
+        # With lists the test images are the test list's: a held-out count would be ignored.
+        raise DatasetError(f"num_test={num_test} applies only without split lists; with "
+                           "lists the test ids are the test list's (size q_test and s_test "
+                           "with num_test_query and num_test_support)")
     num_test_eff = None
     if lists is None:
         num_test_eff = num_test if num_test is not None else num_test_query + num_test_support
@@ -1172,6 +1177,8 @@ def main(argv):
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
     FLAGS = flags.FLAGS
+    if FLAGS["seed"].present and (FLAGS.split_lists or FLAGS.train_list or FLAGS.test_list):
+        logging.warning("--seed is not used with split lists: the lists fix every split.")
     try:
         build(FLAGS.atr_root, FLAGS.out, train_list=FLAGS.train_list,
               test_list=FLAGS.test_list, split_lists=FLAGS.split_lists,
