@@ -239,6 +239,14 @@ def _kway_results(matrix, absent_matrix, supports, stage, fold, fold_set, **extr
     names = classes.STAGE_CLASS_NAMES[stage]
     summary = metrics.kway_summary(matrix.result(), classes.novel_ids(stage, fold, fold_set), names)
     summary.update(extra)
+    # A class with no ground-truth pixel in any pair (after SPEC §5's relabelling) drops out
+    # of the means: novel MIoU over fewer classes says something else, so say which.
+    unseen = [names[c] for c in np.flatnonzero(matrix.result().sum(axis=1) == 0)]
+    if unseen:
+        logging.warning("k-way: no pair's ground truth holds %s: a class with no true pixel "
+                        "scores IoU 0 if it is predicted anywhere and is left out of the "
+                        "MIoUs otherwise", ", ".join(unseen))
+    summary["classes_without_ground_truth"] = unseen
     summary.update({"test_supports": [s.decode() for s in supports["source_id"].numpy()],
                     "confusion_matrix": matrix.result().tolist(),
                     "absent_class_confusion_matrix": absent_matrix.result().tolist(),

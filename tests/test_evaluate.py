@@ -346,3 +346,20 @@ def test_cli_way_choices_are_eval_libs():
     """The CLI lists the ways itself (it imports eval_lib, and TensorFlow, only after
     parsing its flags); the two lists must agree."""
     assert evaluate.WAYS == list(eval_lib.WAYS)
+
+
+def test_kway_results_name_classes_without_ground_truth(caplog):
+    """A class no test pair holds (e.g. a novel class absent from q_test) drops out of the
+    MIoUs; the summary and the log say which, instead of a quiet 'n/a' in the table."""
+    names = classes.STAGE_CLASS_NAMES[3]
+    matrix, absent = metrics.ConfusionMatrix(len(names)), metrics.ConfusionMatrix(len(names))
+    labels = np.arange(len(names))
+    labels[names.index("hat")] = 0  # hat never true, and never predicted either
+    matrix.update(labels, labels)
+    supports = {"source_id": tf.constant([b"s0", b"s1"])}
+    with caplog.at_level("WARNING"):
+        summary = eval_lib._kway_results(matrix, absent, supports, stage=3, fold=2,
+                                         fold_set="paper")
+    assert summary["classes_without_ground_truth"] == ["hat"]
+    assert summary["per_class_iou"]["hat"] is None
+    assert "no pair's ground truth holds hat" in caplog.text
