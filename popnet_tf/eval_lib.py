@@ -27,10 +27,10 @@ from absl import logging
 from keras.utils import Progbar
 from ml_collections import config_dict
 
-from popnet_tf import classes, losses, metrics
+from popnet_tf import classes, integrity, losses, metrics
 from popnet_tf.data import episodes
 from popnet_tf.models import baselines
-from popnet_tf.models.stages import gate_by_foreground
+from popnet_tf.models.stages import PREDICTION_HEADS, gate_by_foreground
 
 
 def test_prototypes(model, static, presence):
@@ -355,17 +355,106 @@ def load_run(workdir: str) -> tuple[config_dict.ConfigDict, int]:
         raise FileNotFoundError(
             f"{path}: not found; is {workdir} a training workdir? Train first: "
             f"python -m popnet_tf.train --workdir {workdir} --fold 1 --stage 3")
-    with open(path) as f:
-        record = json.load(f)
+    record = _read_run(path)
     if "config" not in record:
         raise ValueError(f"{path}: holds no 'config'; pass --config=<the training config>")
     return config_dict.ConfigDict(record["config"]), int(record["fold"])
+
+
+def _read_run(path: str) -> dict:
+    """run.json as a dict; a damaged one is a ValueError naming the file (json's own
+    message says neither which file nor what to do)."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: damaged, not JSON ({e}); training writes it, so retrain "
+                         "or restore the file") from None
+    if not isinstance(record, dict) or "fold" not in record:
+        raise ValueError(f"{path}: not a run record (no 'fold'); retrain or restore the file")
+    return record
+
+
+# What a --config may not change in a trained workdir: the fold set decides the novel
+# classes, method and KIM which networks are built. A checkpoint restores into a model
+# built without KIM or as a baseline (their variables are a subset of POPNet's), so
+# without this check the numbers came out under the wrong name. Shapes (filters,
+# backbone...) are refused by the restore itself; eval-time options
+# (dynamic_prototypes, heads) may differ on purpose.
+def _run_defining(record: dict) -> dict:
+    """{dotted config field: value in training} of the fields a --config must keep
+    (run.json's defaults for records older than a field)."""
+    model = record.get("model") or {}
+    return {"data.fold_set": record.get("fold_set", "paper"),
+            "model.method": model.get("method", "popnet"), "model.kim": model.get("kim", True)}
+
+
+def check_config_matches_run(workdir: str, config) -> None:
+    """Refuses a --config that differs from the training's run.json in the fold set,
+    the method or KIM (one ValueError naming the fields)."""
+    from popnet_tf import train_lib  # train_lib imports this module
+
+    path = os.path.join(workdir, train_lib.RUN_FILE)
+    differences = []
+    for dotted, was in _run_defining(_read_run(path)).items():
+        section, key = dotted.split(".")
+        asked = config[section].get(key, was)
+        if asked != was:
+            differences.append(f"{dotted}={was!r} in training, {asked!r} in --config")
+    if differences:
+        raise ValueError(f"{path}: --config does not match this workdir's training ("
+                         + "; ".join(differences) + "); evaluate with the training's config "
+                         "(leave --config out) or train another workdir")
+
+
+def check_dataset(workdir: str, data_dir: str) -> None:
+    """The dataset is intact (`integrity.verify_dataset`: a truncated shard used to end
+    the evaluation in a DataLossError traceback) and is the one the workdir was trained
+    on (run.json's fingerprint, as training checks it): another dataset at the same
+    path, rebuilt with another split, would score on other, maybe training, images."""
+    from popnet_tf import train_lib  # train_lib imports this module
+
+    manifest = integrity.verify_dataset(data_dir)
+    path = os.path.join(workdir, train_lib.RUN_FILE)
+    old = _read_run(path).get("dataset")
+    fingerprint = train_lib.dataset_fingerprint(manifest)
+    if old and old.get("fingerprint") and old["fingerprint"] != fingerprint:
+        raise integrity.RunConfigError(
+            f"{path}: this workdir was trained on the dataset {old.get('dir')} (fingerprint "
+            f"{old['fingerprint']}), but {data_dir} holds another dataset (fingerprint "
+            f"{fingerprint}); evaluate on the dataset it was trained on "
+            "(--config=<its config> --config.data.dir=<its folder>)")
+
+
+def _test_counts(config, max_queries, pairs_per_class, num_examples) -> tuple[int | None, int]:
+    """(max_queries, pairs_per_class) with the config's defaults, checked: a negative
+    --max_queries used to score every query (take(-1)), --pairs_per_class 0 to write an
+    empty results.json over the previous one."""
+    if max_queries is None:
+        max_queries, where = config.eval.max_queries, "config.eval.max_queries"
+    else:
+        where = "--max_queries"
+    if not isinstance(max_queries, int) or max_queries < 0:
+        raise ValueError(f"{where}={max_queries!r}: must be an integer >= 0 (0 = all queries)")
+    if pairs_per_class is None:
+        pairs_per_class, where = config.eval.oneway_pairs_per_class, "config.eval.oneway_pairs_per_class"
+    else:
+        where = "--pairs_per_class"
+    if not isinstance(pairs_per_class, int) or pairs_per_class < 1:
+        raise ValueError(f"{where}={pairs_per_class!r}: must be an integer >= 1")
+    if num_examples < 0:
+        raise ValueError(f"--num_examples={num_examples}: must be >= 0 (0: no gallery)")
+    return max_queries or None, pairs_per_class
 
 
 def eval_head(config) -> str:
     """The prediction head to score: config.eval.head for POPNet, the model's own
     prediction ("model") for a baseline."""
     method = config.model.get("method", "popnet")
+    if config.eval.head not in PREDICTION_HEADS + ("model",):
+        # Else _head_probs took any unknown name for the mean of both heads.
+        raise ValueError(f"config.eval.head={config.eval.head!r}: choose one of "
+                         f"{', '.join(PREDICTION_HEADS + ('model',))}")
     if method != "popnet":
         if config.eval.head != "model":
             logging.warning("eval.head=%r ignored: the %s baseline has its own prediction",
@@ -559,6 +648,8 @@ def evaluate(workdir: str, *, way: str = "kway", fold: int | None = None, config
     if stage not in (2, 3):
         raise ValueError(f"--stage must be 2 or 3 (the one-shot stages), got {stage!r}")
     recorded, recorded_fold = load_run(workdir)
+    if config is not None:
+        check_config_matches_run(workdir, config)
     config = config if config is not None else recorded
     fold = recorded_fold if fold is None else int(fold)
     if fold != recorded_fold:
@@ -566,16 +657,16 @@ def evaluate(workdir: str, *, way: str = "kway", fold: int | None = None, config
                          f"not fold {fold}; novel classes would be wrong. Use --fold {recorded_fold}")
     method = config.model.get("method", "popnet")
     head = eval_head(config)
-    if max_queries is None:
-        max_queries = config.eval.max_queries or None
-    if pairs_per_class is None:
-        pairs_per_class = config.eval.oneway_pairs_per_class
+    max_queries, pairs_per_class = _test_counts(config, max_queries, pairs_per_class, num_examples)
     if foreground_gate is None:
         foreground_gate = bool(config.eval.get("foreground_gate", False))
     if foreground_gate and method != "popnet":
         raise ValueError(f"--foreground_gate needs POPNet's stage 1; the {method} baseline "
                          "has none")
     data_dir = train_lib.ensure_dataset(config)
+    check_dataset(workdir, data_dir)
+    if write:  # an unwritable output folder fails now, not after the whole evaluation
+        integrity.check_workdir(eval_dir(workdir, fold, way, foreground_gate))
     checkpoint = tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, stage))
     if checkpoint is None:
         raise FileNotFoundError(f"{train_lib.checkpoint_dir(workdir, stage)}: no checkpoint; "

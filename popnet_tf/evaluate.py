@@ -81,7 +81,10 @@ def main(argv):
                            config=f.config, stage=int(f.stage), max_queries=f.max_queries,
                            pairs_per_class=f.pairs_per_class, foreground_gate=f.foreground_gate,
                            num_examples=f.num_examples)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
+        # Mistakes and conditions, not bugs (no workdir or checkpoint, a damaged run.json or
+        # dataset, a --config of another training, an unwritable W/eval: WorkdirError is an
+        # OSError): one line naming the file or flag, exit status 1.
         raise SystemExit(f"FATAL {type(e).__name__}: {e}") from None
     print(eval_lib.format_results(results))
     print(f"Written to {eval_lib.eval_dir(f.workdir, results['fold'], results['way'], results.get('foreground_gate', False))}")
