@@ -753,6 +753,9 @@ def write_outputs(results: dict, examples: list, workdir: str) -> str:
         with writer.as_default(step=0):
             rows = np.stack([show.episode_panel(e, stage) for e in examples])
             tf.summary.image("eval/episodes", rows, max_outputs=len(examples))
+    elif os.path.exists(os.path.join(out_dir, GALLERY_FILE)):
+        # --num_examples 0: a gallery of an earlier evaluation would sit beside these results.
+        os.remove(os.path.join(out_dir, GALLERY_FILE))
     writer.flush()
     return out_dir
 

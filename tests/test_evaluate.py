@@ -396,3 +396,14 @@ def test_unwritable_eval_folder_fails_before_the_evaluation(trained, tmp_path, m
     monkeypatch.setattr(train_lib, "restore_stage", lambda *a, **k: pytest.fail("evaluated first"))
     with pytest.raises(OSError, match="eval/fold1_kway: cannot write"):
         eval_lib.evaluate(str(work), way="kway", progress=False)
+
+
+def test_no_examples_leave_no_earlier_gallery(tmp_path):
+    results = {"fold": 1, "way": "kway", "stage": 3, "method": "popnet", "num_pairs": 0,
+               "head": "ncm", "checkpoint": "c", "human_miou": 0.5}
+    out = eval_lib.eval_dir(str(tmp_path), 1, "kway")
+    os.makedirs(out)
+    with open(os.path.join(out, eval_lib.GALLERY_FILE), "wb") as f:
+        f.write(b"an earlier run's gallery")
+    eval_lib.write_outputs(results, [], str(tmp_path))
+    assert not os.path.exists(os.path.join(out, eval_lib.GALLERY_FILE))
