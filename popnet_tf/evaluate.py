@@ -8,7 +8,10 @@ Usage:
 
 The config and fold are those recorded in `W/run.json` by training. `--config`
 replaces the config, and only with it given can `--config.<key>=<value>` override
-one value (`--config=configs/synthetic_cpu.py --config.eval.head=agm`). Writes
+one value (`--config=configs/synthetic_cpu.py --config.eval.head=agm`); it must keep
+the training's fold set, method and KIM (else the checkpoint would be scored as
+another model or with other novel classes: refused), and its dataset must be the one
+trained on (run.json's fingerprint; a moved copy is fine). Writes
 `W/eval/fold<F>_<way>/`:
     results.json   the §8 metrics as fractions 0–1 (human_miou, novel_miou,
                    base_miou, overall_acc, bi_iou for one-way, per_class_iou by
@@ -51,7 +54,10 @@ def _define_flags():
 
     config_flags.DEFINE_config_file(
         "config", None, "Config replacing the one in <workdir>/run.json (optional); "
-        "with it, --config.<key>=<value> overrides one value (not without --config).",
+        "with it, --config.<key>=<value> overrides one value (not without --config). "
+        "Its data.fold_set, model.method and model.kim must be the training's; "
+        "eval-time values (eval.head, model.dynamic_prototypes, data.dir of a moved "
+        "dataset) may differ.",
         lock_config=True)
     flags.DEFINE_string("workdir", None, "Training workdir to evaluate.", required=True)
     flags.DEFINE_enum("fold", None, ["1", "2"], "Fold (default: the one in run.json).")
