@@ -340,10 +340,12 @@ TABLE_FILE = "table.md"
 GALLERY_FILE = "gallery.png"
 
 
-def eval_dir(workdir: str, fold: int, way: str, foreground_gate: bool = False) -> str:
-    """W/eval/fold<F>_<way>/, or fold<F>_<way>_foreground_gate/ for gated results."""
-    return os.path.join(workdir, "eval",
-                        f"fold{fold}_{way}" + ("_foreground_gate" if foreground_gate else ""))
+def eval_dir(workdir: str, fold: int, way: str, foreground_gate: bool = False,
+             stage: int = 3) -> str:
+    """W/eval/fold<F>_<way>/, with `_stage2` for stage 2 (its results used to overwrite
+    stage 3's) and `_foreground_gate` for gated results."""
+    return os.path.join(workdir, "eval", f"fold{fold}_{way}" + ("" if stage == 3 else f"_stage{stage}")
+                        + ("_foreground_gate" if foreground_gate else ""))
 
 
 def load_run(workdir: str) -> tuple[config_dict.ConfigDict, int]:
@@ -666,7 +668,7 @@ def evaluate(workdir: str, *, way: str = "kway", fold: int | None = None, config
     data_dir = train_lib.ensure_dataset(config)
     check_dataset(workdir, data_dir)
     if write:  # an unwritable output folder fails now, not after the whole evaluation
-        integrity.check_workdir(eval_dir(workdir, fold, way, foreground_gate))
+        integrity.check_workdir(eval_dir(workdir, fold, way, foreground_gate, stage))
     checkpoint = tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, stage))
     if checkpoint is None:
         raise FileNotFoundError(f"{train_lib.checkpoint_dir(workdir, stage)}: no checkpoint; "
@@ -731,7 +733,8 @@ def write_outputs(results: dict, examples: list, workdir: str) -> str:
     and gallery rows in TensorBoard. Returns the folder."""
     from popnet_tf import train_lib  # train_lib imports this module
 
-    out_dir = eval_dir(workdir, results["fold"], results["way"], results.get("foreground_gate", False))
+    out_dir = eval_dir(workdir, results["fold"], results["way"], results.get("foreground_gate", False),
+                       results.get("stage", 3))
     os.makedirs(out_dir, exist_ok=True)
     train_lib.write_json_atomic(os.path.join(out_dir, RESULTS_FILE), results)
     with open(os.path.join(out_dir, TABLE_FILE), "w") as f:

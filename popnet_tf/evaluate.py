@@ -12,7 +12,7 @@ one value (`--config=configs/synthetic_cpu.py --config.eval.head=agm`); it must 
 the training's fold set, method and KIM (else the checkpoint would be scored as
 another model or with other novel classes: refused), and its dataset must be the one
 trained on (run.json's fingerprint; a moved copy is fine). Writes
-`W/eval/fold<F>_<way>/`:
+`W/eval/fold<F>_<way>/` (`fold<F>_<way>_stage2/` with `--stage 2`):
     results.json   the §8 metrics as fractions 0–1 (human_miou, novel_miou,
                    base_miou, overall_acc, bi_iou for one-way, per_class_iou by
                    class name), head, num_pairs, method, config, checkpoint,
@@ -62,7 +62,8 @@ def _define_flags():
     flags.DEFINE_string("workdir", None, "Training workdir to evaluate.", required=True)
     flags.DEFINE_enum("fold", None, ["1", "2"], "Fold (default: the one in run.json).")
     flags.DEFINE_enum("way", "kway", WAYS, "k-way (ten supports) or one-way OSHP (SPEC §5).")
-    flags.DEFINE_enum("stage", "3", ["2", "3"], "One-shot stage to score (3: the 12 classes).")
+    flags.DEFINE_enum("stage", "3", ["2", "3"], "One-shot stage to score (3: the 12 classes; 2: the "
+                      "5 areas, written to W/eval/fold<F>_<way>_stage2/).")
     flags.DEFINE_integer("max_queries", None, "k-way: q_test queries to use "
                          "(default: config.eval.max_queries; 0 = all).")
     flags.DEFINE_integer("pairs_per_class", None, "one-way: pairs per class "
@@ -93,7 +94,7 @@ def main(argv):
         # OSError): one line naming the file or flag, exit status 1.
         raise SystemExit(f"FATAL {type(e).__name__}: {e}") from None
     print(eval_lib.format_results(results))
-    print(f"Written to {eval_lib.eval_dir(f.workdir, results['fold'], results['way'], results.get('foreground_gate', False))}")
+    print(f"Written to {eval_lib.eval_dir(f.workdir, results['fold'], results['way'], results.get('foreground_gate', False), results['stage'])}")
 
 
 if __name__ == "__main__":

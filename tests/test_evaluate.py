@@ -407,3 +407,12 @@ def test_no_examples_leave_no_earlier_gallery(tmp_path):
         f.write(b"an earlier run's gallery")
     eval_lib.write_outputs(results, [], str(tmp_path))
     assert not os.path.exists(os.path.join(out, eval_lib.GALLERY_FILE))
+
+
+def test_stage2_results_do_not_overwrite_stage3s(tmp_path):
+    results = {"fold": 1, "way": "kway", "method": "popnet", "num_pairs": 0, "head": "ncm",
+               "checkpoint": "c", "human_miou": 0.5}
+    three = eval_lib.write_outputs({**results, "stage": 3}, [], str(tmp_path))
+    two = eval_lib.write_outputs({**results, "stage": 2}, [], str(tmp_path))
+    assert os.path.basename(three) == "fold1_kway" and os.path.basename(two) == "fold1_kway_stage2"
+    assert json.load(open(os.path.join(three, "results.json")))["stage"] == 3
