@@ -155,16 +155,32 @@ def evaluate_run(workdir: str, way: str, eval_kwargs: dict) -> dict:
     from popnet_tf import eval_lib
 
     path = os.path.join(eval_lib.eval_dir(workdir, int(_fold_of(workdir)), way), eval_lib.RESULTS_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f)
+    results = _saved_results(path)
+    if results is not None:
         wanted = eval_kwargs["max_queries"] if way == "kway" else eval_kwargs["pairs_per_class"]
-        have = results["max_queries"] if way == "kway" else results["pairs_per_class"]
+        have = results.get("max_queries") if way == "kway" else results.get("pairs_per_class")
         if have == wanted:
             return results
     kwargs = ({"max_queries": eval_kwargs["max_queries"]} if way == "kway"
               else {"pairs_per_class": eval_kwargs["pairs_per_class"]})
     return eval_lib.evaluate(workdir, way=way, progress=False, num_examples=6, **kwargs)
+
+
+def _saved_results(path: str) -> dict | None:
+    """An earlier evaluation's results.json, or None when there is none or it is damaged
+    (a killed write, an edit): evaluated again rather than ending the study in a
+    JSONDecodeError traceback hours into it."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as e:
+        from absl import logging
+
+        logging.warning("%s: unreadable (%s); evaluating again", path, e)
+        return None
+    return results if isinstance(results, dict) else None
 
 
 def _fold_of(workdir: str) -> int:

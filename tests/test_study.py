@@ -58,3 +58,16 @@ def test_relative_paths_are_the_callers(tmp_path, monkeypatch):
     assert study._from_repo("out.md") == str(tmp_path / "out.md")
     monkeypatch.chdir(study.REPO)
     assert study._from_repo("docs/RESULTS.md") == os.path.join("docs", "RESULTS.md")
+
+
+def test_damaged_saved_results_are_evaluated_again(tmp_path, monkeypatch):
+    """A damaged results.json of an earlier invocation ended the study in a traceback."""
+    study = load_script("study")
+    from popnet_tf import eval_lib
+
+    (tmp_path / "run.json").write_text('{"fold": 1}')
+    out = tmp_path / "eval" / "fold1_kway"
+    out.mkdir(parents=True)
+    (out / "results.json").write_text('{"max_queries": 2')
+    monkeypatch.setattr(eval_lib, "evaluate", lambda *a, **k: {"again": True})
+    assert study.evaluate_run(str(tmp_path), "kway", {"max_queries": 2}) == {"again": True}
