@@ -60,7 +60,8 @@ def _define_flags():
         "dataset) may differ.",
         lock_config=True)
     flags.DEFINE_string("workdir", None, "Training workdir to evaluate.", required=True)
-    flags.DEFINE_enum("fold", None, ["1", "2"], "Fold (default: the one in run.json).")
+    flags.DEFINE_enum("fold", None, ["1", "2"], "Fold (default: the one in run.json; "
+                      "any other is refused, since the novel classes would be wrong).")
     flags.DEFINE_enum("way", "kway", WAYS, "k-way (ten supports) or one-way OSHP (SPEC §5).")
     flags.DEFINE_enum("stage", "3", ["2", "3"], "One-shot stage to score (3: the 12 classes; 2: the "
                       "5 areas, written to W/eval/fold<F>_<way>_stage2/).")
@@ -68,7 +69,8 @@ def _define_flags():
                          "(default: config.eval.max_queries; 0 = all).")
     flags.DEFINE_integer("pairs_per_class", None, "one-way: pairs per class "
                          "(default: config.eval.oneway_pairs_per_class).")
-    flags.DEFINE_integer("num_examples", 6, "Episodes in the gallery.")
+    flags.DEFINE_integer("num_examples", 6, "Episodes in the gallery and TensorBoard "
+                         "(0: none, and no gallery.png).")
     flags.DEFINE_bool("foreground_gate", None, "Gate the prediction by stage 1's human "
                       "probability, so that background cannot take a class (default: "
                       "config.eval.foreground_gate, off: SPEC §6's NCM prediction). Results "
