@@ -1302,15 +1302,10 @@ def summary_markdown(report: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_markdown(path: str, report: dict) -> None:
-    """Writes the report's Markdown between the `BEGIN` and `END` markers of `path`,
-    leaving the rest of the file as it is (the hand-written "Changes and their
-    effect"). A new file gets `MARKDOWN_TEMPLATE`; a file without markers gets them
-    appended.
-
-    Example:
-        >>> write_markdown("docs/PERFORMANCE.md", json.load(open("docs/bench.json")))
-    """
+def _markdown_frame(path: str) -> tuple[str, int, int]:
+    """(text, begin, end) of the Markdown file to write into: its text (the template for
+    a new file, markers appended to a file without them) and the markers' offsets.
+    Raises ValueError for broken markers (main checks it before measuring)."""
     text = MARKDOWN_TEMPLATE
     if os.path.exists(path):
         with open(path) as f:
@@ -1322,6 +1317,19 @@ def write_markdown(path: str, report: dict) -> None:
     elif begin < 0 or end < begin or text.count(BEGIN) > 1 or text.count(END) > 1:
         raise ValueError(f"{path}: expected one {BEGIN} line before one {END} line; fix the "
                          "markers (the generated part goes between them)")
+    return text, begin, end
+
+
+def write_markdown(path: str, report: dict) -> None:
+    """Writes the report's Markdown between the `BEGIN` and `END` markers of `path`,
+    leaving the rest of the file as it is (the hand-written "Changes and their
+    effect"). A new file gets `MARKDOWN_TEMPLATE`; a file without markers gets them
+    appended.
+
+    Example:
+        >>> write_markdown("docs/PERFORMANCE.md", json.load(open("docs/bench.json")))
+    """
+    text, begin, end = _markdown_frame(path)
     text = text[:begin] + f"{BEGIN}\n{summary_markdown(report)}{END}" + text[end + len(END):]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -1432,6 +1440,55 @@ def _define_flags():
     return flags.FLAGS
 
 
+# Counts a run needs, with their least value: 0 repeats ended the peak section in a
+# StatisticsError traceback, 0 steps measured nothing and reported it.
+_LEAST = {"steps": 1, "repeats": 1, "warmup": 0, "model_repeats": 1, "model_warmup": 0,
+          "queries": 1, "matmul_size": 1, "intra_threads": 0, "inter_threads": 0}
+
+
+def read_report(path: str, flag: str) -> dict:
+    """A bench JSON report; missing or damaged: an OSError / ValueError naming the flag."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{flag}={path}: not a bench JSON report ({e})") from None
+    if not isinstance(report, dict) or "sections" not in report:
+        raise ValueError(f"{flag}={path}: not a bench JSON report (no 'sections')")
+    return report
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Refuses an output file that cannot be written, before hours of measuring (they
+    used to end in an IsADirectoryError or PermissionError traceback)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{flag}={path}: is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OSError(f"{flag}={path}: cannot write there ({e.strerror or e})") from None
+
+
+def check_flags(f) -> dict | None:
+    """Every flag value checked before measuring (counts, --out, --markdown and its
+    markers, the report --merge reads). Returns that report (None without --merge)."""
+    for name, least in _LEAST.items():
+        value = getattr(f, name)
+        if value < least:
+            raise ValueError(f"--{name}={value}: must be >= {least}")
+    for flag in ("out", "markdown"):
+        if getattr(f, flag):
+            check_writable(getattr(f, flag), f"--{flag}")
+    if f.markdown:
+        _markdown_frame(f.markdown)
+    if f.merge and os.path.exists(f.out):
+        return read_report(f.out, "--out")
+    return None
+
+
 def _command_line() -> str:
     return " ".join(["python -m popnet_tf.bench", *sys.argv[1:]])
 
@@ -1439,8 +1496,13 @@ def _command_line() -> str:
 def main(argv):
     del argv
     if FLAGS.summary:
-        with open(FLAGS.summary) as f:
-            report = json.load(f)
+        try:
+            report = read_report(FLAGS.summary, "--summary")
+            if FLAGS.markdown:
+                check_writable(FLAGS.markdown, "--markdown")
+                _markdown_frame(FLAGS.markdown)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"FATAL {type(e).__name__}: {e}") from None
         report["derive"] = derive(report)  # the current rules, on the stored figures
         print(summary_markdown(report))
         if FLAGS.markdown:
@@ -1448,10 +1510,11 @@ def main(argv):
         return
     if FLAGS.merge and not FLAGS.out:
         raise SystemExit("--merge needs --out: the report to update")
-    saved = None
-    if FLAGS.merge and os.path.exists(FLAGS.out):  # checked before hours of measuring
-        with open(FLAGS.out) as f:
-            saved = json.load(f)
+    try:  # checked before hours of measuring
+        saved = check_flags(FLAGS)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"FATAL {type(e).__name__}: {e}") from None
+    if saved is not None:
         if bool(saved.get("quick")) != FLAGS.quick:
             raise SystemExit(f"--merge: {FLAGS.out} is {'' if saved.get('quick') else 'not '}"
                              "a --quick report and this run is "

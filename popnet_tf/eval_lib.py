@@ -27,10 +27,10 @@ from absl import logging
 from keras.utils import Progbar
 from ml_collections import config_dict
 
-from popnet_tf import classes, losses, metrics
+from popnet_tf import classes, integrity, losses, metrics
 from popnet_tf.data import episodes
 from popnet_tf.models import baselines
-from popnet_tf.models.stages import gate_by_foreground
+from popnet_tf.models.stages import PREDICTION_HEADS, gate_by_foreground
 
 
 def test_prototypes(model, static, presence):
@@ -348,10 +348,12 @@ TABLE_FILE = "table.md"
 GALLERY_FILE = "gallery.png"
 
 
-def eval_dir(workdir: str, fold: int, way: str, foreground_gate: bool = False) -> str:
-    """W/eval/fold<F>_<way>/, or fold<F>_<way>_foreground_gate/ for gated results."""
-    return os.path.join(workdir, "eval",
-                        f"fold{fold}_{way}" + ("_foreground_gate" if foreground_gate else ""))
+def eval_dir(workdir: str, fold: int, way: str, foreground_gate: bool = False,
+             stage: int = 3) -> str:
+    """W/eval/fold<F>_<way>/, with `_stage2` for stage 2 (its results used to overwrite
+    stage 3's) and `_foreground_gate` for gated results."""
+    return os.path.join(workdir, "eval", f"fold{fold}_{way}" + ("" if stage == 3 else f"_stage{stage}")
+                        + ("_foreground_gate" if foreground_gate else ""))
 
 
 def load_run(workdir: str) -> tuple[config_dict.ConfigDict, int]:
@@ -363,33 +365,81 @@ def load_run(workdir: str) -> tuple[config_dict.ConfigDict, int]:
         raise FileNotFoundError(
             f"{path}: not found; is {workdir} a training workdir? Train first: "
             f"python -m popnet_tf.train --workdir {workdir} --fold 1 --stage 3")
-    with open(path) as f:
-        record = json.load(f)
+    record = _read_run(path)
     if "config" not in record:
         raise ValueError(f"{path}: holds no 'config'; pass --config=<the training config>")
     return config_dict.ConfigDict(record["config"]), int(record["fold"])
 
 
-def _check_trained_dataset(workdir: str, data_dir: str) -> None:
-    """Refuses the folder the workdir was trained on when the dataset there was rebuilt
-    since (another content: other seed, numbers, lists or images): its q_test may then hold
-    images the model was trained on, and the scores would look fine. Another folder,
-    chosen with --config.data.dir, is accepted with a warning (scoring on another dataset).
-    Workdirs without a record (older than it) are accepted."""
+def _read_run(path: str) -> dict:
+    """run.json as a dict; a damaged one is a ValueError naming the file (json's own
+    message says neither which file nor what to do)."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: damaged, not JSON ({e}); training writes it, so retrain "
+                         "or restore the file") from None
+    if not isinstance(record, dict) or "fold" not in record:
+        raise ValueError(f"{path}: not a run record (no 'fold'); retrain or restore the file")
+    return record
+
+
+# What a --config may not change in a trained workdir: the fold set decides the novel
+# classes, method and KIM which networks are built. A checkpoint restores into a model
+# built without KIM or as a baseline (their variables are a subset of POPNet's), so
+# without this check the numbers came out under the wrong name. Shapes (filters,
+# backbone...) are refused by the restore itself; eval-time options
+# (dynamic_prototypes, heads) may differ on purpose.
+def _run_defining(record: dict) -> dict:
+    """{dotted config field: value in training} of the fields a --config must keep
+    (run.json's defaults for records older than a field)."""
+    model = record.get("model") or {}
+    return {"data.fold_set": record.get("fold_set", "paper"),
+            "model.method": model.get("method", "popnet"), "model.kim": model.get("kim", True)}
+
+
+def check_config_matches_run(workdir: str, config) -> None:
+    """Refuses a --config that differs from the training's run.json in the fold set,
+    the method or KIM (one ValueError naming the fields)."""
     from popnet_tf import train_lib  # train_lib imports this module
 
     path = os.path.join(workdir, train_lib.RUN_FILE)
-    with open(path) as f:
-        old = json.load(f).get("dataset")
-    if not old:
+    differences = []
+    for dotted, was in _run_defining(_read_run(path)).items():
+        section, key = dotted.split(".")
+        asked = config[section].get(key, was)
+        if asked != was:
+            differences.append(f"{dotted}={was!r} in training, {asked!r} in --config")
+    if differences:
+        raise ValueError(f"{path}: --config does not match this workdir's training ("
+                         + "; ".join(differences) + "); evaluate with the training's config "
+                         "(leave --config out) or train another workdir")
+
+
+def check_dataset(workdir: str, data_dir: str) -> None:
+    """The dataset is intact (`integrity.verify_dataset`: a truncated shard used to end
+    the evaluation in a DataLossError traceback) and, in the folder the workdir was
+    trained on, still the dataset it was trained on (run.json's fingerprint, as training
+    checks it): rebuilt there since (other seed, numbers, lists or images), its q_test may
+    hold images the model was trained on, and the scores would look fine. Another folder,
+    chosen with --config.data.dir, is scored with a warning: cross-dataset evaluation
+    (say, a model trained on synthetic images scored on real ones) is a use, not a mistake.
+    Workdirs without a record (older than it) are accepted."""
+    from popnet_tf import train_lib  # train_lib imports this module
+
+    manifest = integrity.verify_dataset(data_dir)
+    path = os.path.join(workdir, train_lib.RUN_FILE)
+    old = _read_run(path).get("dataset")
+    if not old or not old.get("fingerprint"):
         return
-    fingerprint = train_lib.dataset_fingerprint(episodes.load_manifest(data_dir))
-    if old.get("fingerprint") == fingerprint:
+    fingerprint = train_lib.dataset_fingerprint(manifest)
+    if old["fingerprint"] == fingerprint:
         return
     if os.path.abspath(str(old.get("dir"))) == os.path.abspath(data_dir):
-        raise ValueError(
+        raise integrity.RunConfigError(
             f"{path}: this workdir was trained on the dataset in {data_dir} (fingerprint "
-            f"{old.get('fingerprint')}), which was rebuilt since (fingerprint {fingerprint}); "
+            f"{old['fingerprint']}), which was rebuilt since (fingerprint {fingerprint}); "
             "its test images may be ones the model was trained on. Put the dataset it was "
             "trained on back, or retrain")
     logging.warning("%s: evaluating on %s, not the dataset the workdir was trained on (%s); "
@@ -397,10 +447,35 @@ def _check_trained_dataset(workdir: str, data_dir: str) -> None:
                     workdir, data_dir, old.get("dir"))
 
 
+def _test_counts(config, max_queries, pairs_per_class, num_examples) -> tuple[int | None, int]:
+    """(max_queries, pairs_per_class) with the config's defaults, checked: a negative
+    --max_queries used to score every query (take(-1)), --pairs_per_class 0 to write an
+    empty results.json over the previous one."""
+    if max_queries is None:
+        max_queries, where = config.eval.max_queries, "config.eval.max_queries"
+    else:
+        where = "--max_queries"
+    if not isinstance(max_queries, int) or max_queries < 0:
+        raise ValueError(f"{where}={max_queries!r}: must be an integer >= 0 (0 = all queries)")
+    if pairs_per_class is None:
+        pairs_per_class, where = config.eval.oneway_pairs_per_class, "config.eval.oneway_pairs_per_class"
+    else:
+        where = "--pairs_per_class"
+    if not isinstance(pairs_per_class, int) or pairs_per_class < 1:
+        raise ValueError(f"{where}={pairs_per_class!r}: must be an integer >= 1")
+    if num_examples < 0:
+        raise ValueError(f"--num_examples={num_examples}: must be >= 0 (0: no gallery)")
+    return max_queries or None, pairs_per_class
+
+
 def eval_head(config) -> str:
     """The prediction head to score: config.eval.head for POPNet, the model's own
     prediction ("model") for a baseline."""
     method = config.model.get("method", "popnet")
+    if config.eval.head not in PREDICTION_HEADS + ("model",):
+        # Else _head_probs took any unknown name for the mean of both heads.
+        raise ValueError(f"config.eval.head={config.eval.head!r}: choose one of "
+                         f"{', '.join(PREDICTION_HEADS + ('model',))}")
     if method != "popnet":
         if config.eval.head != "model":
             logging.warning("eval.head=%r ignored: the %s baseline has its own prediction",
@@ -594,6 +669,8 @@ def evaluate(workdir: str, *, way: str = "kway", fold: int | None = None, config
     if stage not in (2, 3):
         raise ValueError(f"--stage must be 2 or 3 (the one-shot stages), got {stage!r}")
     recorded, recorded_fold = load_run(workdir)
+    if config is not None:
+        check_config_matches_run(workdir, config)
     config = config if config is not None else recorded
     fold = recorded_fold if fold is None else int(fold)
     if fold != recorded_fold:
@@ -601,17 +678,16 @@ def evaluate(workdir: str, *, way: str = "kway", fold: int | None = None, config
                          f"not fold {fold}; novel classes would be wrong. Use --fold {recorded_fold}")
     method = config.model.get("method", "popnet")
     head = eval_head(config)
-    if max_queries is None:
-        max_queries = config.eval.max_queries or None
-    if pairs_per_class is None:
-        pairs_per_class = config.eval.oneway_pairs_per_class
+    max_queries, pairs_per_class = _test_counts(config, max_queries, pairs_per_class, num_examples)
     if foreground_gate is None:
         foreground_gate = bool(config.eval.get("foreground_gate", False))
     if foreground_gate and method != "popnet":
         raise ValueError(f"--foreground_gate needs POPNet's stage 1; the {method} baseline "
                          "has none")
     data_dir = train_lib.ensure_dataset(config)
-    _check_trained_dataset(workdir, data_dir)
+    check_dataset(workdir, data_dir)
+    if write:  # an unwritable output folder fails now, not after the whole evaluation
+        integrity.check_workdir(eval_dir(workdir, fold, way, foreground_gate, stage))
     checkpoint = tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, stage))
     if checkpoint is None:
         raise FileNotFoundError(f"{train_lib.checkpoint_dir(workdir, stage)}: no checkpoint; "
@@ -676,7 +752,8 @@ def write_outputs(results: dict, examples: list, workdir: str) -> str:
     and gallery rows in TensorBoard. Returns the folder."""
     from popnet_tf import train_lib  # train_lib imports this module
 
-    out_dir = eval_dir(workdir, results["fold"], results["way"], results.get("foreground_gate", False))
+    out_dir = eval_dir(workdir, results["fold"], results["way"], results.get("foreground_gate", False),
+                       results.get("stage", 3))
     os.makedirs(out_dir, exist_ok=True)
     train_lib.write_json_atomic(os.path.join(out_dir, RESULTS_FILE), results)
     with open(os.path.join(out_dir, TABLE_FILE), "w") as f:
@@ -698,6 +775,9 @@ def write_outputs(results: dict, examples: list, workdir: str) -> str:
         with writer.as_default(step=0):
             rows = np.stack([show.episode_panel(e, stage) for e in examples])
             tf.summary.image("eval/episodes", rows, max_outputs=len(examples))
+    elif os.path.exists(os.path.join(out_dir, GALLERY_FILE)):
+        # --num_examples 0: a gallery of an earlier evaluation would sit beside these results.
+        os.remove(os.path.join(out_dir, GALLERY_FILE))
     writer.flush()
     return out_dir
 

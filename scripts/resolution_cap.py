@@ -18,11 +18,13 @@ MIoU of `--fold` (SPEC §8: base and novel over the foreground classes).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from popnet_tf import classes, cli
+from popnet_tf import classes, cli, metrics
 from popnet_tf.data import episodes
 
 FLAGS = flags.FLAGS
@@ -57,22 +59,56 @@ def cap_confusions(data_dir: str, eval_size: int, strides) -> dict[int, np.ndarr
 
 
 def cap_table(confusions: dict[int, np.ndarray], fold: int) -> str:
-    """The Markdown table `main` prints: per grid, IoU % per class, base and novel MIoU."""
+    """The Markdown table `main` prints: per grid, IoU % per class, base and novel MIoU.
+
+    As in SPEC §8 (`metrics.kway_summary`), a class absent from the labels is n/a and
+    left out of the means; it used to count as IoU 0 and pull them down."""
     names = classes.MERGED_NAMES
     base, novel = classes.base_ids(3, fold), classes.novel_ids(3, fold)
     lines = ["| grid | " + " | ".join(names) + " | base MIoU | novel MIoU |",
              "|---" * (len(names) + 3) + "|"]
     for stride, cm in confusions.items():
-        iou = np.diag(cm) / np.maximum(cm.sum(0) + cm.sum(1) - np.diag(cm), 1)
-        lines.append(f"| 1/{stride} | " + " | ".join(f"{100 * v:.1f}" for v in iou)
-                     + f" | {100 * iou[list(base)].mean():.1f} | {100 * iou[list(novel)].mean():.1f} |")
+        iou = metrics.per_class_iou(cm)
+        means = [_mean(iou[list(ids)]) for ids in (base, novel)]
+        lines.append(f"| 1/{stride} | " + " | ".join(_percent(v) for v in [*iou, *means]) + " |")
     return "\n".join(lines)
+
+
+def _mean(values: np.ndarray) -> float:
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def _percent(value: float) -> str:
+    return "n/a" if np.isnan(value) else f"{100 * value:.1f}"
+
+
+def check_flags(data: str, eval_size: int, strides: list[str], fold: int) -> list[int]:
+    """The strides as integers; a bad flag is one ValueError naming it, before the
+    q_test pass (a bad --fold used to fail after it, with a traceback)."""
+    try:
+        values = [int(s) for s in strides]
+    except ValueError:
+        raise ValueError(f"--strides={','.join(strides)}: integers >= 1, e.g. 1,2,4") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"--strides={','.join(strides)}: integers >= 1, e.g. 1,2,4")
+    if eval_size < 1:
+        raise ValueError(f"--eval_size={eval_size}: must be >= 1")
+    if fold not in classes.FOLDS[classes.DEFAULT_FOLD_SET]:
+        raise ValueError(f"--fold={fold}: choose one of {sorted(classes.FOLDS[classes.DEFAULT_FOLD_SET])}")
+    if not os.path.isdir(data):
+        raise FileNotFoundError(f"--data={data}: no such folder (a built ATR-OS dataset)")
+    return values
 
 
 def main(argv):
     del argv
-    strides = [int(s) for s in FLAGS.strides]
-    print(cap_table(cap_confusions(FLAGS.data, FLAGS.eval_size, strides), FLAGS.fold))
+    try:
+        strides = check_flags(FLAGS.data, FLAGS.eval_size, FLAGS.strides, FLAGS.fold)
+        confusions = cap_confusions(FLAGS.data, FLAGS.eval_size, strides)
+    except (OSError, ValueError) as e:  # a missing or damaged dataset too: one line
+        raise SystemExit(f"FATAL {type(e).__name__}: {e}") from None
+    print(cap_table(confusions, FLAGS.fold))
 
 
 if __name__ == "__main__":

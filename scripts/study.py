@@ -155,16 +155,32 @@ def evaluate_run(workdir: str, way: str, eval_kwargs: dict) -> dict:
     from popnet_tf import eval_lib
 
     path = os.path.join(eval_lib.eval_dir(workdir, int(_fold_of(workdir)), way), eval_lib.RESULTS_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f)
+    results = _saved_results(path)
+    if results is not None:
         wanted = eval_kwargs["max_queries"] if way == "kway" else eval_kwargs["pairs_per_class"]
-        have = results["max_queries"] if way == "kway" else results["pairs_per_class"]
+        have = results.get("max_queries") if way == "kway" else results.get("pairs_per_class")
         if have == wanted:
             return results
     kwargs = ({"max_queries": eval_kwargs["max_queries"]} if way == "kway"
               else {"pairs_per_class": eval_kwargs["pairs_per_class"]})
     return eval_lib.evaluate(workdir, way=way, progress=False, num_examples=6, **kwargs)
+
+
+def _saved_results(path: str) -> dict | None:
+    """An earlier evaluation's results.json, or None when there is none or it is damaged
+    (a killed write, an edit): evaluated again rather than ending the study in a
+    JSONDecodeError traceback hours into it."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as e:
+        from absl import logging
+
+        logging.warning("%s: unreadable (%s); evaluating again", path, e)
+        return None
+    return results if isinstance(results, dict) else None
 
 
 def _fold_of(workdir: str) -> int:
@@ -373,6 +389,39 @@ def render_only(args) -> None:
                    reused_runs=study.get("reused_runs", 0))
 
 
+def _from_repo(path: str) -> str:
+    """The caller's path as seen from the repository: relative inside it (so that the
+    results keep repository-relative paths), absolute outside."""
+    path = os.path.abspath(path)
+    inside = os.path.commonpath([path, REPO]) == REPO
+    return os.path.relpath(path, REPO) if inside else path
+
+
+def _integers(text: str) -> list[int] | None:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        return None
+
+
+def check_args(parser, args) -> None:
+    """One line (parser.error, exit status 2) for a flag value that would run nothing
+    or fail late: an unknown method ran no main run and wrote no tables, --reduce 0
+    divided by zero at the first run and a negative one ran 1 step an epoch."""
+    methods = {n for n, _, _ in MAIN}
+    unknown = set(args.methods.split(",")) - methods
+    if unknown:
+        parser.error(f"--methods: unknown method(s) {', '.join(sorted(unknown))}; "
+                     f"choose from {','.join(n for n, _, _ in MAIN)}")
+    if args.reduce < 1:
+        parser.error(f"--reduce={args.reduce}: must be >= 1 (steps per epoch are divided by it)")
+    folds = _integers(args.folds)
+    if folds is None or not set(folds) <= {1, 2}:
+        parser.error(f"--folds={args.folds}: a comma list of 1 and 2")
+    if _integers(args.seeds) is None:
+        parser.error(f"--seeds={args.seeds}: a comma list of integers")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -406,6 +455,10 @@ def main(argv=None):
     if unknown:  # else a typo would run nothing and write empty tables
         parser.error(f"--parts: unknown part(s) {', '.join(sorted(unknown))}; "
                      "give main, ablation or main,ablation")
+    check_args(parser, args)
+    # Relative paths are the caller's: main() changes into the repository below, where
+    # they used to land instead (`--out x.md` from /tmp wrote <repo>/x.md).
+    args.out, args.workdirs = _from_repo(args.out), _from_repo(args.workdirs)
     if args.render_only:
         return render_only(args)
 

@@ -33,7 +33,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import ConfigDict
 
-from popnet_tf import classes, cli, eval_lib, metrics, train_lib
+from popnet_tf import classes, cli, eval_lib, integrity, metrics, train_lib
 from popnet_tf.data import episodes
 from popnet_tf.models import baselines, popnet
 
@@ -57,9 +57,12 @@ def load_run_config(workdir: str):
     path = os.path.join(workdir, train_lib.RUN_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: not a POPNet workdir (train stage 1 there first)")
-    with open(path) as f:
-        record = json.load(f)
-    return ConfigDict(record["config"]), int(record["fold"])
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        return ConfigDict(record["config"]), int(record["fold"])
+    except (ValueError, KeyError, TypeError) as e:  # json's message names no file
+        raise ValueError(f"{path}: damaged or not a run record ({type(e).__name__}: {e})") from None
 
 
 def build_reference(config, workdir: str) -> keras.Model:
@@ -128,15 +131,25 @@ def run(workdir: str, steps: int, batch_size: int = 0, max_queries: int = 0) -> 
     return summary
 
 
+def check_out(out: str) -> None:
+    """Refuses a result path that cannot be written, before the training: a folder at
+    --out used to end the run in an IsADirectoryError traceback after it."""
+    if os.path.isdir(out):
+        raise IsADirectoryError(f"--out={out}: is a folder; give a file name (.json)")
+    integrity.check_workdir(os.path.dirname(os.path.abspath(out)))
+
+
 def main(argv):
     del argv
-    try:
-        summary = run(FLAGS.workdir, FLAGS.steps, FLAGS.batch_size, FLAGS.max_queries)
-    except (FileNotFoundError, ValueError) as e:  # not a workdir, no stage 1, bad counts
-        raise SystemExit(f"FATAL {type(e).__name__}: {e}") from None
     out = FLAGS.out or os.path.join(FLAGS.workdir, "supervised_reference",
                                     f"steps{FLAGS.steps}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    try:
+        if not FLAGS.out:  # the default lives in the workdir: no folder made for a wrong one
+            load_run_config(FLAGS.workdir)
+        check_out(out)
+        summary = run(FLAGS.workdir, FLAGS.steps, FLAGS.batch_size, FLAGS.max_queries)
+    except (OSError, ValueError) as e:  # not a workdir, no stage 1, bad counts, bad --out
+        raise SystemExit(f"FATAL {type(e).__name__}: {e}") from None
     train_lib.write_json_atomic(out, summary)
     print(metrics.format_table(summary, f"Supervised reference, {FLAGS.steps} steps "
                                         f"({summary['num_pairs']} pairs)"))

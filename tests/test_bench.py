@@ -596,3 +596,41 @@ def test_help_explains_every_flag():
                  "merge"):
         # Every flag with a sentence of help ("--f: Text", "--[no]f: Text", "--f: <a|b>: Text").
         assert re.search(rf"--(\[no\])?{flag}: (<[a-z|]+>: )?[A-Z]\w+", proc.stdout), flag
+
+
+def _flags(**changes):
+    import types
+
+    values = {"steps": 50, "repeats": 5, "warmup": 20, "model_repeats": 3, "model_warmup": 1,
+              "queries": 16, "matmul_size": 4096, "intra_threads": 0, "inter_threads": 0,
+              "out": None, "markdown": None, "merge": False}
+    return types.SimpleNamespace(**{**values, **changes})
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    ({"repeats": 0}, ValueError, "--repeats=0: must be >= 1"),     # StatisticsError traceback
+    ({"steps": 0}, ValueError, "--steps=0"),                        # measured nothing, rc 0
+    ({"out": "DIR"}, IsADirectoryError, "--out=.*is a folder"),     # traceback after measuring
+    ({"markdown": "DIR"}, IsADirectoryError, "--markdown=.*is a folder"),
+    ({"out": "FILE/bench.json"}, OSError, "--out=.*cannot write"),
+    ({"markdown": "BROKEN"}, ValueError, "expected one"),
+    ({"out": "DAMAGED", "merge": True}, ValueError, "--out=.*not a bench JSON report"),
+])
+def test_flags_are_checked_before_measuring(tmp_path, changes, error, message):
+    (tmp_path / "FILE").write_text("")
+    (tmp_path / "BROKEN").write_text(f"{bench.END}\n{bench.BEGIN}\n")
+    (tmp_path / "DAMAGED").write_text('{"quick": tru')
+    paths = {"DIR": str(tmp_path), "FILE/bench.json": str(tmp_path / "FILE" / "bench.json")}
+    changes = {k: paths.get(v, str(tmp_path / v)) if isinstance(v, str) else v
+               for k, v in changes.items()}
+    with pytest.raises(error, match=message):
+        bench.check_flags(_flags(**changes))
+    assert bench.check_flags(_flags(out=str(tmp_path / "new" / "b.json"))) is None
+
+
+def test_summary_of_a_missing_report_names_the_flag(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        bench.read_report(str(tmp_path / "none.json"), "--summary")
+    (tmp_path / "x.json").write_text("[]")
+    with pytest.raises(ValueError, match="--summary=.*not a bench JSON report"):
+        bench.read_report(str(tmp_path / "x.json"), "--summary")

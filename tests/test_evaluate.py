@@ -4,6 +4,7 @@ against confusion matrices computed independently, and the Fine-tune path."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -346,6 +347,92 @@ def test_cli_way_choices_are_eval_libs():
     """The CLI lists the ways itself (it imports eval_lib, and TensorFlow, only after
     parsing its flags); the two lists must agree."""
     assert evaluate.WAYS == list(eval_lib.WAYS)
+
+
+# ----------------------------------------------------------------------------- user mistakes
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"max_queries": -1}, "--max_queries=-1"),          # used to score every query
+    ({"way": "oneway", "pairs_per_class": 0}, "--pairs_per_class=0"),  # wrote an empty results.json
+    ({"way": "oneway", "pairs_per_class": -2}, "--pairs_per_class=-2"),
+    ({"num_examples": -1}, "--num_examples=-1"),
+])
+def test_bad_counts_refused_naming_the_flag(trained, kwargs, flag):
+    _, workdir = trained
+    with pytest.raises(ValueError, match=flag):
+        eval_lib.evaluate(workdir, progress=False, write=False, **kwargs)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("data.fold_set", "journal"),   # novel classes of another fold set
+    ("model.method", "panet"),      # POPNet's checkpoint restored into a baseline
+    ("model.kim", True),            # the fixture trained one stage, without KIM
+    ("eval.head", "bogus"),         # used to score the mean of both heads as "bogus"
+])
+def test_config_of_another_training_or_unknown_head_refused(trained, field, value):
+    config, workdir = trained
+    config = config.copy_and_resolve_references()
+    section, key = field.split(".")
+    config[section][key] = value
+    with pytest.raises(ValueError, match=f"{field}=.*'?{value}'? in --config|{field}='{value}'"):
+        eval_lib.evaluate(workdir, config=config, progress=False, write=False)
+
+
+def test_damaged_run_json_named(tmp_path):
+    (tmp_path / "run.json").write_text('{"fold": 1, "conf')
+    with pytest.raises(ValueError, match="run.json: damaged"):
+        eval_lib.evaluate(str(tmp_path), way="kway")
+
+
+def test_damaged_dataset_refused_and_other_folder_scored_with_a_warning(trained, tmp_path,
+                                                                       caplog):
+    """A truncated shard used to end in a DataLossError traceback. Another dataset in
+    another folder is cross-dataset evaluation: scored, with a warning (the same folder
+    rebuilt since training is refused: test_dataset_rebuilt_since_training_refused)."""
+    config, workdir = trained
+    data = tmp_path / "data"
+    shutil.copytree(config.data.dir, data)
+    config = config.copy_and_resolve_references()
+    config.data.dir = str(data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["test_supports"] = manifest["test_supports"][::-1]  # another dataset's supports
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"):
+        eval_lib.evaluate(workdir, config=config, progress=False, write=False, max_queries=1)
+    assert f"evaluating on {data}, not the dataset the workdir was trained on" in caplog.text
+    shard = next(data.glob("q_test-*.tfrecord"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        eval_lib.evaluate(workdir, config=config, progress=False, write=False)
+
+
+def test_unwritable_eval_folder_fails_before_the_evaluation(trained, tmp_path, monkeypatch):
+    _, workdir = trained
+    work = tmp_path / "work"
+    shutil.copytree(workdir, work, ignore=shutil.ignore_patterns("eval", "tensorboard"))
+    (work / "eval").write_text("a file where the folder goes")
+    monkeypatch.setattr(train_lib, "restore_stage", lambda *a, **k: pytest.fail("evaluated first"))
+    with pytest.raises(OSError, match="eval/fold1_kway: cannot write"):
+        eval_lib.evaluate(str(work), way="kway", progress=False)
+
+
+def test_no_examples_leave_no_earlier_gallery(tmp_path):
+    results = {"fold": 1, "way": "kway", "stage": 3, "method": "popnet", "num_pairs": 0,
+               "head": "ncm", "checkpoint": "c", "human_miou": 0.5}
+    out = eval_lib.eval_dir(str(tmp_path), 1, "kway")
+    os.makedirs(out)
+    with open(os.path.join(out, eval_lib.GALLERY_FILE), "wb") as f:
+        f.write(b"an earlier run's gallery")
+    eval_lib.write_outputs(results, [], str(tmp_path))
+    assert not os.path.exists(os.path.join(out, eval_lib.GALLERY_FILE))
+
+
+def test_stage2_results_do_not_overwrite_stage3s(tmp_path):
+    results = {"fold": 1, "way": "kway", "method": "popnet", "num_pairs": 0, "head": "ncm",
+               "checkpoint": "c", "human_miou": 0.5}
+    three = eval_lib.write_outputs({**results, "stage": 3}, [], str(tmp_path))
+    two = eval_lib.write_outputs({**results, "stage": 2}, [], str(tmp_path))
+    assert os.path.basename(three) == "fold1_kway" and os.path.basename(two) == "fold1_kway_stage2"
+    assert json.load(open(os.path.join(three, "results.json")))["stage"] == 3
 
 
 def test_kway_results_name_classes_without_ground_truth(caplog):

@@ -51,3 +51,25 @@ def test_smaller_eval_size_scales_the_grid(data_dir):
     cap = load_script("resolution_cap")
     np.testing.assert_array_equal(cap.cap_confusions(data_dir, eval_size=H // 2, strides=[2])[2],
                                   cap.cap_confusions(data_dir, eval_size=H, strides=[4])[4])
+
+
+def test_absent_classes_are_left_out_of_the_means(data_dir):
+    """Only hair and upper-clothes are in the labels: at stride 1 the base MIoU is theirs,
+    100.0, and the novel classes (none present) are n/a; absent classes used to count
+    as IoU 0 (base 25.0, novel 0.0)."""
+    cap = load_script("resolution_cap")
+    table = cap.cap_table(cap.cap_confusions(data_dir, eval_size=H, strides=[1]), fold=1)
+    cells = table.splitlines()[2].split(" | ")
+    names = list(classes.MERGED_NAMES)
+    assert cells[1 + names.index("hat")] == "n/a"
+    assert cells[-2:] == ["100.0", "n/a |"]
+
+
+@pytest.mark.parametrize("strides, eval_size, fold, flag", [
+    (["0"], 144, 1, "--strides"), (["a"], 144, 1, "--strides"), (["4"], 0, 1, "--eval_size"),
+    (["4"], 144, 3, "--fold"), (["4"], 144, 1, "--data")])
+def test_bad_flags_named_before_the_pass(data_dir, strides, eval_size, fold, flag):
+    cap = load_script("resolution_cap")
+    data = data_dir if flag != "--data" else data_dir + "/nowhere"
+    with pytest.raises((ValueError, FileNotFoundError), match=flag):
+        cap.check_flags(data, eval_size, strides, fold)

@@ -111,3 +111,20 @@ def test_cli_mistakes_end_in_one_line(dataset, tmp_path, args, message):  # noqa
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(message.format(**fill)), done.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"eval_size": 0}, "--eval_size must be at least 1"),          # tf.data traceback
+    ({"resize_long_side": -3}, "--resize_long_side must be >= 0"),  # silently no resize
+    ({"out": "DIR"}, "is a folder"),                                # "unknown file extension: "
+    ({"stage": 4}, "--stage must be 1, 2 or 3")])
+def test_flag_values_checked_before_reading(tmp_path, change, message):
+    import types
+
+    values = {"stage": 3, "num": 4, "eval_size": 512, "resize_long_side": 0,
+              "out": str(tmp_path / "grid.png")}
+    good = types.SimpleNamespace(**values)
+    values.update({k: str(tmp_path) if v == "DIR" else v for k, v in change.items()})
+    with pytest.raises(ValueError, match=message):
+        show.check_flags(types.SimpleNamespace(**values))
+    show.check_flags(good)

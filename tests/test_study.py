@@ -1,6 +1,7 @@
 """scripts/study.py: its help and what its Markdown says of the wall time. (The study
 itself takes minutes even at smoke scale: run `python scripts/study.py --scale smoke`.)"""
 
+import os
 import subprocess
 import sys
 
@@ -35,3 +36,38 @@ def test_unknown_part_is_refused_before_any_run(capsys):
         study.main(["--parts", "both", "--out", "/nonexistent/RESULTS.md"])
     assert refused.value.code == 2
     assert "--parts: unknown part(s) both; give main, ablation or main,ablation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "pannet"], "--methods: unknown method(s) pannet"),   # ran nothing, rc 0
+    (["--reduce", "0"], "--reduce=0: must be >= 1"),                      # ZeroDivisionError late
+    (["--folds", "3"], "--folds=3"), (["--seeds", "a"], "--seeds=a")])
+def test_bad_values_are_refused_before_any_run(capsys, tmp_path, monkeypatch, args, message):
+    study = load_script("study")
+    monkeypatch.setattr(study, "train_run", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(SystemExit) as exit_info:
+        study.main([*args, "--out", str(tmp_path / "RESULTS.md"), "--workdirs", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_relative_paths_are_the_callers(tmp_path, monkeypatch):
+    """main() changes into the repository; relative --out / --workdirs used to land there."""
+    study = load_script("study")
+    monkeypatch.chdir(tmp_path)
+    assert study._from_repo("out.md") == str(tmp_path / "out.md")
+    monkeypatch.chdir(study.REPO)
+    assert study._from_repo("docs/RESULTS.md") == os.path.join("docs", "RESULTS.md")
+
+
+def test_damaged_saved_results_are_evaluated_again(tmp_path, monkeypatch):
+    """A damaged results.json of an earlier invocation ended the study in a traceback."""
+    study = load_script("study")
+    from popnet_tf import eval_lib
+
+    (tmp_path / "run.json").write_text('{"fold": 1}')
+    out = tmp_path / "eval" / "fold1_kway"
+    out.mkdir(parents=True)
+    (out / "results.json").write_text('{"max_queries": 2')
+    monkeypatch.setattr(eval_lib, "evaluate", lambda *a, **k: {"again": True})
+    assert study.evaluate_run(str(tmp_path), "kway", {"max_queries": 2}) == {"again": True}

@@ -70,3 +70,21 @@ def test_not_a_workdir_is_a_clear_error(tmp_path):
         script.run(str(tmp_path), steps=10)
     with pytest.raises(ValueError, match="--steps must be >= 1"):
         script.run(str(tmp_path), steps=0)
+
+
+def test_unwritable_out_is_refused_before_training(tmp_path):
+    """A folder at --out (or a file where its folder goes) used to end the run in a
+    traceback after the whole training."""
+    script = load_script("supervised_reference")
+    with pytest.raises(IsADirectoryError, match="--out"):
+        script.check_out(str(tmp_path))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match="file"):
+        script.check_out(str(tmp_path / "file" / "steps1.json"))
+    script.check_out(str(tmp_path / "new" / "steps1.json"))  # a new folder is fine
+
+
+def test_damaged_run_json_is_named(tmp_path):
+    (tmp_path / "run.json").write_text('{"fold": 1, "conf')
+    with pytest.raises(ValueError, match="run.json: damaged"):
+        load_script("supervised_reference").load_run_config(str(tmp_path))

@@ -202,6 +202,24 @@ def _define_flags():
     return flags.FLAGS
 
 
+def check_flags(f) -> None:
+    """The flag values, before any data is read: one ValueError naming the flag. A zero
+    --eval_size ended in a tf.data traceback, a negative --resize_long_side was taken for
+    "no resize" silently, and a folder at --out gave "unknown file extension"."""
+    import os
+
+    if f.stage not in (1, 2, 3):
+        raise ValueError(f"--stage must be 1, 2 or 3, got {f.stage}")
+    if f.num < 1:
+        raise ValueError(f"--num must be at least 1, got {f.num}")
+    if f.eval_size < 1:
+        raise ValueError(f"--eval_size must be at least 1, got {f.eval_size}")
+    if f.resize_long_side < 0:
+        raise ValueError(f"--resize_long_side must be >= 0 (0: none), got {f.resize_long_side}")
+    if os.path.isdir(f.out):
+        raise ValueError(f"--out={f.out} is a folder; give a PNG file name")
+
+
 def main(argv):
     from absl import app, logging
 
@@ -211,10 +229,7 @@ def main(argv):
     try:
         # Mistakes of the user (no dataset at --data, a raw ATR folder there, a stage or
         # fold that does not exist, --out in a missing folder): one line, no traceback.
-        if f.stage not in (1, 2, 3):
-            raise ValueError(f"--stage must be 1, 2 or 3, got {f.stage}")
-        if f.num < 1:
-            raise ValueError(f"--num must be at least 1, got {f.num}")
+        check_flags(f)
         rows, captions = load_episodes(
             f.data, split=f.split, stage=f.stage, fold=f.fold, fold_set=f.fold_set, way=f.way,
             num=f.num, seed=f.seed, crop_size=f.crop_size, eval_size=f.eval_size,
