@@ -307,7 +307,7 @@ def test_official_lists_log_bad_files_before_absent_ids(tmp_path, caplog):
     bad = _mask_with({2, 8})
     bad[0, 0] = 40
     _put(root, train[7502], None, _png(bad))
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         b.build(root, out, split_lists="official", **{**SMALL, "num_query_train": 5,
                                                       "num_test_query": 5})
     assert f"skipped {train[7502]}: label out of range" in caplog.text
@@ -505,7 +505,7 @@ def test_bad_inputs_skipped_and_listed(tmp_path, caplog):
     # A grey mask an editor saved as opaque RGBA: its equal channels are the raw ids.
     _put(root, "grey_rgba_mask", _jpeg(photo),
          _png(np.dstack([mask] * 3 + [np.full(mask.shape, 255, np.uint8)])))
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         m = b.build(root, out, **{**SMALL, "num_test_query": 1, "num_test_support": 10,
                                   "num_query_train": 5, "num_test": 11})
     reasons = {r["id"]: (r["path"], r["reason"]) for r in m["rejected"]}
@@ -627,7 +627,7 @@ def test_exif_orientation_follows_the_mask(tmp_path, caplog):
         Image.Transpose.ROTATE_270)), photo)
     _put(root, "sideways", _with_orientation(sideways, 6), _png(mask))
     _put(root, "flipped", _with_orientation(photo, 3), _png(mask))   # mask of the stored grid
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         m = b.build(root, str(tmp_path / "auto"), **TINY_TEST)
     assert m["rejected"] == []
     assert m["exif"] == {"mode": "auto", "turned_upright": ["sideways"],
