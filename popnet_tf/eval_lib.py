@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -692,7 +693,8 @@ def evaluate(workdir: str, *, way: str = "kway", fold: int | None = None, config
     if checkpoint is None:
         raise FileNotFoundError(f"{train_lib.checkpoint_dir(workdir, stage)}: no checkpoint; "
                                 f"train stage {stage} first")
-    if not train_lib.stage_finished(workdir, stage):
+    finished = train_lib.stage_finished(workdir, stage)
+    if not finished:
         logging.warning("%s: stage %d has not finished training; evaluating its latest "
                         "checkpoint %s", workdir, stage, checkpoint)
     start = time.time()
@@ -725,6 +727,8 @@ def evaluate(workdir: str, *, way: str = "kway", fold: int | None = None, config
         "max_queries": max_queries or 0,
         "pairs_per_class": pairs_per_class if way == "oneway" else None,
         "checkpoint": checkpoint, "workdir": workdir, "data_dir": data_dir,
+        # The results of a stage still training say so themselves, not only the log.
+        "stage_finished": bool(finished),
         "wall_time_s": round(time.time() - start, 1),
         "config": config.to_dict(),
     }
@@ -756,8 +760,7 @@ def write_outputs(results: dict, examples: list, workdir: str) -> str:
                        results.get("stage", 3))
     os.makedirs(out_dir, exist_ok=True)
     train_lib.write_json_atomic(os.path.join(out_dir, RESULTS_FILE), results)
-    with open(os.path.join(out_dir, TABLE_FILE), "w") as f:
-        f.write(format_results(results))
+    train_lib.write_atomic(os.path.join(out_dir, TABLE_FILE), format_results(results))
     writer = tf.summary.create_file_writer(
         os.path.join(workdir, "tensorboard", "eval_" + os.path.basename(out_dir)))
     with writer.as_default(step=0):
@@ -771,7 +774,9 @@ def write_outputs(results: dict, examples: list, workdir: str) -> str:
         stage = results["stage"]
         names = classes.STAGE_CLASS_NAMES[stage]
         captions = [_caption(e, names) for e in examples]
-        show.render_grid(examples, stage, captions).save(os.path.join(out_dir, GALLERY_FILE))
+        gallery = io.BytesIO()
+        show.render_grid(examples, stage, captions).save(gallery, format="PNG")
+        train_lib.write_atomic(os.path.join(out_dir, GALLERY_FILE), gallery.getvalue())
         with writer.as_default(step=0):
             rows = np.stack([show.episode_panel(e, stage) for e in examples])
             tf.summary.image("eval/episodes", rows, max_outputs=len(examples))

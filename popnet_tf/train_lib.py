@@ -55,17 +55,14 @@ def stage_finished(workdir: str, stage: int) -> bool:
     return os.path.exists(os.path.join(stage_dir(workdir, stage), RESULT_FILE))
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Writes JSON aside and renames it into place: a reader never sees half a file,
-    and a failed write (full disk) leaves the previous file and no temporary."""
+def write_atomic(path: str, data) -> None:
+    """Writes `data` (str or bytes) aside and renames it into place: a reader never sees
+    half a file, and a failed write (full disk) leaves the previous file and no temporary."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            # Strict JSON: an undefined metric (NaN, e.g. novel MIoU when no novel class is in
-            # the test data) is written as null, as per_class_iou already writes it.
-            json.dump(_finite_json(payload), f, indent=2, sort_keys=True,
-                      default=_json_default, allow_nan=False)
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         os.replace(tmp, path)
@@ -73,6 +70,14 @@ def write_json_atomic(path: str, payload: dict) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """`payload` as JSON, written atomically (`write_atomic`). Strict JSON: an undefined
+    metric (NaN, e.g. novel MIoU when no novel class is in the test data) is written as
+    null, as per_class_iou already writes it."""
+    write_atomic(path, json.dumps(_finite_json(payload), indent=2, sort_keys=True,
+                                  default=_json_default, allow_nan=False))
 
 
 def _finite_json(value):

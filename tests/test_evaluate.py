@@ -59,6 +59,7 @@ def test_cli_kway_writes_results_table_gallery(trained):
         assert key in results, key
     assert results["num_pairs"] == 3 * 10          # queries x the ten fixed supports
     assert results["head"] == "ncm" and results["method"] == "popnet"
+    assert results["stage_finished"] is True
     assert set(results["per_class_iou"]) == set(classes.MERGED_NAMES)
     assert 0.0 <= results["human_miou"] <= 1.0
     assert results["checkpoint"].startswith(os.path.join(workdir, "stage3", "checkpoints"))
@@ -450,3 +451,12 @@ def test_kway_results_name_classes_without_ground_truth(caplog):
     assert summary["classes_without_ground_truth"] == ["hat"]
     assert summary["per_class_iou"]["hat"] is None
     assert "no pair's ground truth holds hat" in caplog.text
+
+
+def test_results_of_an_unfinished_stage_say_so(trained, monkeypatch):
+    """A stage still training is scored from its latest checkpoint; the results used to
+    say so only in the log."""
+    _, workdir = trained
+    monkeypatch.setattr(train_lib, "stage_finished", lambda *a: False)
+    results = eval_lib.evaluate(workdir, way="kway", max_queries=1, progress=False, write=False)
+    assert results["stage_finished"] is False

@@ -603,6 +603,20 @@ def test_json_write_failure_keeps_previous_file(tmp_path):
     assert os.listdir(tmp_path) == ["result.json"]
 
 
+def test_atomic_write_failure_keeps_previous_file(tmp_path):
+    """table.md and gallery.png (write_atomic): the table used to be opened for writing,
+    and so emptied, before its text was written."""
+    path = str(tmp_path / "table.md")
+    train_lib.write_atomic(path, "| previous |\n")
+    with pytest.raises(TypeError):
+        train_lib.write_atomic(path, 12345)  # neither str nor bytes: fails inside the write
+    with open(path) as f:
+        assert f.read() == "| previous |\n"
+    assert os.listdir(tmp_path) == ["table.md"]
+    train_lib.write_atomic(path, b"\x89PNG")
+    assert open(path, "rb").read() == b"\x89PNG"
+
+
 def test_undefined_metrics_are_written_as_null_not_nan(tmp_path):
     """A test split without the fold's novel classes leaves novel MIoU undefined (NaN):
     result.json / results.json stay strict JSON (null), readable by any JSON parser."""
