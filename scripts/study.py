@@ -156,14 +156,29 @@ def evaluate_run(workdir: str, way: str, eval_kwargs: dict) -> dict:
 
     path = os.path.join(eval_lib.eval_dir(workdir, int(_fold_of(workdir)), way), eval_lib.RESULTS_FILE)
     results = _saved_results(path)
-    if results is not None:
-        wanted = eval_kwargs["max_queries"] if way == "kway" else eval_kwargs["pairs_per_class"]
-        have = results.get("max_queries") if way == "kway" else results.get("pairs_per_class")
-        if have == wanted:
-            return results
+    if results is not None and _reusable(results, workdir, way, eval_kwargs):
+        return results
     kwargs = ({"max_queries": eval_kwargs["max_queries"]} if way == "kway"
               else {"pairs_per_class": eval_kwargs["pairs_per_class"]})
     return eval_lib.evaluate(workdir, way=way, progress=False, num_examples=6, **kwargs)
+
+
+def _reusable(results: dict, workdir: str, way: str, eval_kwargs: dict) -> bool:
+    """Whether an earlier results.json is this study's evaluation: the same counts, the
+    stage's latest checkpoint, and the training's own config. A user's `evaluate` with
+    another head or dynamic_prototypes=False (`--config.…`) writes to the same folder, and
+    its numbers were reused under the method's name when only the counts were compared."""
+    import tensorflow as tf
+
+    from popnet_tf import eval_lib, train_lib
+
+    count = "max_queries" if way == "kway" else "pairs_per_class"
+    if results.get(count) != eval_kwargs[count]:
+        return False
+    config, _ = eval_lib.load_run(workdir)
+    latest = tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, 3))
+    return (results.get("checkpoint") == latest and not results.get("foreground_gate")
+            and results.get("config") == json.loads(json.dumps(config.to_dict())))
 
 
 def _saved_results(path: str) -> dict | None:

@@ -71,3 +71,32 @@ def test_damaged_saved_results_are_evaluated_again(tmp_path, monkeypatch):
     (out / "results.json").write_text('{"max_queries": 2')
     monkeypatch.setattr(eval_lib, "evaluate", lambda *a, **k: {"again": True})
     assert study.evaluate_run(str(tmp_path), "kway", {"max_queries": 2}) == {"again": True}
+
+
+def test_saved_results_of_another_evaluation_are_not_reused(tmp_path, monkeypatch):
+    """Only the study's own evaluation is reused: a user's `evaluate` with another head
+    (or other eval-time config) writes to the same folder, and used to be reused because
+    its counts matched."""
+    import json
+
+    study = load_script("study")
+    from popnet_tf import eval_lib
+
+    config = {"model": {"method": "popnet"}, "eval": {"head": "ncm"}}
+    (tmp_path / "run.json").write_text(json.dumps({"fold": 1, "config": config}))
+    checkpoints = tmp_path / "stage3" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "ckpt-9.index").write_bytes(b"")
+    (checkpoints / "checkpoint").write_text('model_checkpoint_path: "ckpt-9"\n')
+    out = tmp_path / "eval" / "fold1_kway"
+    out.mkdir(parents=True)
+    ours = {"max_queries": 2, "checkpoint": str(checkpoints / "ckpt-9"), "config": config,
+            "foreground_gate": False}
+    monkeypatch.setattr(eval_lib, "evaluate", lambda *a, **k: {"again": True})
+    for saved, reused in [(ours, True),
+                          ({**ours, "config": {**config, "eval": {"head": "agm"}}}, False),
+                          ({**ours, "checkpoint": str(checkpoints / "ckpt-3")}, False),
+                          ({**ours, "max_queries": 5}, False)]:
+        (out / "results.json").write_text(json.dumps(saved))
+        got = study.evaluate_run(str(tmp_path), "kway", {"max_queries": 2})
+        assert (got == saved) == reused and (got == {"again": True}) != reused, saved
