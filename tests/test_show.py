@@ -117,6 +117,8 @@ def test_cli_mistakes_end_in_one_line(dataset, tmp_path, args, message):  # noqa
     ({"eval_size": 0}, "--eval_size must be at least 1"),          # tf.data traceback
     ({"resize_long_side": -3}, "--resize_long_side must be >= 0"),  # silently no resize
     ({"out": "DIR"}, "is a folder"),                                # "unknown file extension: "
+    ({"out": "grid.foo"}, r"\.foo is not an image format"),        # Pillow's, after the work
+    ({"out": "grid"}, "no extension is not an image format"),
     ({"stage": 4}, "--stage must be 1, 2 or 3")])
 def test_flag_values_checked_before_reading(tmp_path, change, message):
     import types

@@ -218,6 +218,12 @@ def check_flags(f) -> None:
         raise ValueError(f"--resize_long_side must be >= 0 (0: none), got {f.resize_long_side}")
     if os.path.isdir(f.out):
         raise ValueError(f"--out={f.out} is a folder; give a PNG file name")
+    from PIL import Image
+
+    extension = os.path.splitext(f.out)[1].lower()
+    if extension not in Image.registered_extensions():  # else Pillow's message, after the work
+        raise ValueError(f"--out={f.out}: {extension or 'no extension'} is not an image "
+                         "format Pillow writes; give a .png file name")
 
 
 def main(argv):
