@@ -12,6 +12,9 @@ Everything here runs before training starts (pre-flight) or guards a write:
 - `verify_checkpoint`: a checkpoint that a run is about to restore reads in full
   (TensorFlow's own per-tensor checksums), so a damaged one is named instead of
   surfacing as `IndexError: Read less bytes than requested` from the restore.
+- `hold_lock` (`lock_workdir`, `dataset_lock`): one process at a time in a workdir
+  (a second training there refuses) or building a dataset folder (a second one
+  waits, then finds it built).
 - `CheckedCheckpointManager`: a `tf.train.CheckpointManager` that refuses to start
   without room for the checkpoints it will keep, never saves a model holding NaN
   or Inf, and removes the partial files of a save that fails (full disk), so the
@@ -28,6 +31,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -76,6 +81,10 @@ class RunConfigError(RunError, ValueError):
 
 class WorkdirError(RunError, OSError):
     """The workdir cannot be written: read-only, full disk, or a file in the way."""
+
+
+class BusyError(RunError, BlockingIOError):
+    """Another live process holds the lock of a workdir (a second training there)."""
 
 
 class NonFiniteError(RunError, FloatingPointError):
@@ -322,6 +331,107 @@ def _remove_quietly(path: str) -> None:
         os.remove(path)
     except OSError:
         pass
+
+
+# ----------------------------------------------------------------------------- locks
+LOCK_NAME = ".lock"
+_HELD: dict[str, int] = {}  # lock files this process holds -> nesting depth
+
+
+@contextlib.contextmanager
+def hold_lock(path: str, what: str, *, wait: bool, remedy: str = ""):
+    """Holds an exclusive `fcntl.flock` on the file `path` (created if missing) for the
+    `with` block; `what` names the guarded thing in messages.
+
+    Why flock: the kernel releases it when its process dies, SIGKILL included, so a
+    killed run never leaves a stale lock and nothing has to guess whether a pid is
+    still alive. The holder's pid is written into the file only to name it.
+    Re-entrant within a process (a training holds the dataset's lock while the builder
+    it calls takes it again). The file is removed on release, while still locked; a
+    waiter that then holds the removed file sees it is not `path` any more and locks
+    the new one, so two processes never both hold `path`. A killed holder leaves the
+    file, unlocked: the next holder takes it over.
+
+    Args:
+        wait: False: raise BusyError (`<what> is in use by process <pid>; <remedy>`).
+            True: log which process it waits for, then block until it is done.
+
+    Example:
+        >>> with hold_lock("workdirs/fold1/.lock", "workdirs/fold1", wait=False):
+        ...     train()
+    """
+    key = os.path.realpath(path)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            if not wait:
+                os.close(fd)
+                raise BusyError(f"{what} is in use by process {holder}"
+                                + (f"; {remedy}" if remedy else "")) from None
+            logging.info("Waiting for process %s, which holds %s (%s).", holder, path, what)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the holder removed the file as we waited: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            _remove_quietly(path)  # still locked: a waiter then finds it gone and retries
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _lock_holder(fd: int) -> str:
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return text if text.isdigit() else "(unknown: it has just taken the lock)"
+
+
+def lock_workdir(workdir: str):
+    """The training lock of an existing workdir: a second `train` there (same or other
+    stage, with or without --resume) refuses in one line instead of writing the same
+    checkpoints. Readers (evaluate, export, predict) take no lock."""
+    return hold_lock(workdir_lock_path(workdir), workdir, wait=False,
+                     remedy="wait for that training to end, or stop it (a stopped stage "
+                     "continues with --resume)")
+
+
+def dataset_lock(data_dir: str):
+    """The lock of building the dataset folder `data_dir`: `.<name>.lock` beside it (the
+    folder itself is swapped in whole by the builder). Waits for the holder."""
+    path = dataset_lock_path(data_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return hold_lock(path, f"dataset {data_dir}", wait=True)
+
+
+def workdir_lock_path(workdir: str) -> str:
+    return os.path.join(workdir, LOCK_NAME)
+
+
+def dataset_lock_path(data_dir: str) -> str:
+    parent, name = os.path.split(os.path.abspath(data_dir))
+    return os.path.join(parent, f".{name}{LOCK_NAME}")
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -139,6 +139,18 @@ def ensure_dataset(config) -> str:
     if os.path.exists(os.path.join(data_dir, "manifest.json")):
         return data_dir
     check_dataset_present(config)
+    # Two runs (fold 1 and fold 2 started together) would both generate and build it,
+    # one swapping its folder under the other's reads: one builds, the other waits.
+    with integrity.dataset_lock(data_dir):
+        if os.path.exists(os.path.join(data_dir, "manifest.json")):
+            logging.info("%s: built by the process waited for; using it.", data_dir)
+            return data_dir
+        check_dataset_present(config)
+        _generate_and_build(config, data_dir)
+    return data_dir
+
+
+def _generate_and_build(config, data_dir: str) -> None:
     # Imported here: only the synthetic default needs the generator and builder.
     from popnet_tf.data import build_atr_os, synth
 
@@ -153,7 +165,6 @@ def ensure_dataset(config) -> str:
                        num_test_support=config.data.num_test_support,
                        num_test=config.data.num_test_query + config.data.num_test_support,
                        seed=config.data.synthetic_seed)
-    return data_dir
 
 
 def epoch_dataset(config, data_dir: str, stage: int, fold: int, epoch: int) -> tf.data.Dataset:
@@ -759,6 +770,14 @@ def train(config, workdir: str, stage: int, fold: int, resume: bool = False) -> 
     classes.novel_ids(3, fold, config.data.fold_set)  # validates fold and fold set
     check_dataset_present(config)     # no dataset: fail before the workdir is made
     integrity.check_workdir(workdir)  # read-only or full: fail before writing anything
+    # One training per workdir: a second one (a retried job, a second terminal) would
+    # write the same checkpoints; it refuses here, before reading or writing anything.
+    with integrity.lock_workdir(workdir):
+        return _train_locked(config, workdir, stage, fold, resume)
+
+
+def _train_locked(config, workdir: str, stage: int, fold: int, resume: bool) -> dict:
+    """`train` once its pre-flight checks pass and it holds the workdir's lock."""
     check_run_record(config, workdir, fold)
     verify_checkpoints(config, workdir, stage, resume)
     _configure_runtime(config)

@@ -693,7 +693,21 @@ def _progbar(target: int, enabled: bool, unit: str):
 # The build.
 
 
-def build(atr_root: str, out_dir: str, *, train_list: str | None = None,
+def build(atr_root: str, out_dir: str, **kwargs) -> dict:
+    """Builds the ATR-OS dataset from an ATR-layout folder; returns the manifest.
+    One build of an --out at a time: a second one (the same command started twice, or
+    two trainings building the synthetic default) waits for the first, then builds.
+    Without the lock both swapped their folders in at once: one could fail with a
+    traceback (its rename onto the other's new folder) and leave `OUT.old-<pid>`, and
+    the other's training read the folder between its two renames. Arguments: `_build`'s.
+    """
+    from popnet_tf import integrity  # here: it imports this module, and TensorFlow
+
+    with integrity.dataset_lock(out_dir):
+        return _build(atr_root, out_dir, **kwargs)
+
+
+def _build(atr_root: str, out_dir: str, *, train_list: str | None = None,
           test_list: str | None = None, split_lists: str | None = None,
           num_test: int | None = None, num_query_train: int = 8000,
           num_test_query: int = 500, num_test_support: int = 500,
