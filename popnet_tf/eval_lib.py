@@ -698,7 +698,8 @@ def evaluate(workdir: str, *, way: str = "kway", fold: int | None = None, config
         logging.warning("%s: stage %d has not finished training; evaluating its latest "
                         "checkpoint %s", workdir, stage, checkpoint)
     start = time.time()
-    model = train_lib.restore_stage(config, workdir, stage)
+    # The checkpoint recorded in the results, not a newer one a training saved meanwhile.
+    model = train_lib.restore_stage(config, workdir, stage, checkpoint=checkpoint)
     common = dict(data_dir=data_dir, stage=stage, fold=fold, fold_set=config.data.fold_set,
                   eval_size=config.data.eval_size, progress=progress, return_examples=num_examples)
     logging.info("Evaluating %s (%s, stage %d, fold %d, %s, head %s)", workdir, method, stage,

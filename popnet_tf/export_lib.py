@@ -94,7 +94,11 @@ def restore_model(workdir: str, stage: int | None = None):
         logging.warning("%s: stage %d has checkpoints but no %s: exporting an unfinished stage.",
                         workdir, stage, train_lib.RESULT_FILE)
     keras.mixed_precision.set_global_policy(train_lib.precision_policy(config.train.mixed_precision))
-    model = train_lib.restore_stage(config, workdir, stage)
+    # One read of the latest checkpoint: a training still saving in this workdir may
+    # write a newer one meanwhile, and the record must name the one restored.
+    checkpoint = tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, stage))
+    model = train_lib.restore_stage(config, workdir, stage, checkpoint=checkpoint)
+    record = {**record, "restored_checkpoint": checkpoint}
     return model, config, stage, record
 
 
@@ -153,7 +157,7 @@ def export_saved_model(workdir: str, out_dir: str, *, version: int | None = None
                                    foreground_gate=foreground_gate)
     info = {"stage": stage, "fold": record.get("fold"), "fold_set": config.data.fold_set,
             "workdir": os.path.abspath(workdir),
-            "checkpoint": tf.train.latest_checkpoint(train_lib.checkpoint_dir(workdir, stage))}
+            "checkpoint": record["restored_checkpoint"]}
     path = write_version(parser, out_dir, version=version, info=info)
     logging.info("Exported stage %d of %s to %s (mask values: %s, head: %s, foreground "
                  "gate: %s).", stage, workdir, path, parser.mask_values, parser.head,

@@ -472,8 +472,11 @@ def _differences(old, new, name: str) -> list[tuple[str, object, object]]:
     return [] if old == new else [(name, old, new)]  # _MISSING equals only itself
 
 
-def restore_stage(config, workdir: str, stage: int, strategy=None) -> keras.Model:
-    """A finished stage (and the stages before it) rebuilt and restored, frozen."""
+def restore_stage(config, workdir: str, stage: int, strategy=None,
+                  checkpoint: str | None = None) -> keras.Model:
+    """A finished stage (and the stages before it) rebuilt and restored, frozen.
+    `checkpoint`: the one of `stage` to restore (default its latest); a reader of a
+    workdir still training passes the one it records, since a save may land between."""
     previous = None
     needed = popnet.stages_needed(config, stage)
     if config.model.backbone_weights:
@@ -488,7 +491,8 @@ def restore_stage(config, workdir: str, stage: int, strategy=None) -> keras.Mode
         keras.utils.set_random_seed(config.seed + s)
         model = popnet.build_stage(config, s, previous=previous)
         popnet.build_variables(model, s, config.data.crop_size)
-        latest = tf.train.latest_checkpoint(checkpoint_dir(workdir, s))
+        latest = (checkpoint if s == stage and checkpoint else
+                  tf.train.latest_checkpoint(checkpoint_dir(workdir, s)))
         if latest is None:
             raise FileNotFoundError(f"{checkpoint_dir(workdir, s)}: no checkpoint of stage {s}")
         try:

@@ -460,3 +460,37 @@ def test_results_of_an_unfinished_stage_say_so(trained, monkeypatch):
     monkeypatch.setattr(train_lib, "stage_finished", lambda *a: False)
     results = eval_lib.evaluate(workdir, way="kway", max_queries=1, progress=False, write=False)
     assert results["stage_finished"] is False
+
+
+def _newer_checkpoint_saved(directory):
+    """What a training still running in the workdir does: a newer checkpoint appears
+    and the state file names it (here a copy of the latest under a higher number)."""
+    latest = tf.train.latest_checkpoint(directory)
+    newer = f"{latest}0"
+    for path in tf.io.gfile.glob(f"{latest}.*"):
+        shutil.copy(path, newer + path[len(latest):])
+    tf.compat.v1.train.update_checkpoint_state(directory, newer, all_model_checkpoint_paths=[latest, newer])
+    return newer
+
+
+def test_results_name_the_checkpoint_scored_while_a_training_saves(trained, tmp_path, monkeypatch):
+    """evaluate read the latest checkpoint for results.json, then restore_stage read it
+    again: a save landing between scored one checkpoint under the other's name."""
+    _, workdir = trained
+    work = str(tmp_path / "work")
+    shutil.copytree(workdir, work)
+    directory = train_lib.checkpoint_dir(work, 3)
+    restore, restored = train_lib.restore_stage, []
+
+    def restore_while_a_training_saves(*args, **kwargs):
+        _newer_checkpoint_saved(directory)
+        return restore(*args, **kwargs)
+
+    checkpoint_restore = tf.train.Checkpoint.restore
+    monkeypatch.setattr(train_lib, "restore_stage", restore_while_a_training_saves)
+    monkeypatch.setattr(tf.train.Checkpoint, "restore",
+                        lambda self, path, *a, **k: restored.append(path)
+                        or checkpoint_restore(self, path, *a, **k))
+    results = eval_lib.evaluate(work, way="kway", max_queries=1, progress=False, write=False)
+    assert restored == [results["checkpoint"]]
+    assert results["checkpoint"] != tf.train.latest_checkpoint(directory)  # the newer one

@@ -11,6 +11,7 @@ import http.server
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -772,3 +773,30 @@ def test_cli_error_line_of_system_and_own_errors():
     assert export_cli._one_line(PermissionError(13, "Permission denied")) == "Permission denied"
     assert export_cli._one_line(FileExistsError("version 2 exists")) == "version 2 exists"
     assert export_cli._one_line(ValueError("stage must be 2 or 3")) == "stage must be 2 or 3"
+
+
+def test_export_records_the_checkpoint_it_restored_while_a_training_saves(exported, tmp_path,
+                                                                          monkeypatch):
+    """The export's popnet_export.json named the latest checkpoint read after the restore:
+    a save landing during the restore was recorded, another checkpoint exported."""
+    work = str(tmp_path / "work")
+    shutil.copytree(exported["workdir"], work)
+    directory = train_lib.checkpoint_dir(work, 3)
+    restore, restored, written = train_lib.restore_stage, [], []
+
+    def restore_while_a_training_saves(*args, **kwargs):
+        model = restore(*args, **kwargs)
+        latest = tf.train.latest_checkpoint(directory)
+        restored.append(latest if "checkpoint" not in kwargs else kwargs["checkpoint"])
+        newer = f"{latest}0"  # a newer checkpoint appears, and the state file names it
+        for path in tf.io.gfile.glob(f"{latest}.*"):
+            shutil.copy(path, newer + path[len(latest):])
+        tf.compat.v1.train.update_checkpoint_state(directory, newer,
+                                         all_model_checkpoint_paths=[latest, newer])
+        return model
+
+    monkeypatch.setattr(train_lib, "restore_stage", restore_while_a_training_saves)
+    monkeypatch.setattr(export_lib, "write_version",
+                        lambda parser, out, version=None, info=None: written.append(info))
+    export_lib.export_saved_model(work, str(tmp_path / "models"))
+    assert written[0]["checkpoint"] == restored[0] != tf.train.latest_checkpoint(directory)
