@@ -448,22 +448,25 @@ def check_dataset(workdir: str, data_dir: str) -> None:
                     workdir, data_dir, old.get("dir"))
 
 
+def _count(value, default, field: str, minimum: int, meaning: str = "") -> int:
+    """A count flag, or the config's `field` when the flag is not given (None), checked
+    against its minimum; the error names whichever was used."""
+    where = f"--{field.rsplit('.', 1)[1].replace('oneway_', '')}"
+    if value is None:
+        value, where = default, f"config.{field}"
+    if not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{where}={value!r}: must be an integer >= {minimum}{meaning}")
+    return value
+
+
 def _test_counts(config, max_queries, pairs_per_class, num_examples) -> tuple[int | None, int]:
     """(max_queries, pairs_per_class) with the config's defaults, checked: a negative
     --max_queries used to score every query (take(-1)), --pairs_per_class 0 to write an
     empty results.json over the previous one."""
-    if max_queries is None:
-        max_queries, where = config.eval.max_queries, "config.eval.max_queries"
-    else:
-        where = "--max_queries"
-    if not isinstance(max_queries, int) or max_queries < 0:
-        raise ValueError(f"{where}={max_queries!r}: must be an integer >= 0 (0 = all queries)")
-    if pairs_per_class is None:
-        pairs_per_class, where = config.eval.oneway_pairs_per_class, "config.eval.oneway_pairs_per_class"
-    else:
-        where = "--pairs_per_class"
-    if not isinstance(pairs_per_class, int) or pairs_per_class < 1:
-        raise ValueError(f"{where}={pairs_per_class!r}: must be an integer >= 1")
+    max_queries = _count(max_queries, config.eval.max_queries, "eval.max_queries", 0,
+                         " (0 = all queries)")
+    pairs_per_class = _count(pairs_per_class, config.eval.oneway_pairs_per_class,
+                             "eval.oneway_pairs_per_class", 1)
     if num_examples < 0:
         raise ValueError(f"--num_examples={num_examples}: must be >= 0 (0: no gallery)")
     return max_queries or None, pairs_per_class
