@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import hashlib
@@ -335,6 +336,8 @@ def _remove_quietly(path: str) -> None:
 
 # ----------------------------------------------------------------------------- locks
 LOCK_NAME = ".lock"
+# flock's errors on a filesystem without locks (not "held by another": that is EWOULDBLOCK).
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 _HELD: dict[str, int] = {}  # lock files this process holds -> nesting depth
 
 
@@ -380,9 +383,27 @@ def hold_lock(path: str, what: str, *, wait: bool, remedy: str = ""):
                                 + (f"; {remedy}" if remedy else "")) from None
             logging.info("Waiting for process %s, which holds %s (%s).", holder, path, what)
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
+            # Some network filesystems (NFS without lockd, some FUSE mounts) have no
+            # locks: go on unguarded, as before locks existed, rather than refuse to run.
+            os.close(fd)
+            fd = None
+            logging.warning("%s: the filesystem does not support locks (%s); %s is not "
+                            "guarded against a second process", path, e.strerror, what)
+            break
         if _same_file(fd, path):
             break
         os.close(fd)  # the holder removed the file as we waited: lock the new one
+    if fd is None:
+        _remove_quietly(path)
+        _HELD[key] = 1  # nested holders of this path pass through without warning again
+        try:
+            yield
+        finally:
+            del _HELD[key]
+        return
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

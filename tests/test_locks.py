@@ -102,3 +102,23 @@ def test_second_build_of_one_out_waits_for_the_first(tmp_path, caplog):
     assert f"Waiting for process {holder.pid}, which holds" in caplog.text
     integrity.verify_dataset(out)
     assert sorted(os.listdir(tmp_path)) == ["atr", "out"]
+
+
+def test_filesystem_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    """flock fails with ENOLCK on NFS without lockd (EOPNOTSUPP on some FUSE mounts): the
+    run goes on unguarded, as before locks existed, instead of ending in a traceback."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    path = tmp_path / ".lock"
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        with integrity.hold_lock(str(path), "the workdir", wait=False):
+            with integrity.hold_lock(str(path), "the workdir", wait=False):  # nested: no 2nd warning
+                ran = True
+    assert ran and not path.exists()
+    assert caplog.text.count("the filesystem does not support locks") == 1
+    assert "the workdir is not guarded against a second process" in caplog.text
