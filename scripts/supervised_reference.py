@@ -27,15 +27,18 @@ import json
 import os
 import time
 
-import keras
+from typing import TYPE_CHECKING
+
 import numpy as np
-import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import ConfigDict
 
-from popnet_tf import classes, cli, eval_lib, integrity, metrics, train_lib
-from popnet_tf.data import episodes
-from popnet_tf.models import baselines, popnet
+# Keras, TensorFlow and the modules that import them only inside the functions that use
+# them, after the flags are parsed: --help is instant instead of ~20 s.
+from popnet_tf import classes, cli
+
+if TYPE_CHECKING:
+    import keras
 
 FLAGS = flags.FLAGS
 
@@ -54,6 +57,8 @@ def _define_flags():
 
 def load_run_config(workdir: str):
     """The config and fold a workdir was trained with (its run.json)."""
+    from popnet_tf import train_lib
+
     path = os.path.join(workdir, train_lib.RUN_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: not a POPNet workdir (train stage 1 there first)")
@@ -67,6 +72,11 @@ def load_run_config(workdir: str):
 
 def build_reference(config, workdir: str) -> keras.Model:
     """The Fine-tune baseline's network for stage 3, its encoder copied from stage 1."""
+    import tensorflow as tf
+
+    from popnet_tf import train_lib
+    from popnet_tf.models import baselines, popnet
+
     model = baselines.FineTuneStage(classes.STAGE_NUM_CLASSES[3], popnet.encoder_kwargs(config),
                                     name="supervised_reference")
     side = config.data.crop_size
@@ -79,6 +89,12 @@ def build_reference(config, workdir: str) -> keras.Model:
 def train_reference(model, config, fold: int, steps: int, batch_size: int) -> float:
     """Cross-entropy on stage-3 labels (novel -> background) for `steps` steps with the
     config's optimizer and poly schedule; returns the seconds it took."""
+    import keras
+    import tensorflow as tf
+
+    from popnet_tf import train_lib
+    from popnet_tf.data import episodes
+
     d = config.data
     data = episodes.supervised_train_dataset(
         d.dir, stage=3, fold=fold, fold_set=d.fold_set, batch_size=batch_size,
@@ -111,6 +127,10 @@ def train_reference(model, config, fold: int, steps: int, batch_size: int) -> fl
 
 def run(workdir: str, steps: int, batch_size: int = 0, max_queries: int = 0) -> dict:
     """Trains and scores the reference; returns the k-way summary with the run's facts."""
+    import keras
+
+    from popnet_tf import eval_lib, train_lib
+
     if steps < 1 or batch_size < 0 or max_queries < 0:
         raise ValueError(f"--steps must be >= 1 and --batch_size, --max_queries >= 0; got "
                          f"{steps}, {batch_size}, {max_queries}")
@@ -134,6 +154,8 @@ def run(workdir: str, steps: int, batch_size: int = 0, max_queries: int = 0) -> 
 def check_out(out: str) -> None:
     """Refuses a result path that cannot be written, before the training: a folder at
     --out used to end the run in an IsADirectoryError traceback after it."""
+    from popnet_tf import integrity
+
     if os.path.isdir(out):
         raise IsADirectoryError(f"--out={out}: is a folder; give a file name (.json)")
     integrity.check_workdir(os.path.dirname(os.path.abspath(out)))
@@ -141,6 +163,8 @@ def check_out(out: str) -> None:
 
 def main(argv):
     del argv
+    from popnet_tf import metrics, train_lib
+
     out = FLAGS.out or os.path.join(FLAGS.workdir, "supervised_reference",
                                     f"steps{FLAGS.steps}.json")
     try:

@@ -91,3 +91,21 @@ def test_help_exits_zero_without_importing_tensorflow_and_flag_errors_exit_one(m
     for proc in (refused, wrong_value):
         assert proc.returncode == 1, proc.stdout[-1000:] + proc.stderr[-1000:]
         assert "FATAL Flags parsing error" in proc.stderr, proc.stderr[-2000:]
+
+
+_RUN_SCRIPT_HELP = """import runpy, sys
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    print("exit", e.code, "tensorflow" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("script", ["study.py", "supervised_reference.py", "resolution_cap.py"])
+def test_script_help_exits_zero_without_importing_tensorflow(script):
+    # resolution_cap and supervised_reference imported TensorFlow first: --help took ~20 s.
+    shown = subprocess.run([sys.executable, "-c", _RUN_SCRIPT_HELP,
+                            os.path.join(REPO, "scripts", script)], cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.stdout.strip().splitlines()[-1] == "exit 0 False", shown.stdout[-2000:] + shown.stderr[-2000:]
