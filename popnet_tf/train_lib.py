@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -141,7 +142,13 @@ def ensure_dataset(config) -> str:
     check_dataset_present(config)
     # Two runs (fold 1 and fold 2 started together) would both generate and build it,
     # one swapping its folder under the other's reads: one builds, the other waits.
-    with integrity.dataset_lock(data_dir):
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(integrity.dataset_lock(data_dir))
+        except OSError as e:  # the lock file goes beside the folder: it must be writable
+            raise integrity.WorkdirError(
+                f"{data_dir}: cannot write in its folder to build the dataset ({e.strerror or e}: "
+                f"{e.filename}); choose a writable --config.data.dir") from None
         if os.path.exists(os.path.join(data_dir, "manifest.json")):
             logging.info("%s: built by the process waited for; using it.", data_dir)
             return data_dir

@@ -1027,3 +1027,11 @@ def test_list_file_saved_by_notepad(tmp_path):
                 **{**SMALL, "num_query_train": 5, "num_test_query": 1})
     assert m["rejected"] == []
     assert _ids(out, "q_train") == ids[:5] and _ids(out, "s_train") == [ids[5]]
+
+
+def test_out_in_an_unwritable_place_is_one_line(tmp_path):
+    """The lock file beside OUT (and the build's temporary folder) need a writable parent;
+    a parent that is a file ended in a FileExistsError / FileNotFoundError traceback."""
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(b.DatasetError, match="cannot write in its folder"):
+        b.build(str(tmp_path / "atr"), str(tmp_path / "a_file" / "out"), **SMALL)

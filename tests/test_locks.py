@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from configs import synthetic_cpu
 from popnet_tf import integrity, train_lib
 from popnet_tf.data import build_atr_os, synth
@@ -122,3 +124,13 @@ def test_filesystem_without_locks_runs_unguarded_with_a_warning(tmp_path, monkey
     assert ran and not path.exists()
     assert caplog.text.count("the filesystem does not support locks") == 1
     assert "the workdir is not guarded against a second process" in caplog.text
+
+
+def test_dataset_folder_in_an_unwritable_place_is_one_line(tmp_path):
+    """The dataset lock goes beside data.dir; a parent that is a file ended in a
+    FileExistsError traceback from the lock instead of the CLI's one FATAL line."""
+    (tmp_path / "a_file").write_text("not a folder")
+    config = synthetic_cpu.get_config("smoke")
+    config.data.dir = str(tmp_path / "a_file" / "data")
+    with pytest.raises(integrity.WorkdirError, match="cannot write in its folder"):
+        train_lib.ensure_dataset(config)

@@ -76,6 +76,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import importlib.resources
 import io
@@ -703,7 +704,13 @@ def build(atr_root: str, out_dir: str, **kwargs) -> dict:
     """
     from popnet_tf import integrity  # here: it imports this module, and TensorFlow
 
-    with integrity.dataset_lock(out_dir):
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(integrity.dataset_lock(out_dir))
+        except OSError as e:  # the lock file goes beside OUT: its folder must be writable
+            raise DatasetError(f"--out {out_dir}: cannot write in its folder "
+                               f"({e.strerror or e}: {e.filename}); choose a writable "
+                               "place") from None
         return _build(atr_root, out_dir, **kwargs)
 
 
