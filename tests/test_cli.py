@@ -68,10 +68,12 @@ CLIS = ["popnet_tf.train", "popnet_tf.evaluate", "popnet_tf.export", "popnet_tf.
         "popnet_tf.bench", "popnet_tf.data.synth", "popnet_tf.data.build_atr_os",
         "popnet_tf.data.show"]
 
+# argv: a module name (runpy.run_module) or a script path (runpy.run_path) and which runner.
 _RUN_HELP = """import runpy, sys
+run = getattr(runpy, sys.argv[2])
 sys.argv = [sys.argv[1], "--help"]
 try:
-    runpy.run_module(sys.argv[0], run_name="__main__")
+    run(sys.argv[0], run_name="__main__")
 except SystemExit as e:
     print("exit", e.code, "tensorflow" in sys.modules)
 """
@@ -79,7 +81,7 @@ except SystemExit as e:
 
 @pytest.mark.parametrize("module", CLIS)
 def test_help_exits_zero_without_importing_tensorflow_and_flag_errors_exit_one(module):
-    shown = subprocess.run([sys.executable, "-c", _RUN_HELP, module], cwd=REPO, env=ENV,
+    shown = subprocess.run([sys.executable, "-c", _RUN_HELP, module, "run_module"], cwd=REPO, env=ENV,
                            capture_output=True, text=True, timeout=120)
     # absl alone exits 1 after --help
     assert shown.stdout.strip().splitlines()[-1] == "exit 0 False", shown.stdout[-2000:] + shown.stderr[-2000:]
@@ -93,19 +95,10 @@ def test_help_exits_zero_without_importing_tensorflow_and_flag_errors_exit_one(m
         assert "FATAL Flags parsing error" in proc.stderr, proc.stderr[-2000:]
 
 
-_RUN_SCRIPT_HELP = """import runpy, sys
-sys.argv = [sys.argv[1], "--help"]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-except SystemExit as e:
-    print("exit", e.code, "tensorflow" in sys.modules)
-"""
-
-
 @pytest.mark.parametrize("script", ["study.py", "supervised_reference.py", "resolution_cap.py"])
 def test_script_help_exits_zero_without_importing_tensorflow(script):
     # resolution_cap and supervised_reference imported TensorFlow first: --help took ~20 s.
-    shown = subprocess.run([sys.executable, "-c", _RUN_SCRIPT_HELP,
-                            os.path.join(REPO, "scripts", script)], cwd=REPO, env=ENV,
+    shown = subprocess.run([sys.executable, "-c", _RUN_HELP,
+                            os.path.join(REPO, "scripts", script), "run_path"], cwd=REPO, env=ENV,
                            capture_output=True, text=True, timeout=120)
     assert shown.stdout.strip().splitlines()[-1] == "exit 0 False", shown.stdout[-2000:] + shown.stderr[-2000:]
