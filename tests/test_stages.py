@@ -145,6 +145,10 @@ def test_test_prototypes_follow_dynamic_prototypes_switch():
         model.store.seen.assign(np.ones(12, np.float32))
         static, presence = model.support_prototypes(images, mask)
         got[dp] = (eval_lib.test_prototypes(model, static, presence).numpy(), static.numpy())
+        # A plain inference call predicts with the same prototypes as evaluation.
+        out = model({"query_image": images, "support_image": images, "support_mask": mask},
+                    training=False)
+        np.testing.assert_allclose(out["prototypes"].numpy(), got[dp][0], rtol=1e-5, atol=1e-7)
     alpha = config.model.momentum
     np.testing.assert_allclose(got[True][0][0, 3], (1 - alpha) * 2.0 + alpha * got[True][1][0, 3],
                                rtol=1e-5)

@@ -118,7 +118,8 @@ class OneShotStage(keras.Model):
         "agm_probs", "ncm_probs", "probs" (the prediction head's) at the query's
         resolution, float32, and the intermediates "prototypes" [B,C,K],
         "presence" [B,C], "distance_maps" [B,h,w,C], "features" [B,h,w,K].
-        `use_dynamic` (bool) selects dynamic prototypes (after warmup).
+        `use_dynamic` (bool) selects dynamic prototypes (after warmup); ignored
+        (static prototypes) when `dynamic_prototypes` is False.
     """
 
     def __init__(self, num_classes: int, encoder: dict, previous=None,
@@ -247,6 +248,10 @@ class OneShotStage(keras.Model):
         return out
 
     def call(self, inputs, training=False, use_dynamic=True):
+        if not self.dynamic_prototypes:
+            # A stage without DP never reads its store (the ablation rows without DP):
+            # at test as in `test_prototypes`, so a plain call agrees with evaluation.
+            use_dynamic = False
         static, presence = self.support_prototypes(
             inputs["support_image"], inputs["support_mask"], training=training)
         prototypes = self.store(static, presence, training=training, use_dynamic=use_dynamic)
