@@ -800,3 +800,42 @@ def test_export_records_the_checkpoint_it_restored_while_a_training_saves(export
                         lambda parser, out, version=None, info=None: written.append(info))
     export_lib.export_saved_model(work, str(tmp_path / "models"))
     assert written[0]["checkpoint"] == restored[0] != tf.train.latest_checkpoint(directory)
+
+
+# ----------------------------------------------------------------------------- audit K
+@pytest.mark.parametrize("name", ["sgone", "panet", "amp", "finetune"])
+def test_baselines_are_refused_by_the_parser(name):
+    """Serving runs POPNet's store and heads; a baseline has neither (its probabilities are
+    "probs", PANet's and AMP's prototypes are not plain pooling, Fine-tune tunes on each
+    support), so it is refused up front rather than failing while tracing (KeyError)."""
+    import importlib
+
+    config = importlib.import_module(f"configs.baselines.{name}").get_config("smoke")
+    model = popnet.build_stage(config, 3)
+    for head in ("ncm", "agm", "mean"):
+        with pytest.raises(ValueError, match=f"the {name} baseline cannot be exported or served"):
+            serving.OneShotParser(model, config.data.eval_size, head=head)
+
+
+def test_baseline_workdir_export_and_predict_are_one_line_errors(tmp_path):
+    """A baseline's workdir: export (default head, the config's "model", and --head ncm,
+    which used to end in a KeyError traceback) and predict say what is wrong."""
+    from configs.baselines import panet
+    from popnet_tf import predict_lib
+
+    config = panet.get_config("smoke")
+    workdir = str(tmp_path / "work")
+    keras.utils.set_random_seed(7)
+    model = popnet.build_stage(config, 3)
+    popnet.build_variables(model, 3, config.data.crop_size)
+    tf.train.Checkpoint(model=model).save(os.path.join(train_lib.checkpoint_dir(workdir, 3), "ckpt"))
+    train_lib.write_json_atomic(os.path.join(train_lib.stage_dir(workdir, 3), "result.json"),
+                                {"stage": 3})
+    train_lib.write_json_atomic(os.path.join(workdir, "run.json"),
+                                {"fold": 1, "fold_set": "paper", "config": config.to_dict()})
+    for head in (None, "ncm"):
+        with pytest.raises(ValueError, match="the panet baseline cannot be exported or served"):
+            export_lib.export_saved_model(workdir, str(tmp_path / "out"), head=head)
+    assert not os.path.exists(tmp_path / "out")
+    with pytest.raises(ValueError, match="the panet baseline cannot be exported or served"):
+        predict_lib.load_predictor(workdir, head="ncm")
