@@ -884,3 +884,11 @@ def test_served_labels_are_evaluations_predictions(exported):
         assert labels.shape == (90, 60)
         assert np.mean(labels != expected) <= 1 / 90 / 60, mask_values  # a tie at most
         np.testing.assert_array_equal(out["class_values"], [0] + [v + offset for v in (*SEEN_BASE, 5, 9)])
+
+
+def test_metadata_records_the_precision_exported(exported):
+    """The export record names the dtype policy traced into the SavedModel (float32 for
+    the smoke config; mixed_bfloat16 for an "auto" training exported on a bfloat16 machine)."""
+    for name in ("user", "merged"):
+        meta = serving.read_metadata(exported[name])
+        assert meta["precision"] == exported["model"].dtype_policy.name == "float32", name
