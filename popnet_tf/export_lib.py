@@ -244,6 +244,9 @@ def write_version(parser: serving.OneShotParser, out_dir: str, *, version: int |
         "num_classes": parser.num_classes, "eval_size": parser.eval_size,
         "mask_values": parser.mask_values, "head": parser.head,
         "foreground_gate": parser.foreground_gate,
+        # The dtype policy traced into the graph: "auto" training is mixed_bfloat16 where the
+        # exporting machine computes bfloat16 natively, and the SavedModel keeps it everywhere.
+        "precision": parser.model.dtype_policy.name,
         # Merged ids name the stage's classes; a user's values have only the names they give.
         "class_names": (list(classes.STAGE_CLASS_NAMES[stage])
                         if parser.mask_values == "merged" and stage else None),

@@ -219,13 +219,42 @@ def _tf_decodes(data: bytes) -> bool:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         animated = data[12:16] == b"VP8X" and len(data) > 20 and data[20] & 0x02
         return not animated
-    # A truncated JPEG or PNG (no end marker; trailing bytes after one are fine) goes
-    # to Pillow, which says "truncated", without TensorFlow's raw C++ log lines first.
+    # A truncated JPEG or PNG (no end marker; trailing bytes after one are fine, such as
+    # the video a phone's motion photo appends) goes to Pillow, which says "truncated",
+    # without TensorFlow's raw C++ log lines first.
     if data.startswith(b"\xff\xd8\xff"):
-        return b"\xff\xd9" in data[-4096:]
+        return b"\xff\xd9" in data[-4096:] or _jpeg_has_end(data)
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return b"IEND" in data[-4096:]
+        return b"IEND" in data[-4096:] or _png_has_end(data)
     return data.startswith(_TF_SIGNATURES)
+
+
+def _jpeg_has_end(data: bytes) -> bool:
+    """Whether a JPEG's end marker follows its first scan: the segments before it are
+    skipped by their lengths (an EXIF thumbnail's own end marker is inside one), and in
+    the entropy-coded data a 0xFF byte is never followed by 0xD9 but at the end."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0xDA:  # start of scan
+            return data.find(b"\xff\xd9", i) != -1
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
+
+
+def _png_has_end(data: bytes) -> bool:
+    """Whether a PNG's chunks, followed by their lengths, reach IEND."""
+    i = 8
+    while i + 8 <= len(data):
+        if data[i + 4:i + 8] == b"IEND":
+            return True
+        i += 12 + int.from_bytes(data[i:i + 4], "big")
+    return False
 
 
 def _decode_with_pillow(path: str, data: bytes, what: str) -> np.ndarray:

@@ -270,7 +270,8 @@ class OneShotParser:
     """One-shot parsing of queries with classes defined by one support (see module doc).
 
     Args:
-        model: a trained `OneShotStage` (stage 3, or 2), its earlier stages inside.
+        model: a trained `OneShotStage` (stage 3, or 2), its earlier stages inside; a
+            baseline of `models.baselines` is refused (ValueError).
         eval_size: E, the square input size the model is evaluated at
             (config.data.eval_size).
         mask_values: "user" (default) or "merged", see `class_mapping`.
@@ -286,6 +287,10 @@ class OneShotParser:
 
     def __init__(self, model, eval_size: int, mask_values: str = "user", head: str = "ncm",
                  foreground_gate: bool = False):
+        method = getattr(model, "method", "")
+        if method:  # models.baselines: no prototype store, NCM or AGM; Fine-tune tunes per support
+            raise ValueError(f"the {method} baseline cannot be exported or served (only POPNet's "
+                             "one-shot stages can); score it with popnet_tf.evaluate")
         if mask_values not in MASK_VALUES:
             raise ValueError(f"mask_values must be one of {MASK_VALUES}, got {mask_values!r}")
         if head not in HEADS:

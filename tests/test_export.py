@@ -800,3 +800,95 @@ def test_export_records_the_checkpoint_it_restored_while_a_training_saves(export
                         lambda parser, out, version=None, info=None: written.append(info))
     export_lib.export_saved_model(work, str(tmp_path / "models"))
     assert written[0]["checkpoint"] == restored[0] != tf.train.latest_checkpoint(directory)
+
+
+# ----------------------------------------------------------------------------- audit K
+@pytest.mark.parametrize("name", ["sgone", "panet", "amp", "finetune"])
+def test_baselines_are_refused_by_the_parser(name):
+    """Serving runs POPNet's store and heads; a baseline has neither (its probabilities are
+    "probs", PANet's and AMP's prototypes are not plain pooling, Fine-tune tunes on each
+    support), so it is refused up front rather than failing while tracing (KeyError)."""
+    import importlib
+
+    config = importlib.import_module(f"configs.baselines.{name}").get_config("smoke")
+    model = popnet.build_stage(config, 3)
+    for head in ("ncm", "agm", "mean"):
+        with pytest.raises(ValueError, match=f"the {name} baseline cannot be exported or served"):
+            serving.OneShotParser(model, config.data.eval_size, head=head)
+
+
+def test_baseline_workdir_export_and_predict_are_one_line_errors(tmp_path):
+    """A baseline's workdir: export (default head, the config's "model", and --head ncm,
+    which used to end in a KeyError traceback) and predict say what is wrong."""
+    from configs.baselines import panet
+    from popnet_tf import predict_lib
+
+    config = panet.get_config("smoke")
+    workdir = str(tmp_path / "work")
+    keras.utils.set_random_seed(7)
+    model = popnet.build_stage(config, 3)
+    popnet.build_variables(model, 3, config.data.crop_size)
+    tf.train.Checkpoint(model=model).save(os.path.join(train_lib.checkpoint_dir(workdir, 3), "ckpt"))
+    train_lib.write_json_atomic(os.path.join(train_lib.stage_dir(workdir, 3), "result.json"),
+                                {"stage": 3})
+    train_lib.write_json_atomic(os.path.join(workdir, "run.json"),
+                                {"fold": 1, "fold_set": "paper", "config": config.to_dict()})
+    for head in (None, "ncm"):
+        with pytest.raises(ValueError, match="the panet baseline cannot be exported or served"):
+            export_lib.export_saved_model(workdir, str(tmp_path / "out"), head=head)
+    assert not os.path.exists(tmp_path / "out")
+    with pytest.raises(ValueError, match="the panet baseline cannot be exported or served"):
+        predict_lib.load_predictor(workdir, head="ncm")
+
+
+def test_served_labels_are_evaluations_predictions(exported):
+    """The same (query, support) pair through evaluate's own code (the dataset's decoding
+    and eval_resize, `test_prototypes`, the k-way scorer, the crop and resize to the label)
+    and through `serving_default` (JPEG bytes, a merged-id mask): the same label map. With
+    merged ids the base classes use the dynamic store as evaluate does; with a user's own
+    values (here the merged ids + 100) the static prototypes, as a store-less evaluation."""
+    from popnet_tf import eval_lib
+    from popnet_tf.data import episodes
+
+    model, E = exported["model"], exported["E"]
+    rng = np.random.default_rng(11)
+
+    def jpeg(h, w):
+        small = rng.uniform(0, 255, (h // 8, w // 8, 3))
+        image = tf.image.resize(small, (h, w), method="bilinear").numpy().astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="JPEG", quality=90)
+        return buf.getvalue()
+
+    query, support = jpeg(90, 60), jpeg(56, 88)
+    mask = block_mask((56, 88), (*SEEN_BASE, 5, 9), seed=12)
+    table = classes.merged_to_stage_table(3)
+
+    def example(data, label):
+        return episodes._eval_example({"image": tf.io.decode_jpeg(data, channels=3),
+                                       "mask": tf.constant(label, tf.uint8), "source_id": "x"},
+                                      table, E)
+
+    s, q = example(support, mask), example(query, np.zeros((90, 60), np.uint8))
+    for mask_values, offset, dynamic in (("merged", 0, True), ("user", 100, False)):
+        static, presence = model.support_prototypes(s["image"][None], s["mask"][None])
+        prototypes = model.store(static, presence, training=False, use_dynamic=dynamic)
+        probs = eval_lib._kway_scorer(model, "ncm")(q["image"][None], prototypes, presence)
+        expected, _ = eval_lib._example_pair(probs[0, 0], q["valid_size"], q["label"], presence[0])
+        user_mask = np.where((mask > 0) & (mask < 255), mask + offset, mask)
+        fn = serving.OneShotParser(model, E, mask_values).function(serving.SIGNATURE_ENCODED)
+        out = fn(query_images=tf.constant([query]), support_image=tf.constant(support),
+                 support_mask=tf.constant(png_bytes(user_mask)))
+        labels = out["labels"].numpy()[0]
+        expected = np.where(expected.numpy() > 0, expected.numpy() + offset, 0)
+        assert labels.shape == (90, 60)
+        assert np.mean(labels != expected) <= 1 / 90 / 60, mask_values  # a tie at most
+        np.testing.assert_array_equal(out["class_values"], [0] + [v + offset for v in (*SEEN_BASE, 5, 9)])
+
+
+def test_metadata_records_the_precision_exported(exported):
+    """The export record names the dtype policy traced into the SavedModel (float32 for
+    the smoke config; mixed_bfloat16 for an "auto" training exported on a bfloat16 machine)."""
+    for name in ("user", "merged"):
+        meta = serving.read_metadata(exported[name])
+        assert meta["precision"] == exported["model"].dtype_policy.name == "float32", name

@@ -718,3 +718,27 @@ def test_16_bit_colour_support_mask_is_refused(tmp_path, stub):
     assert str(error.value) == (f"{mask_path}: the support mask is a 16-bit RGB PNG, whose values "
                                 "cannot be read as classes; save it as an 8-bit grayscale or "
                                 "palette PNG with the class values (1-254) as pixels")
+
+
+@pytest.mark.parametrize("name, kwargs", [("motion.jpg", {"quality": 90}),
+                                          ("motion.jpg", {"quality": 90, "progressive": True}),
+                                          ("trailer.png", {})])
+def test_whole_photo_with_a_long_trailer_reaches_the_model_as_served(tmp_path, name, kwargs):
+    """A phone's motion photo appends a video after the JPEG's end marker (and some tools
+    append data after a PNG's IEND). Such a whole file is decoded by TensorFlow, as
+    `serving_default` and evaluation decode it, and sent unchanged; with the end marker
+    more than 4 KB before the end it went to Pillow (the accurate DCT: pixels up to a few
+    levels apart, so labels unlike the served model's) and was re-encoded as PNG."""
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, (48, 40, 3))
+    path = save_image(tmp_path / name, pixels, **kwargs)
+    with open(path, "rb") as f:
+        photo_bytes = f.read()
+    data = photo_bytes + b"\x00\x00\x00\x1cftypmp42" + rng.bytes(20_000)
+    with open(path, "wb") as f:
+        f.write(data)
+    photo = predict_lib.read_photo(path)
+    assert photo.data == data
+    np.testing.assert_array_equal(photo.pixels, serving.decode_image(data).numpy())
+    # Cut short (the video's bytes gone with the image's end), it still goes to Pillow.
+    assert not predict_lib._tf_decodes(photo_bytes[: len(photo_bytes) // 2])

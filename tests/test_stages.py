@@ -172,3 +172,29 @@ def test_stages_build_completely_without_keras_warnings(module):
     unbuilt = [layer.name for layer in model._flatten_layers(include_self=False)
                if not layer.built]
     assert not unbuilt
+
+
+def test_agm_prediction_head_without_compute_agm():
+    """A stage predicting with AGM (the "AGM" ablation row) scored or served with the NCM
+    head (`--config.eval.head=ncm`, `export --head ncm`) asks `heads` for NCM only; its
+    "probs" are still AGM's (it used to be a KeyError), and the NCM head comes back too."""
+    from popnet_tf import serving
+
+    config = _config()
+    config.model.kim = False
+    config.model.prediction_head = "agm"
+    model = popnet.build_stage(config, 3)
+    popnet.build_variables(model, 3, 32)
+    rng = np.random.default_rng(2)
+    images = rng.uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+    mask = np.zeros((1, 32, 32), np.int32)
+    mask[:, :16] = 3
+    static, presence = model.support_prototypes(images, mask)
+    features = model.infused_features(images)
+    both = model.heads(features, static, presence, images, compute_agm=True)
+    ncm_only = model.heads(features, static, presence, images, compute_agm=False)
+    np.testing.assert_allclose(ncm_only["probs"], both["agm_probs"], atol=1e-6)
+    np.testing.assert_allclose(ncm_only["ncm_probs"], both["ncm_probs"], atol=1e-6)
+    served = serving.OneShotParser(model, 32, head="ncm").parse_images(
+        images, images[0], mask[0])["probabilities"]
+    np.testing.assert_allclose(served, np.asarray(both["ncm_probs"])[..., [0, 3]], atol=1e-5)

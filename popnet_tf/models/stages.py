@@ -228,7 +228,10 @@ class OneShotStage(keras.Model):
         return self.store(static, presence, training=False, use_dynamic=self.dynamic_prototypes)
 
     def heads(self, query_features, prototypes, presence, query_image, compute_agm=True):
-        """Distance maps and the two heads' logits at the query's resolution."""
+        """Distance maps and the two heads' logits at the query's resolution. AGM is
+        computed when asked (`compute_agm`) and whenever it is the stage's prediction head,
+        whose "probs" it gives (an AGM-only model served or scored with the NCM head)."""
+        compute_agm = compute_agm or self.prediction_head != "ncm"
         maps = cosine_similarity(query_features, prototypes)  # [B, h, w, C] float32
         out = {"distance_maps": maps, "presence": presence, "prototypes": prototypes,
                "features": query_features}
