@@ -742,6 +742,43 @@ def test_too_few_images(tmp_path):
     assert not os.path.exists(out) and _siblings(out) == []
 
 
+def test_a_worker_that_dies_ends_the_build_in_one_line(synth_root, tmp_path):
+    """A worker killed mid-build (the OOM killer on a huge photo) used to hang the build
+    forever: multiprocessing.Pool replaced the worker and waited for its lost tasks (or,
+    killed before its first task, as here, went on as if nothing had happened)."""
+    import multiprocessing
+    import threading
+
+    root, _ = synth_root
+    out = str(tmp_path / "out")
+    before = set(multiprocessing.active_children())
+    outcome = {}
+
+    def run():
+        try:
+            b.build(root, out, **{**SMALL, "num_workers": 1})
+            outcome["result"] = "finished"
+        except Exception as e:  # noqa: BLE001 - the test looks at what it was
+            outcome["result"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "result" not in outcome:
+        workers = set(multiprocessing.active_children()) - before
+        if workers:
+            for w in workers:
+                os.kill(w.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    thread.join(60)
+    assert not thread.is_alive(), "the build hung after its worker was killed"
+    assert isinstance(outcome["result"], b.DatasetError), outcome["result"]
+    assert "worker process reading the images died" in str(outcome["result"])
+    assert "--num_workers=0" in str(outcome["result"])
+    assert not os.path.exists(out) and _siblings(out) == []
+
+
 def test_determinism_across_worker_counts(synth_root, tmp_path):
     root, _ = synth_root
     out0, out2 = str(tmp_path / "w0"), str(tmp_path / "w2")

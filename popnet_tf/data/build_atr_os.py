@@ -76,6 +76,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import importlib.resources
@@ -405,7 +406,7 @@ def _exif_hint(mode: str, orientation: int, image_size, mask_size) -> str:
 
 
 def _ignore_sigint() -> None:
-    # Ctrl-C is handled by the parent, which terminates the pool; workers
+    # Ctrl-C is handled by the parent, which shuts the pool down; workers
     # printing their own KeyboardInterrupt tracebacks would only add noise.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -963,12 +964,18 @@ def _process_all(tasks, staging_path, num_workers, progress):
     if num_workers > 0:
         # "spawn": the parent has TensorFlow loaded (threads), and forking a
         # multi-threaded process can deadlock. Workers need only PIL and NumPy.
-        pool = multiprocessing.get_context("spawn").Pool(num_workers, initializer=_ignore_sigint)
+        # concurrent.futures rather than multiprocessing.Pool: when a worker dies
+        # (the kernel's OOM killer on a huge photo, a segfault in a decoder), Pool
+        # replaces it and waits forever for its lost tasks; the executor raises
+        # BrokenProcessPool, which ends the build in one line.
+        pool = concurrent.futures.ProcessPoolExecutor(
+            num_workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_ignore_sigint)
     try:
         chunksize = max(1, min(32, len(tasks) // (8 * max(1, num_workers))))
-        # imap keeps task order, so the staging file and every shard come out
+        # map keeps task order, so the staging file and every shard come out
         # the same whatever the number of workers.
-        results = pool.imap(_process, tasks, chunksize) if pool else map(_process, tasks)
+        results = pool.map(_process, tasks, chunksize=chunksize) if pool else map(_process, tasks)
         with open(staging_path, "wb") as staging:
             for i, result in enumerate(results):
                 if isinstance(result, _Rejection):
@@ -986,12 +993,18 @@ def _process_all(tasks, staging_path, num_workers, progress):
                         exif[result.exif].append(result.source_id)
                 if bar is not None:
                     bar.update(i + 1)
-        if pool:
-            pool.close()
-            pool.join()
+    except concurrent.futures.BrokenExecutor:  # BrokenProcessPool
+        done = len(staged) + len(rejected)
+        raise DatasetError(
+            f"a worker process reading the images died after {done} of {len(tasks)} were "
+            f"read (killed by the system, e.g. out of memory on a very large photo, or a "
+            f"crash in an image decoder), near {tasks[min(done, len(tasks) - 1)].source_id!r}. Rerun with "
+            "--num_workers=0 to read them in this process and see which file it is.") from None
     finally:
         if pool:
-            pool.terminate()
+            # Waits for the chunks already running (a second or so) after an error or
+            # Ctrl-C; the queued ones are dropped.
+            pool.shutdown(wait=True, cancel_futures=True)
     return staged, rejected, exif
 
 
