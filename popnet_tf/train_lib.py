@@ -535,10 +535,25 @@ def _oneshot_loss(model, batch, global_batch, beta, use_dynamic):
     return scaled["total"], logs
 
 
+def _prototype_store_variables(model) -> list:
+    """The variables of the model's prototype stores (Eq. 2), written by the forward pass."""
+    from popnet_tf.layers.prototypes import PrototypeStore
+
+    return [v for layer in model._flatten_layers(include_self=True, recursive=True)
+            if isinstance(layer, PrototypeStore) for v in (layer.prototypes, layer.seen)]
+
+
 def make_train_step(model, optimizer, strategy, stage, global_batch, beta, use_dynamic, jit_compile):
-    """A distributed `tf.function` training step returning the summed losses."""
+    """A distributed `tf.function` training step returning the summed losses.
+
+    Under `mixed_float16` the `LossScaleOptimizer` skips a step whose gradients are not
+    finite (and halves the loss scale); the prototype store, which the forward pass has
+    already updated, is then put back as it was, so a skipped step leaves no trace."""
+    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    stores = _prototype_store_variables(model) if loss_scaled else []
 
     def replica_step(batch):
+        before = [tf.identity(v) for v in stores]  # read before the forward pass writes
         with tf.GradientTape() as tape:
             if stage == 1:
                 loss, logs = _stage1_loss(model, batch, global_batch)
@@ -547,6 +562,10 @@ def make_train_step(model, optimizer, strategy, stage, global_batch, beta, use_d
             scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
         variables = model.trainable_variables
         grads = tape.gradient(scaled, variables)
+        if loss_scaled:
+            finite = optimizer.check_finite(grads)
+            for v, old in zip(stores, before):
+                v.assign(tf.where(finite, tf.convert_to_tensor(v), old))
         optimizer.apply(grads, variables)
         return logs
 
