@@ -564,6 +564,18 @@ def make_train_step(model, optimizer, strategy, stage, global_batch, beta, use_d
         grads = tape.gradient(scaled, variables)
         if loss_scaled:
             finite = optimizer.check_finite(grads)
+            context = tf.distribute.get_replica_context()
+            if context.num_replicas_in_sync > 1:
+                # Keras' LossScaleOptimizer decides from the first replica's own gradients
+                # (not yet all-reduced): one replica's overflow would then be applied, and
+                # the sum make every weight NaN. All replicas take the same verdict here,
+                # and a skipped step gives every replica non-finite gradients.
+                bad = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                         tf.cast(tf.logical_not(finite), tf.float32))
+                finite = tf.equal(bad, 0.0)
+                poison = tf.where(finite, 0.0, float("nan"))
+                grads = [None if g is None else tf.convert_to_tensor(g) + tf.cast(poison, g.dtype)
+                         for g in grads]
             for v, old in zip(stores, before):
                 v.assign(tf.where(finite, tf.convert_to_tensor(v), old))
         optimizer.apply(grads, variables)

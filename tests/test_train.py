@@ -467,6 +467,82 @@ def test_two_replicas_equal_one(tmp_path, data_config):
     np.testing.assert_allclose(out["two"]["store"], out["one"]["store"], rtol=1e-3, atol=1e-4)
 
 
+FLOAT16_TWO_REPLICAS = textwrap.dedent("""
+    import json, sys
+    import numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    sys.path.insert(0, {repo!r})
+    from configs import synthetic_cpu
+    from popnet_tf import train_lib
+    from popnet_tf.layers.prototypes import PrototypeStore
+
+    overflow = tf.Variable(True)
+
+    @tf.custom_gradient
+    def overflow_on_replica_1(x):
+        context = tf.distribute.get_replica_context()
+        replica = context.replica_id_in_sync_group if context is not None else 0
+        def grad(dy):
+            bad = tf.logical_and(overflow, tf.equal(replica, 1))
+            return dy * tf.where(bad, float("inf"), 1.0)
+        return tf.identity(x), grad
+
+    class Tiny(keras.Model):  # stage 1's interface, with a prototype store
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(3, 1)
+            self.store = PrototypeStore(3, 3, momentum=0.5)
+        def call(self, image, training=False):
+            logits = overflow_on_replica_1(self.conv(image))
+            pooled = tf.reduce_mean(logits, axis=[1, 2])
+            self.store(tf.tile(pooled[:, None, :], [1, 3, 1]), tf.ones_like(pooled),
+                       training=training)
+            return {{"logits": logits}}
+
+    config = synthetic_cpu.get_config("smoke")
+    config.train.optimizer = "sgd"
+    config.train.mixed_precision = "mixed_float16"
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = Tiny()
+        model(tf.zeros([1, 4, 4, 3]))
+        opt = train_lib.make_optimizer(config, 10)
+        opt.build(model.trainable_variables)
+    step = train_lib.make_train_step(model, opt, strategy, 1, 4, None, None, False)
+    batch = {{"image": tf.random.stateless_normal([4, 4, 4, 3], [0, 1]),
+             "mask": tf.zeros([4, 4, 4], tf.int32)}}
+    out = {{}}
+    for name, bad in (("skipped", True), ("applied", False)):
+        overflow.assign(bad)
+        before = [v.numpy().copy() for v in model.weights]
+        for b in strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch)):
+            step(b)
+        out[name] = {{"scale": float(opt.dynamic_scale.numpy()),
+                     "changed": [v.path for a, v in zip(before, model.weights)
+                                 if not np.array_equal(a, v.numpy())],
+                     "finite": all(bool(np.isfinite(v.numpy()).all()) for v in model.weights)}}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_float16_overflow_on_one_replica_skips_the_step_on_all(tmp_path):
+    """Two replicas, mixed_float16: infinite gradients on the second replica only. Keras'
+    LossScaleOptimizer reads the first replica's verdict; the step must still be skipped
+    (weights, store unchanged and finite, loss scale halved), then train the next step."""
+    script = FLOAT16_TWO_REPLICAS.format(repo=REPO)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0]
+    out = json.loads(line[len("RESULT"):])
+    assert out["skipped"] == {"scale": 16384.0, "changed": [], "finite": True}, out
+    assert out["applied"]["scale"] == 16384.0 and out["applied"]["finite"], out
+    assert len(out["applied"]["changed"]) == 4, out  # kernel, bias, store prototypes and seen
+
+
 def test_check_config_lists_every_problem():
     from popnet_tf import integrity
 
