@@ -293,15 +293,63 @@ def make_optimizer(config, total_steps: int) -> keras.optimizers.Optimizer:
     return opt
 
 
+def tf_config_cluster() -> tuple[int, str | None, int]:
+    """(workers in the cluster, this task's type, its index) from the TF_CONFIG variable
+    that a multi-host launcher sets; (1, None, 0) without one."""
+    tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    cluster = tf_config.get("cluster", {})
+    task = tf_config.get("task", {})
+    workers = sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
+    return workers, task.get("type"), int(task.get("index", 0))
+
+
+def is_chief() -> bool:
+    """Whether this process writes the run's files: always, but in a multi-worker cluster
+    only the chief (the `chief` task, else worker 0)."""
+    workers, task_type, index = tf_config_cluster()
+    if workers <= 1 or task_type is None:
+        return True
+    has_chief = bool(json.loads(os.environ["TF_CONFIG"]).get("cluster", {}).get("chief"))
+    return task_type == "chief" or (task_type == "worker" and index == 0 and not has_chief)
+
+
+def worker_workdir(workdir: str) -> str:
+    """Where this process writes: the workdir on the chief (or a single process); on
+    another worker of a multi-worker cluster its own folder `<workdir>/workers/<type><index>`.
+    Every worker saves each checkpoint (the save is collective) but only the chief's
+    are the run's, and two workers must not write the same files."""
+    if is_chief():
+        return workdir
+    _, task_type, index = tf_config_cluster()
+    return os.path.join(workdir, "workers", f"{task_type}{index}")
+
+
+def strategy_name(name: str) -> str:
+    """The strategy `train.strategy` resolves to: `auto` is `multiworker` when TF_CONFIG
+    names a cluster of several workers, `mirrored` with several local GPUs, else `default`."""
+    if name != "auto":
+        return name
+    if tf_config_cluster()[0] > 1:  # read before anything initialises TensorFlow's context
+        return "multiworker"
+    return "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "default"
+
+
+_MULTI_WORKER = []  # the process's one MultiWorkerMirroredStrategy
+
+
 def get_strategy(name: str) -> tf.distribute.Strategy:
-    """`auto`: MirroredStrategy over several local GPUs, else the default strategy."""
-    if name == "auto":
-        gpus = tf.config.list_logical_devices("GPU")
-        return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    """The `tf.distribute` strategy of `train.strategy` (see `strategy_name`).
+
+    MultiWorkerMirroredStrategy configures collective ops, which TensorFlow allows only
+    before its context is initialised (before the first op): `train` therefore calls this
+    first, and the strategy is made once per process and reused by every stage."""
+    name = strategy_name(name)
+    if name == "multiworker":
+        if not _MULTI_WORKER:
+            _MULTI_WORKER.append(tf.distribute.MultiWorkerMirroredStrategy())
+        return _MULTI_WORKER[0]
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
-    if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "default":
         return tf.distribute.get_strategy()
     raise ValueError(f"train.strategy must be auto, mirrored, multiworker or default, got {name!r}")
@@ -807,6 +855,10 @@ def train(config, workdir: str, stage: int, fold: int, resume: bool = False) -> 
     if stage not in (1, 2, 3):
         raise ValueError(f"--stage must be 1, 2 or 3, got {stage!r}")
     check_config(config)
+    # Before any TensorFlow op (a multi-worker strategy cannot be made after one).
+    get_strategy(config.train.strategy)
+    # A multi-worker cluster's other workers write into folders of their own.
+    workdir = worker_workdir(workdir)
     if not all(stage_finished(workdir, s) for s in popnet.stages_needed(config, stage)):
         check_backbone_weights(config)  # a bad weight file: one line, before the workdir is made
     classes.novel_ids(3, fold, config.data.fold_set)  # validates fold and fold set

@@ -543,6 +543,79 @@ def test_float16_overflow_on_one_replica_skips_the_step_on_all(tmp_path):
     assert len(out["applied"]["changed"]) == 4, out  # kernel, bias, store prototypes and seen
 
 
+MULTI_WORKER = textwrap.dedent("""
+    import json, os, socket, sys
+    sock = socket.socket(); sock.bind(("localhost", 0)); port = sock.getsockname()[1]; sock.close()
+    os.environ["TF_CONFIG"] = json.dumps({{"cluster": {{"worker": [f"localhost:{{port}}"]}},
+                                          "task": {{"type": "worker", "index": 0}}}})
+    sys.path.insert(0, {repo!r})
+    from configs import synthetic_cpu
+    from popnet_tf import train_lib
+    config = synthetic_cpu.get_config("smoke")
+    config.data.dir = {data!r}
+    config.model.backbone_weights = {weights!r}  # its check runs TensorFlow ops first
+    config.train.strategy = "multiworker"
+    config.train.validate_every = 0
+    config.train.stage1_steps_per_epoch = 2
+    config.eval.max_queries = 2
+    train_lib.train(config, {workdir!r}, stage=1, fold=1)
+    strategy = train_lib.get_strategy("multiworker")
+    print("RESULT" + json.dumps({{"strategy": type(strategy).__name__,
+                                 "replicas": strategy.num_replicas_in_sync}}))
+""")
+
+
+def test_multi_worker_strategy_trains_after_the_run_has_used_tensorflow(tmp_path, data_config):
+    """MultiWorkerMirroredStrategy (TF_CONFIG set) must be made before TensorFlow runs an
+    op; train() used to make it in train_stage, after the backbone weight check (or a
+    finished stage's restore) had run ops: "Collective ops must be configured at program
+    startup". One worker on localhost, through train() as the command line calls it."""
+    from popnet_tf.models import backbones
+
+    config = synthetic_cpu.get_config("smoke")
+    source = backbones.build_backbone(config.model.backbone,
+                                      **config.model.backbone_kwargs.to_dict())
+    weights = str(tmp_path / "small.weights.h5")
+    source.save_weights(weights)
+    workdir = str(tmp_path / "work")
+    script = MULTI_WORKER.format(repo=REPO, data=data_config.data.dir, weights=weights,
+                                 workdir=workdir)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0]
+    assert json.loads(line[len("RESULT"):]) == {"strategy": "CollectiveAllReduceStrategy",
+                                                "replicas": 1}
+    assert train_lib.stage_finished(workdir, 1)
+
+
+def test_tf_config_selects_multi_worker_and_each_worker_writes_apart(monkeypatch, tmp_path):
+    """TF_CONFIG with several workers: `auto` is the multi-worker strategy; the chief (the
+    `chief` task, else worker 0) writes the workdir, every other worker a folder of its own,
+    so no two workers write the same checkpoint, TensorBoard or result files."""
+    workdir = str(tmp_path / "w")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert train_lib.strategy_name("auto") == "default"  # this CPU: no GPUs
+    assert train_lib.is_chief() and train_lib.worker_workdir(workdir) == workdir
+    two = {"worker": ["host0:2222", "host1:2222"]}
+    for task, chief, where in ((("worker", 0), True, workdir),
+                               (("worker", 1), False, os.path.join(workdir, "workers", "worker1"))):
+        monkeypatch.setenv("TF_CONFIG", json.dumps(
+            {"cluster": two, "task": {"type": task[0], "index": task[1]}}))
+        assert train_lib.strategy_name("auto") == "multiworker"
+        assert train_lib.strategy_name("default") == "default"
+        assert train_lib.is_chief() is chief
+        assert train_lib.worker_workdir(workdir) == where
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"chief": ["host0:2222"], "worker": ["host1:2222"]},
+         "task": {"type": "worker", "index": 0}}))
+    assert not train_lib.is_chief()
+    assert train_lib.worker_workdir(workdir) == os.path.join(workdir, "workers", "worker0")
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"worker": ["host0:2222"]}, "task": {"type": "worker", "index": 0}}))
+    assert train_lib.strategy_name("auto") == "default" and train_lib.is_chief()
+
+
 def test_check_config_lists_every_problem():
     from popnet_tf import integrity
 
