@@ -352,45 +352,34 @@ def test_mixed_precision_step_is_finite(data_config, policy):
             logs = step(batch)
         assert np.isfinite(float(logs["loss"]))
         assert model.store.prototypes.dtype == "float32"
+        if policy == "mixed_float16":
+            _check_float16_step_with_non_finite_gradients_is_skipped(model, optimizer, step, batch)
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
 
-def test_float16_step_with_non_finite_gradients_is_skipped(data_config):
+def _check_float16_step_with_non_finite_gradients_is_skipped(model, optimizer, step, batch):
     """mixed_float16 trains through a LossScaleOptimizer; a step whose scaled gradients
     overflow changes no weight and leaves the prototype store as it was (the forward pass
     had updated it), and halves the loss scale; the next finite step trains again."""
-    config = smoke_config(os.path.dirname(data_config.data.dir), mixed_precision="mixed_float16")
-    config.model.kim = False
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        keras.utils.set_random_seed(0)
-        model, optimizer = _stage_with_optimizer(config, 3)
-        assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        step = train_lib.make_train_step(model, optimizer, tf.distribute.get_strategy(), 3,
-                                         config.train.batch_size, tf.Variable(0.5),
-                                         tf.Variable(True), False)
-        batch = _fixed_batch(config, 3)
-        step(batch)
-        weights = [v.numpy().copy() for v in model.trainable_variables]
-        store = [model.store.prototypes.numpy().copy(), model.store.seen.numpy().copy()]
-        iterations = int(optimizer.iterations.numpy())
-        optimizer.dynamic_scale.assign(3e38)  # loss x scale overflows: infinite gradients
-        assert np.isfinite(float(step(batch)["loss"]))
-        assert float(optimizer.dynamic_scale.numpy()) == pytest.approx(1.5e38)
-        assert int(optimizer.iterations.numpy()) == iterations
-        for v, old in zip(model.trainable_variables, weights):
-            np.testing.assert_array_equal(v.numpy(), old, err_msg=v.path)
-        np.testing.assert_array_equal(model.store.prototypes.numpy(), store[0])
-        np.testing.assert_array_equal(model.store.seen.numpy(), store[1])
-        assert model.store.prototypes.dtype == "float32"
-        optimizer.dynamic_scale.assign(1024.0)
-        step(batch)  # finite again: weights and store move
-        assert int(optimizer.iterations.numpy()) == iterations + 1
-        assert not np.array_equal(model.store.prototypes.numpy(), store[0])
-        assert all(np.isfinite(v.numpy()).all() for v in model.weights)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    weights = [v.numpy().copy() for v in model.trainable_variables]
+    store = [model.store.prototypes.numpy().copy(), model.store.seen.numpy().copy()]
+    iterations = int(optimizer.iterations.numpy())
+    optimizer.dynamic_scale.assign(3e38)  # loss x scale overflows: infinite gradients
+    assert np.isfinite(float(step(batch)["loss"]))
+    assert float(optimizer.dynamic_scale.numpy()) == pytest.approx(1.5e38)
+    assert int(optimizer.iterations.numpy()) == iterations
+    for v, old in zip(model.trainable_variables, weights):
+        np.testing.assert_array_equal(v.numpy(), old, err_msg=v.path)
+    np.testing.assert_array_equal(model.store.prototypes.numpy(), store[0])
+    np.testing.assert_array_equal(model.store.seen.numpy(), store[1])
+    assert model.store.prototypes.dtype == "float32"
+    optimizer.dynamic_scale.assign(1024.0)
+    step(batch)  # finite again: weights and store move
+    assert int(optimizer.iterations.numpy()) == iterations + 1
+    assert not np.array_equal(model.store.prototypes.numpy(), store[0])
+    assert all(np.isfinite(v.numpy()).all() for v in model.weights)
 
 
 def test_save_load_equal_outputs(tmp_path, data_config):
