@@ -283,7 +283,12 @@ def make_optimizer(config, total_steps: int) -> keras.optimizers.Optimizer:
     # Optional moving average of the weights, swapped in when a stage ends (train_stage).
     ema = {"use_ema": bool(t.ema_momentum), "ema_momentum": float(t.ema_momentum or 0.99)}
     if t.optimizer == "sgd":
-        opt = keras.optimizers.SGD(schedule, momentum=t.momentum, weight_decay=t.weight_decay, **ema)
+        # The paper's "weight decay 5e-4" is the L2 term of its SGD (PyTorch, as TF DeepLab's
+        # regulariser): wd·w joins the gradient before momentum. Keras' `weight_decay` is
+        # decoupled (w -= lr·wd·w, outside momentum), ~1/(1 - momentum) = 10x weaker here.
+        # make_train_step adds the L2 term to the loss (`l2_weight_decay`).
+        opt = keras.optimizers.SGD(schedule, momentum=t.momentum, **ema)
+        opt.l2_weight_decay = float(t.weight_decay)
     elif t.optimizer == "adamw":
         opt = keras.optimizers.AdamW(schedule, weight_decay=t.weight_decay, **ema)
     else:
@@ -591,6 +596,21 @@ def _prototype_store_variables(model) -> list:
             if isinstance(layer, PrototypeStore) for v in (layer.prototypes, layer.seen)]
 
 
+def _l2_weight_decay(optimizer) -> float:
+    return getattr(getattr(optimizer, "inner_optimizer", optimizer), "l2_weight_decay", 0.0)
+
+
+def weight_decay_loss(optimizer, variables):
+    """½·wd·Σ‖w‖², the L2 term of an optimizer from `make_optimizer` that decays through
+    the loss (SGD); 0.0 for one with Keras' decoupled decay (AdamW). Add it to the loss
+    of a custom loop (make_train_step does, divided among the replicas)."""
+    l2 = _l2_weight_decay(optimizer)
+    if not l2:
+        return 0.0
+    return 0.5 * l2 * tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32)))
+                                for v in variables])
+
+
 def make_train_step(model, optimizer, strategy, stage, global_batch, beta, use_dynamic, jit_compile):
     """A distributed `tf.function` training step returning the summed losses.
 
@@ -599,6 +619,7 @@ def make_train_step(model, optimizer, strategy, stage, global_batch, beta, use_d
     already updated, is then put back as it was, so a skipped step leaves no trace."""
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     stores = _prototype_store_variables(model) if loss_scaled else []
+    l2 = _l2_weight_decay(optimizer)
 
     def replica_step(batch):
         before = [tf.identity(v) for v in stores]  # read before the forward pass writes
@@ -607,6 +628,9 @@ def make_train_step(model, optimizer, strategy, stage, global_batch, beta, use_d
                 loss, logs = _stage1_loss(model, batch, global_batch)
             else:
                 loss, logs = _oneshot_loss(model, batch, global_batch, beta, use_dynamic)
+            if l2:  # SGD's coupled weight decay: gradient wd·w, split among the replicas
+                replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+                loss += weight_decay_loss(optimizer, model.trainable_variables) / replicas
             scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
         variables = model.trainable_variables
         grads = tape.gradient(scaled, variables)

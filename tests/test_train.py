@@ -358,6 +358,37 @@ def test_mixed_precision_step_is_finite(data_config, policy):
         keras.mixed_precision.set_global_policy("float32")
 
 
+def test_sgd_weight_decay_is_the_papers_l2_term_inside_momentum():
+    """SGD's weight decay is the paper's (PyTorch's, TF DeepLab's) L2 term: wd·w joins the
+    gradient and so the momentum, g = ∇L + wd·w, m = μ·m − lr·g, w += m; not Keras'
+    decoupled w -= lr·wd·w. A weight of zero data gradient follows that alone."""
+    config = synthetic_cpu.get_config("smoke")
+    config.train.optimizer, config.train.learning_rate = "sgd", 0.1
+    config.train.weight_decay, config.train.momentum, config.train.poly_power = 0.1, 0.9, 0.0
+
+    class Tiny(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(2, 1)
+            self.unused = self.add_weight(shape=(), initializer="ones", name="unused")
+
+        def call(self, image, training=False):
+            return {"logits": self.conv(image) + 0.0 * self.unused}  # zero gradient
+
+    model = Tiny()
+    model(tf.zeros([1, 2, 2, 3]))
+    optimizer = train_lib.make_optimizer(config, 10)
+    step = train_lib.make_train_step(model, optimizer, tf.distribute.get_strategy(), 1, 2,
+                                     None, None, False)
+    batch = {"image": tf.ones([2, 2, 2, 3]), "mask": tf.zeros([2, 2, 2], tf.int32)}
+    w, m = 1.0, 0.0
+    for _ in range(2):
+        step(batch)
+        m = 0.9 * m - 0.1 * (0.1 * w)
+        w += m
+    assert float(model.unused.numpy()) == pytest.approx(w, rel=1e-6)  # 0.9711, not 0.9801
+
+
 def _check_float16_step_with_non_finite_gradients_is_skipped(model, optimizer, step, batch):
     """mixed_float16 trains through a LossScaleOptimizer; a step whose scaled gradients
     overflow changes no weight and leaves the prototype store as it was (the forward pass
