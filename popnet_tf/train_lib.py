@@ -283,7 +283,12 @@ def make_optimizer(config, total_steps: int) -> keras.optimizers.Optimizer:
     # Optional moving average of the weights, swapped in when a stage ends (train_stage).
     ema = {"use_ema": bool(t.ema_momentum), "ema_momentum": float(t.ema_momentum or 0.99)}
     if t.optimizer == "sgd":
-        opt = keras.optimizers.SGD(schedule, momentum=t.momentum, weight_decay=t.weight_decay, **ema)
+        # The paper's "weight decay 5e-4" is the L2 term of its SGD (PyTorch, as TF DeepLab's
+        # regulariser): wd·w joins the gradient before momentum. Keras' `weight_decay` is
+        # decoupled (w -= lr·wd·w, outside momentum), ~1/(1 - momentum) = 10x weaker here.
+        # make_train_step adds the L2 term to the loss (`l2_weight_decay`).
+        opt = keras.optimizers.SGD(schedule, momentum=t.momentum, **ema)
+        opt.l2_weight_decay = float(t.weight_decay)
     elif t.optimizer == "adamw":
         opt = keras.optimizers.AdamW(schedule, weight_decay=t.weight_decay, **ema)
     else:
@@ -293,15 +298,63 @@ def make_optimizer(config, total_steps: int) -> keras.optimizers.Optimizer:
     return opt
 
 
+def tf_config_cluster() -> tuple[int, str | None, int]:
+    """(workers in the cluster, this task's type, its index) from the TF_CONFIG variable
+    that a multi-host launcher sets; (1, None, 0) without one."""
+    tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    cluster = tf_config.get("cluster", {})
+    task = tf_config.get("task", {})
+    workers = sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
+    return workers, task.get("type"), int(task.get("index", 0))
+
+
+def is_chief() -> bool:
+    """Whether this process writes the run's files: always, but in a multi-worker cluster
+    only the chief (the `chief` task, else worker 0)."""
+    workers, task_type, index = tf_config_cluster()
+    if workers <= 1 or task_type is None:
+        return True
+    has_chief = bool(json.loads(os.environ["TF_CONFIG"]).get("cluster", {}).get("chief"))
+    return task_type == "chief" or (task_type == "worker" and index == 0 and not has_chief)
+
+
+def worker_workdir(workdir: str) -> str:
+    """Where this process writes: the workdir on the chief (or a single process); on
+    another worker of a multi-worker cluster its own folder `<workdir>/workers/<type><index>`.
+    Every worker saves each checkpoint (the save is collective) but only the chief's
+    are the run's, and two workers must not write the same files."""
+    if is_chief():
+        return workdir
+    _, task_type, index = tf_config_cluster()
+    return os.path.join(workdir, "workers", f"{task_type}{index}")
+
+
+def strategy_name(name: str) -> str:
+    """The strategy `train.strategy` resolves to: `auto` is `multiworker` when TF_CONFIG
+    names a cluster of several workers, `mirrored` with several local GPUs, else `default`."""
+    if name != "auto":
+        return name
+    if tf_config_cluster()[0] > 1:  # read before anything initialises TensorFlow's context
+        return "multiworker"
+    return "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "default"
+
+
+_MULTI_WORKER = []  # the process's one MultiWorkerMirroredStrategy
+
+
 def get_strategy(name: str) -> tf.distribute.Strategy:
-    """`auto`: MirroredStrategy over several local GPUs, else the default strategy."""
-    if name == "auto":
-        gpus = tf.config.list_logical_devices("GPU")
-        return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    """The `tf.distribute` strategy of `train.strategy` (see `strategy_name`).
+
+    MultiWorkerMirroredStrategy configures collective ops, which TensorFlow allows only
+    before its context is initialised (before the first op): `train` therefore calls this
+    first, and the strategy is made once per process and reused by every stage."""
+    name = strategy_name(name)
+    if name == "multiworker":
+        if not _MULTI_WORKER:
+            _MULTI_WORKER.append(tf.distribute.MultiWorkerMirroredStrategy())
+        return _MULTI_WORKER[0]
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
-    if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "default":
         return tf.distribute.get_strategy()
     raise ValueError(f"train.strategy must be auto, mirrored, multiworker or default, got {name!r}")
@@ -535,18 +588,68 @@ def _oneshot_loss(model, batch, global_batch, beta, use_dynamic):
     return scaled["total"], logs
 
 
+def _prototype_store_variables(model) -> list:
+    """The variables of the model's prototype stores (Eq. 2), written by the forward pass."""
+    from popnet_tf.layers.prototypes import PrototypeStore
+
+    return [v for layer in model._flatten_layers(include_self=True, recursive=True)
+            if isinstance(layer, PrototypeStore) for v in (layer.prototypes, layer.seen)]
+
+
+def _l2_weight_decay(optimizer) -> float:
+    return getattr(getattr(optimizer, "inner_optimizer", optimizer), "l2_weight_decay", 0.0)
+
+
+def weight_decay_loss(optimizer, variables):
+    """½·wd·Σ‖w‖², the L2 term of an optimizer from `make_optimizer` that decays through
+    the loss (SGD); 0.0 for one with Keras' decoupled decay (AdamW). Add it to the loss
+    of a custom loop (make_train_step does, divided among the replicas)."""
+    l2 = _l2_weight_decay(optimizer)
+    if not l2:
+        return 0.0
+    return 0.5 * l2 * tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32)))
+                                for v in variables])
+
+
 def make_train_step(model, optimizer, strategy, stage, global_batch, beta, use_dynamic, jit_compile):
-    """A distributed `tf.function` training step returning the summed losses."""
+    """A distributed `tf.function` training step returning the summed losses.
+
+    Under `mixed_float16` the `LossScaleOptimizer` skips a step whose gradients are not
+    finite (and halves the loss scale); the prototype store, which the forward pass has
+    already updated, is then put back as it was, so a skipped step leaves no trace."""
+    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    stores = _prototype_store_variables(model) if loss_scaled else []
+    l2 = _l2_weight_decay(optimizer)
 
     def replica_step(batch):
+        before = [tf.identity(v) for v in stores]  # read before the forward pass writes
         with tf.GradientTape() as tape:
             if stage == 1:
                 loss, logs = _stage1_loss(model, batch, global_batch)
             else:
                 loss, logs = _oneshot_loss(model, batch, global_batch, beta, use_dynamic)
+            if l2:  # SGD's coupled weight decay: gradient wd·w, split among the replicas
+                replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+                loss += weight_decay_loss(optimizer, model.trainable_variables) / replicas
             scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
         variables = model.trainable_variables
         grads = tape.gradient(scaled, variables)
+        if loss_scaled:
+            finite = optimizer.check_finite(grads)
+            context = tf.distribute.get_replica_context()
+            if context.num_replicas_in_sync > 1:
+                # Keras' LossScaleOptimizer decides from the first replica's own gradients
+                # (not yet all-reduced): one replica's overflow would then be applied, and
+                # the sum make every weight NaN. All replicas take the same verdict here,
+                # and a skipped step gives every replica non-finite gradients.
+                bad = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                         tf.cast(tf.logical_not(finite), tf.float32))
+                finite = tf.equal(bad, 0.0)
+                poison = tf.where(finite, 0.0, float("nan"))
+                grads = [None if g is None else tf.convert_to_tensor(g) + tf.cast(poison, g.dtype)
+                         for g in grads]
+            for v, old in zip(stores, before):
+                v.assign(tf.where(finite, tf.convert_to_tensor(v), old))
         optimizer.apply(grads, variables)
         return logs
 
@@ -776,6 +879,10 @@ def train(config, workdir: str, stage: int, fold: int, resume: bool = False) -> 
     if stage not in (1, 2, 3):
         raise ValueError(f"--stage must be 1, 2 or 3, got {stage!r}")
     check_config(config)
+    # Before any TensorFlow op (a multi-worker strategy cannot be made after one).
+    get_strategy(config.train.strategy)
+    # A multi-worker cluster's other workers write into folders of their own.
+    workdir = worker_workdir(workdir)
     if not all(stage_finished(workdir, s) for s in popnet.stages_needed(config, stage)):
         check_backbone_weights(config)  # a bad weight file: one line, before the workdir is made
     classes.novel_ids(3, fold, config.data.fold_set)  # validates fold and fold set

@@ -112,7 +112,9 @@ def train_reference(model, config, fold: int, steps: int, batch_size: int) -> fl
             logits = tf.image.resize(tf.cast(model.classifier(features), tf.float32),
                                      tf.shape(batch["image"])[1:3], method="bilinear")
             loss = loss_fn(batch["mask"], logits)
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            # SGD's weight decay is an L2 term of the loss (train_lib.make_optimizer).
+            loss_with_decay = loss + train_lib.weight_decay_loss(optimizer, variables)
+        optimizer.apply_gradients(zip(tape.gradient(loss_with_decay, variables), variables))
         return loss
 
     bar = keras.utils.Progbar(steps, unit_name="step")

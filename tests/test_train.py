@@ -352,8 +352,65 @@ def test_mixed_precision_step_is_finite(data_config, policy):
             logs = step(batch)
         assert np.isfinite(float(logs["loss"]))
         assert model.store.prototypes.dtype == "float32"
+        if policy == "mixed_float16":
+            _check_float16_step_with_non_finite_gradients_is_skipped(model, optimizer, step, batch)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_sgd_weight_decay_is_the_papers_l2_term_inside_momentum():
+    """SGD's weight decay is the paper's (PyTorch's, TF DeepLab's) L2 term: wd·w joins the
+    gradient and so the momentum, g = ∇L + wd·w, m = μ·m − lr·g, w += m; not Keras'
+    decoupled w -= lr·wd·w. A weight of zero data gradient follows that alone."""
+    config = synthetic_cpu.get_config("smoke")
+    config.train.optimizer, config.train.learning_rate = "sgd", 0.1
+    config.train.weight_decay, config.train.momentum, config.train.poly_power = 0.1, 0.9, 0.0
+
+    class Tiny(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(2, 1)
+            self.unused = self.add_weight(shape=(), initializer="ones", name="unused")
+
+        def call(self, image, training=False):
+            return {"logits": self.conv(image) + 0.0 * self.unused}  # zero gradient
+
+    model = Tiny()
+    model(tf.zeros([1, 2, 2, 3]))
+    optimizer = train_lib.make_optimizer(config, 10)
+    step = train_lib.make_train_step(model, optimizer, tf.distribute.get_strategy(), 1, 2,
+                                     None, None, False)
+    batch = {"image": tf.ones([2, 2, 2, 3]), "mask": tf.zeros([2, 2, 2], tf.int32)}
+    w, m = 1.0, 0.0
+    for _ in range(2):
+        step(batch)
+        m = 0.9 * m - 0.1 * (0.1 * w)
+        w += m
+    assert float(model.unused.numpy()) == pytest.approx(w, rel=1e-6)  # 0.9711, not 0.9801
+
+
+def _check_float16_step_with_non_finite_gradients_is_skipped(model, optimizer, step, batch):
+    """mixed_float16 trains through a LossScaleOptimizer; a step whose scaled gradients
+    overflow changes no weight and leaves the prototype store as it was (the forward pass
+    had updated it), and halves the loss scale; the next finite step trains again."""
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    weights = [v.numpy().copy() for v in model.trainable_variables]
+    store = [model.store.prototypes.numpy().copy(), model.store.seen.numpy().copy()]
+    iterations = int(optimizer.iterations.numpy())
+    optimizer.dynamic_scale.assign(3e38)  # loss x scale overflows: infinite gradients
+    assert np.isfinite(float(step(batch)["loss"]))
+    assert float(optimizer.dynamic_scale.numpy()) == pytest.approx(1.5e38)
+    assert int(optimizer.iterations.numpy()) == iterations
+    for v, old in zip(model.trainable_variables, weights):
+        np.testing.assert_array_equal(v.numpy(), old, err_msg=v.path)
+    np.testing.assert_array_equal(model.store.prototypes.numpy(), store[0])
+    np.testing.assert_array_equal(model.store.seen.numpy(), store[1])
+    assert model.store.prototypes.dtype == "float32"
+    optimizer.dynamic_scale.assign(1024.0)
+    step(batch)  # finite again: weights and store move
+    assert int(optimizer.iterations.numpy()) == iterations + 1
+    assert not np.array_equal(model.store.prototypes.numpy(), store[0])
+    assert all(np.isfinite(v.numpy()).all() for v in model.weights)
 
 
 def test_save_load_equal_outputs(tmp_path, data_config):
@@ -428,6 +485,155 @@ def test_two_replicas_equal_one(tmp_path, data_config):
     out = json.loads(line[len("RESULT"):])
     np.testing.assert_allclose(out["two"]["losses"], out["one"]["losses"], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(out["two"]["store"], out["one"]["store"], rtol=1e-3, atol=1e-4)
+
+
+FLOAT16_TWO_REPLICAS = textwrap.dedent("""
+    import json, sys
+    import numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    sys.path.insert(0, {repo!r})
+    from configs import synthetic_cpu
+    from popnet_tf import train_lib
+    from popnet_tf.layers.prototypes import PrototypeStore
+
+    overflow = tf.Variable(True)
+
+    @tf.custom_gradient
+    def overflow_on_replica_1(x):
+        context = tf.distribute.get_replica_context()
+        replica = context.replica_id_in_sync_group if context is not None else 0
+        def grad(dy):
+            bad = tf.logical_and(overflow, tf.equal(replica, 1))
+            return dy * tf.where(bad, float("inf"), 1.0)
+        return tf.identity(x), grad
+
+    class Tiny(keras.Model):  # stage 1's interface, with a prototype store
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(3, 1)
+            self.store = PrototypeStore(3, 3, momentum=0.5)
+        def call(self, image, training=False):
+            logits = overflow_on_replica_1(self.conv(image))
+            pooled = tf.reduce_mean(logits, axis=[1, 2])
+            self.store(tf.tile(pooled[:, None, :], [1, 3, 1]), tf.ones_like(pooled),
+                       training=training)
+            return {{"logits": logits}}
+
+    config = synthetic_cpu.get_config("smoke")
+    config.train.optimizer = "sgd"
+    config.train.mixed_precision = "mixed_float16"
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = Tiny()
+        model(tf.zeros([1, 4, 4, 3]))
+        opt = train_lib.make_optimizer(config, 10)
+        opt.build(model.trainable_variables)
+    step = train_lib.make_train_step(model, opt, strategy, 1, 4, None, None, False)
+    batch = {{"image": tf.random.stateless_normal([4, 4, 4, 3], [0, 1]),
+             "mask": tf.zeros([4, 4, 4], tf.int32)}}
+    out = {{}}
+    for name, bad in (("skipped", True), ("applied", False)):
+        overflow.assign(bad)
+        before = [v.numpy().copy() for v in model.weights]
+        for b in strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch)):
+            step(b)
+        out[name] = {{"scale": float(opt.dynamic_scale.numpy()),
+                     "changed": [v.path for a, v in zip(before, model.weights)
+                                 if not np.array_equal(a, v.numpy())],
+                     "finite": all(bool(np.isfinite(v.numpy()).all()) for v in model.weights)}}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_float16_overflow_on_one_replica_skips_the_step_on_all(tmp_path):
+    """Two replicas, mixed_float16: infinite gradients on the second replica only. Keras'
+    LossScaleOptimizer reads the first replica's verdict; the step must still be skipped
+    (weights, store unchanged and finite, loss scale halved), then train the next step."""
+    script = FLOAT16_TWO_REPLICAS.format(repo=REPO)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0]
+    out = json.loads(line[len("RESULT"):])
+    assert out["skipped"] == {"scale": 16384.0, "changed": [], "finite": True}, out
+    assert out["applied"]["scale"] == 16384.0 and out["applied"]["finite"], out
+    assert len(out["applied"]["changed"]) == 4, out  # kernel, bias, store prototypes and seen
+
+
+MULTI_WORKER = textwrap.dedent("""
+    import json, os, socket, sys
+    sock = socket.socket(); sock.bind(("localhost", 0)); port = sock.getsockname()[1]; sock.close()
+    os.environ["TF_CONFIG"] = json.dumps({{"cluster": {{"worker": [f"localhost:{{port}}"]}},
+                                          "task": {{"type": "worker", "index": 0}}}})
+    sys.path.insert(0, {repo!r})
+    from configs import synthetic_cpu
+    from popnet_tf import train_lib
+    config = synthetic_cpu.get_config("smoke")
+    config.data.dir = {data!r}
+    config.model.backbone_weights = {weights!r}  # its check runs TensorFlow ops first
+    config.train.strategy = "multiworker"
+    config.train.validate_every = 0
+    config.train.stage1_steps_per_epoch = 2
+    config.eval.max_queries = 2
+    train_lib.train(config, {workdir!r}, stage=1, fold=1)
+    strategy = train_lib.get_strategy("multiworker")
+    print("RESULT" + json.dumps({{"strategy": type(strategy).__name__,
+                                 "replicas": strategy.num_replicas_in_sync}}))
+""")
+
+
+def test_multi_worker_strategy_trains_after_the_run_has_used_tensorflow(tmp_path, data_config):
+    """MultiWorkerMirroredStrategy (TF_CONFIG set) must be made before TensorFlow runs an
+    op; train() used to make it in train_stage, after the backbone weight check (or a
+    finished stage's restore) had run ops: "Collective ops must be configured at program
+    startup". One worker on localhost, through train() as the command line calls it."""
+    from popnet_tf.models import backbones
+
+    config = synthetic_cpu.get_config("smoke")
+    source = backbones.build_backbone(config.model.backbone,
+                                      **config.model.backbone_kwargs.to_dict())
+    weights = str(tmp_path / "small.weights.h5")
+    source.save_weights(weights)
+    workdir = str(tmp_path / "work")
+    script = MULTI_WORKER.format(repo=REPO, data=data_config.data.dir, weights=weights,
+                                 workdir=workdir)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0]
+    assert json.loads(line[len("RESULT"):]) == {"strategy": "CollectiveAllReduceStrategy",
+                                                "replicas": 1}
+    assert train_lib.stage_finished(workdir, 1)
+
+
+def test_tf_config_selects_multi_worker_and_each_worker_writes_apart(monkeypatch, tmp_path):
+    """TF_CONFIG with several workers: `auto` is the multi-worker strategy; the chief (the
+    `chief` task, else worker 0) writes the workdir, every other worker a folder of its own,
+    so no two workers write the same checkpoint, TensorBoard or result files."""
+    workdir = str(tmp_path / "w")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert train_lib.strategy_name("auto") == "default"  # this CPU: no GPUs
+    assert train_lib.is_chief() and train_lib.worker_workdir(workdir) == workdir
+    two = {"worker": ["host0:2222", "host1:2222"]}
+    for task, chief, where in ((("worker", 0), True, workdir),
+                               (("worker", 1), False, os.path.join(workdir, "workers", "worker1"))):
+        monkeypatch.setenv("TF_CONFIG", json.dumps(
+            {"cluster": two, "task": {"type": task[0], "index": task[1]}}))
+        assert train_lib.strategy_name("auto") == "multiworker"
+        assert train_lib.strategy_name("default") == "default"
+        assert train_lib.is_chief() is chief
+        assert train_lib.worker_workdir(workdir) == where
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"chief": ["host0:2222"], "worker": ["host1:2222"]},
+         "task": {"type": "worker", "index": 0}}))
+    assert not train_lib.is_chief()
+    assert train_lib.worker_workdir(workdir) == os.path.join(workdir, "workers", "worker0")
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"worker": ["host0:2222"]}, "task": {"type": "worker", "index": 0}}))
+    assert train_lib.strategy_name("auto") == "default" and train_lib.is_chief()
 
 
 def test_check_config_lists_every_problem():
