@@ -16,6 +16,36 @@ def test_confusion_matrix_skips_ignore():
     np.testing.assert_array_equal(cm.result(), [[2, 0, 0], [0, 0, 2], [0, 0, 2]])
 
 
+def test_batch_confusion_matrix_is_one_histogram_with_confusion_matrix_counts():
+    """k-way evaluation counts two matrices per (query, support) pair at the label's full
+    resolution: one bincount, not tf.math.confusion_matrix's boolean-mask copies and
+    scatter (7-8x slower; two thirds of a k-way evaluation's time). Same counts, same
+    error for a value outside [0, C)."""
+    import collections
+
+    import pytest
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    for num_classes, shape in ((2, (0,)), (12, (2, 37, 23)), (12, (600, 400))):
+        labels = rng.integers(0, num_classes, shape)
+        labels[rng.random(shape) < 0.2] = 255
+        preds = rng.integers(0, num_classes, shape)
+        valid = labels != 255
+        expected = tf.math.confusion_matrix(labels[valid], preds[valid], num_classes,
+                                            dtype=tf.int64)
+        got = metrics.batch_confusion_matrix(labels.astype(np.uint8), preds, num_classes)
+        assert got.dtype == tf.int64
+        np.testing.assert_array_equal(got.numpy(), expected.numpy())
+    for labels, preds in (([[12]], [[0]]), ([[0]], [[12]]), ([[-1]], [[0]])):
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            metrics.batch_confusion_matrix(labels, preds, 12)
+    graph = tf.function(lambda l, p: metrics.batch_confusion_matrix(l, p, 12)).get_concrete_function(
+        tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, None], tf.int32)).graph
+    ops = collections.Counter(op.type for op in graph.get_operations())
+    assert ops["DenseBincount"] + ops["Bincount"] == 1 and not ops["ScatterNd"] and not ops["Where"], ops
+
+
 def test_kway_summary_by_hand():
     # rows truth, cols prediction; class 3 absent from truth and prediction.
     m = np.array([[8, 1, 1, 0],
