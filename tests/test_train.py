@@ -810,3 +810,20 @@ def test_raw_atr_folder_or_other_folder_as_dataset_refused_before_generating(tmp
     with pytest.raises(integrity.DatasetMissingError, match="not empty and holds no manifest"):
         train_lib.ensure_dataset(config)
     assert sorted(os.listdir(tmp_path)) == ["ATR", "photos"]  # nothing generated beside them
+
+
+def test_oneshot_loss_passes_the_warmup_switch_to_the_model():
+    # SPEC §6: during the prototype warm-up the distance maps use the static p_c. The
+    # training loss must hand the PrototypeWarmup flag to the model, not a constant.
+    seen = []
+    labels = tf.constant([[[0, 1]]])                        # [B=1, 1, 2]
+    logits = tf.constant([[[[2.0, 0.0], [0.0, 2.0]]]])      # [1, 1, 2, 2]
+
+    def model(batch, training, use_dynamic):
+        seen.append((training, bool(use_dynamic)))
+        return {"agm_logits": logits, "ncm_logits": logits}
+
+    for flag in (False, True):
+        loss, _ = train_lib._oneshot_loss(model, {"query_mask": labels}, 1, 1.0, tf.constant(flag))
+        np.testing.assert_allclose(float(loss), np.log1p(np.exp(-2.0)), rtol=1e-5)
+    assert seen == [(True, False), (True, True)]
