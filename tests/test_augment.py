@@ -253,3 +253,23 @@ def test_training_and_evaluation_crops_are_filtered():
     resized, _, size = augment.eval_resize(image, mask.astype(np.int32), 40)
     np.testing.assert_array_equal(size.numpy(), [40, 30])
     np.testing.assert_allclose(resized.numpy()[2:38, 2:28], 127.5, atol=8.0)
+
+
+@pytest.mark.parametrize("side", [9, 7])
+def test_every_crop_placement_is_drawn(side):
+    # Scale 1, an 8x8 crop of a 9x9 image (two placements per axis: window at 0 or 1)
+    # or of a 7x7 image (pasted at 0 or 1 inside the window). The crop position is
+    # uniform over all placements (sample_geometry), so all four must occur; an
+    # off-by-one that never draws the last placement leaves only (0, 0).
+    labels = np.arange(side * side, dtype=np.uint8).reshape(side, side)
+    image = np.repeat(labels[..., None], 3, axis=-1)
+    placements = set()
+    for seed in range(64):
+        _, out_mask = _augment(image, labels, seed, crop_size=8, scale_range=(1.0, 1.0))
+        if side > 8:  # the window's top-left source pixel (the smaller of the two corners)
+            v = int(min(out_mask[0, 0], out_mask[0, -1]))
+            placements.add((v // side, v % side))
+        else:  # where the image starts inside the window
+            placements.add((int(np.flatnonzero((out_mask != 255).any(axis=1))[0]),
+                            int(np.flatnonzero((out_mask != 255).any(axis=0))[0])))
+    assert placements == {(0, 0), (0, 1), (1, 0), (1, 1)}, placements

@@ -1072,3 +1072,13 @@ def test_out_in_an_unwritable_place_is_one_line(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(b.DatasetError, match="cannot write in its folder"):
         b.build(str(tmp_path / "atr"), str(tmp_path / "a_file" / "out"), **SMALL)
+
+
+def test_test_supports_count_foreground_classes_only():
+    # SPEC §5: supports are chosen for the foreground classes they cover; background
+    # (0) is no class to cover. "a" (hat, hair; no background pixel) and "b"
+    # (background, hat, upper-clothes) each add two foreground classes: a tie broken
+    # by id, so "a". Counting background would rank "b" first.
+    chosen, missing = b.select_test_supports({"a": [1, 2], "b": [0, 1, 3]}, num=1)
+    assert chosen == ["a"]
+    assert missing == [3, 4, 5, 6, 7, 8, 9, 10, 11]

@@ -45,3 +45,12 @@ def test_journal_folds_and_bad_fold():
         classes.novel_ids(3, 3)
     with pytest.raises(ValueError, match="fold set"):
         classes.novel_ids(3, 1, "nope")
+
+
+def test_journal_fold_2_and_journal_areas():
+    # SPEC §4: journal fold 2 novel = hat, upper-clothes, bag -> merged ids 1, 3, 11.
+    assert classes.novel_ids(3, 2, "journal") == (1, 3, 11)
+    # Stage 2: hat -> head (1); upper-clothes, bag -> body (2). Fold 1: skirt, dress -> body,
+    # pants -> legs (4).
+    assert classes.novel_ids(2, 2, "journal") == (1, 2)
+    assert classes.novel_ids(2, 1, "journal") == (2, 4)

@@ -333,3 +333,23 @@ def test_synth_builder_pipeline_end_to_end(tmp_path):
     assert len(oneway) == 2 * 4
     for p in oneway:
         assert int(p["class_id"]) in p["support_mask"].numpy()
+
+
+def test_ignore_label_survives_relabelling_when_the_support_has_none():
+    # SPEC §5: classes absent from the support become background in the query; 255
+    # (ignore, padding) is not a class and stays 255 even when the support mask holds
+    # no 255 pixel (a square support has no eval padding). Reference written in NumPy.
+    keep = np.zeros(256, bool)
+    keep[[0, 3, 7]] = True                                    # support: background, 3, 7
+    ids = np.arange(256)
+    np.testing.assert_array_equal(episodes._keep_table(tf.constant(keep)).numpy(),
+                                  np.where(keep | (ids == 255), ids, 0))
+    label = np.array([[0, 3, 5], [7, 255, 9]], np.int32)
+    query = {"image": tf.zeros([2, 3, 3]), "mask": tf.constant(label), "label": tf.constant(label),
+             "valid_size": tf.constant([2, 3]), "source_id": tf.constant(b"q")}
+    support = {"image": tf.zeros([2, 3, 3]), "mask": tf.constant([[0, 3], [7, 7]]),
+               "source_id": tf.constant(b"s")}
+    pair = episodes._pair(query, support, tf.constant(keep), -1)
+    expected = np.array([[0, 3, 0], [7, 255, 0]])
+    np.testing.assert_array_equal(pair["query_label"].numpy(), expected)
+    np.testing.assert_array_equal(pair["query_mask"].numpy(), expected)

@@ -494,3 +494,67 @@ def test_results_name_the_checkpoint_scored_while_a_training_saves(trained, tmp_
     results = eval_lib.evaluate(work, way="kway", max_queries=1, progress=False, write=False)
     assert restored == [results["checkpoint"]]
     assert results["checkpoint"] != tf.train.latest_checkpoint(directory)  # the newer one
+
+
+def _bilinear_half_pixel(x, out_h, out_w):
+    """NumPy reference of tf.image.resize(method="bilinear") (half-pixel centres, no
+    antialias) for [h, w, C] arrays."""
+    h, w = x.shape[:2]
+
+    def weights(n_in, n_out):
+        src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, src - lo
+
+    r0, r1, fr = weights(h, out_h)
+    c0, c1, fc = weights(w, out_w)
+    rows = x[r0] * (1 - fr)[:, None, None] + x[r1] * fr[:, None, None]
+    return rows[:, c0] * (1 - fc)[None, :, None] + rows[:, c1] * fc[None, :, None]
+
+
+def test_prediction_at_label_resolution_crops_padding_and_is_bilinear():
+    # SPEC §8: scores at the label's own resolution. The padded region (beyond
+    # valid_size) must not reach the prediction, and the probabilities are resized
+    # bilinearly before the argmax (nearest neighbour picks other labels here).
+    rng = np.random.default_rng(3)
+    probs = rng.random((6, 6, 3)).astype(np.float32)
+    probs[:, 4:] = [0.0, 0.0, 10.0]          # padding columns that favour class 2
+    valid = np.array([6, 4], np.int32)
+    label_shape = (9, 7)
+    expected = np.argmax(_bilinear_half_pixel(probs[:6, :4], *label_shape), axis=-1)
+    got = eval_lib._to_label_resolution(tf.constant(probs), tf.constant(valid),
+                                        tf.constant(label_shape)).numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_score_pair_keeps_ignore_out_of_the_matrix():
+    # SPEC §5 relabelling (absent class -> background) must leave 255 ignored (§6, §8):
+    # an ignored pixel counts nowhere. By hand: support holds class 1 only.
+    label = tf.constant([[0, 1, 2], [255, 255, 1]], tf.int32)
+    probs = np.zeros((2, 3, 3), np.float32)
+    probs[..., 1] = 1.0                                            # predicts 1 everywhere
+    presence = tf.constant([0.0, 1.0, 0.0])
+    pred, truth, cm, absent = eval_lib._score_pair(tf.constant(probs), tf.constant([2, 3]),
+                                                   label, presence)
+    np.testing.assert_array_equal(truth.numpy(), [[0, 1, 0], [255, 255, 1]])
+    np.testing.assert_array_equal(cm.numpy(), [[0, 2, 0], [0, 2, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(absent.numpy(), [[0, 0, 0], [0, 0, 0], [0, 1, 0]])
+
+
+def test_mean_head_averages_both_heads():
+    agm, ncm = np.array([0.2, 0.8]), np.array([0.6, 0.4])
+    out = {"agm_probs": agm, "ncm_probs": ncm}
+    np.testing.assert_allclose(eval_lib._head_probs(out, "mean"), [0.4, 0.6])
+    assert eval_lib._head_probs(out, "agm") is agm and eval_lib._head_probs(out, "ncm") is ncm
+
+
+def test_evaluation_uses_the_stages_test_prototypes():
+    # SPEC §6: at test, base classes use the store's blend; evaluation must ask the
+    # stage for them rather than use the support's static prototypes.
+    class Stage:
+        def test_prototypes(self, static, presence):
+            return static + 1.0
+
+    static = np.zeros((1, 3, 2), np.float32)
+    np.testing.assert_array_equal(eval_lib.test_prototypes(Stage(), static, None), static + 1.0)

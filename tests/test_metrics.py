@@ -117,3 +117,15 @@ def test_kway_error_breakdown_empty_class_and_table():
     table = metrics.format_error_breakdown(
         metrics.kway_error_breakdown([[1, 1], [1, 1]], [[0, 0], [0, 0]], ["bg", "a"]))
     assert "| a | 33.3 | 33.3 | 0.0 | 33.3 | 0.0 | 0.0 |" in table
+
+
+def test_human_miou_includes_background_when_it_changes_the_mean():
+    # SPEC §8: Human MIoU averages all classes, background included. Here background's
+    # IoU (9/10) differs from the foreground mean, so leaving it out shows.
+    m = np.array([[9, 1, 0],
+                  [0, 1, 1],
+                  [0, 0, 2]])
+    s = metrics.kway_summary(m, novel=(2,))
+    iou_bg, iou_a, iou_b = 9 / 10, 1 / 3, 2 / 3
+    assert math.isclose(s["human_miou"], (iou_bg + iou_a + iou_b) / 3)
+    assert not math.isclose(s["human_miou"], (iou_a + iou_b) / 2)

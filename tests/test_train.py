@@ -810,3 +810,36 @@ def test_raw_atr_folder_or_other_folder_as_dataset_refused_before_generating(tmp
     with pytest.raises(integrity.DatasetMissingError, match="not empty and holds no manifest"):
         train_lib.ensure_dataset(config)
     assert sorted(os.listdir(tmp_path)) == ["ATR", "photos"]  # nothing generated beside them
+
+
+def test_oneshot_loss_passes_the_warmup_switch_to_the_model():
+    # SPEC §6: during the prototype warm-up the distance maps use the static p_c. The
+    # training loss must hand the PrototypeWarmup flag to the model, not a constant.
+    seen = []
+    labels = tf.constant([[[0, 1]]])                        # [B=1, 1, 2]
+    logits = tf.constant([[[[2.0, 0.0], [0.0, 2.0]]]])      # [1, 1, 2, 2]
+
+    def model(batch, training, use_dynamic):
+        seen.append((training, bool(use_dynamic)))
+        return {"agm_logits": logits, "ncm_logits": logits}
+
+    for flag in (False, True):
+        loss, _ = train_lib._oneshot_loss(model, {"query_mask": labels}, 1, 1.0, tf.constant(flag))
+        np.testing.assert_allclose(float(loss), np.log1p(np.exp(-2.0)), rtol=1e-5)
+    assert seen == [(True, False), (True, True)]
+
+
+def test_paper_config_holds_the_papers_numbers():
+    # SPEC §6-§7, written out by hand: α = 0.001, τ0 = 10, 15 of 30 warm-up epochs, SGD
+    # 1e-3 momentum 0.9, weight decay 5e-4, poly 0.9, batch 2, crops 512 / 576, scale
+    # 0.5-2, weight shifting, NCM prediction, dynamic prototypes on.
+    from configs import paper
+
+    c = paper.get_config()
+    assert (c.model.momentum, c.model.initial_temperature) == (0.001, 10.0)
+    assert (c.train.prototype_warmup, c.train.epochs, c.train.stage1_epochs) == (15, 30, 30)
+    assert (c.train.optimizer, c.train.learning_rate, c.train.momentum) == ("sgd", 1e-3, 0.9)
+    assert (c.train.weight_decay, c.train.poly_power, c.train.batch_size) == (5e-4, 0.9, 2)
+    assert (c.data.crop_size, c.data.oneway_crop_size) == (512, 576)
+    assert tuple(c.data.scale_range) == (0.5, 2.0)
+    assert (c.train.beta_schedule, c.eval.head, c.model.dynamic_prototypes) == ("shift", "ncm", True)
