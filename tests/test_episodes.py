@@ -289,6 +289,13 @@ def test_oneway_test_pairs(dataset):
         assert set(np.unique(p["query_label"].numpy()).tolist()) <= {0, c, 255}
         assert c in p["query_label"].numpy()
     assert by_class == {1: 4, 2: 4, 3: 4, 4: 4}
+    # Ignore stays ignore in the one-way support (SPEC §5 relabels classes, not 255): the
+    # 40x32 images are padded to 32x32 eval frames, and s_test's masks hold no 255 of their
+    # own, so each support's 255 pixels are exactly the padding columns beyond 32*32/40.
+    padding = np.zeros([32, 32], bool)
+    padding[:, round(32 * W / H):] = True
+    for p in pairs:
+        np.testing.assert_array_equal(p["support_mask"].numpy() == 255, padding)
     again = list(episodes.test_episodes(dataset["dir"], stage=2, fold=2, way="oneway", eval_size=32,
                                         pairs_per_class=4, seed=1))
     assert [p["query_id"].numpy() for p in pairs] == [p["query_id"].numpy() for p in again]
