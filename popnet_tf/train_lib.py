@@ -879,8 +879,10 @@ def train(config, workdir: str, stage: int, fold: int, resume: bool = False) -> 
     if stage not in (1, 2, 3):
         raise ValueError(f"--stage must be 1, 2 or 3, got {stage!r}")
     check_config(config)
-    # Before any TensorFlow op (a multi-worker strategy cannot be made after one).
-    get_strategy(config.train.strategy)
+    # Before any TensorFlow op (a multi-worker strategy cannot be made after one); the
+    # stages reuse it. Other strategies are made by each stage, when needed.
+    if strategy_name(config.train.strategy) == "multiworker":
+        get_strategy(config.train.strategy)
     # A multi-worker cluster's other workers write into folders of their own.
     workdir = worker_workdir(workdir)
     if not all(stage_finished(workdir, s) for s in popnet.stages_needed(config, stage)):
