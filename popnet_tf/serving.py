@@ -265,6 +265,35 @@ def class_mapping(mask, num_classes: int, mask_values: str = "user"):
     return slot_mask, class_values, slots
 
 
+def check_pixels(images, name: str) -> tf.Operation:
+    """An op that fails (InvalidArgument, naming `name`) unless `images` hold 0..255 pixels.
+
+    Decoded tensors sent to `parse_images` must be RGB values in 0..255. Two mistakes
+    are caught: values outside 0..255 or not finite (16-bit data, mean-subtracted or
+    -1..1 inputs), and images scaled to 0..1 (every value at most 1 and some not a whole
+    number, which no 0..255 image is). Both would otherwise give wrong labels silently.
+    Channel order (BGR) cannot be told from the values and is not checked.
+
+    Example:
+        >>> check_pixels(tf.constant([[[0.2, 0.5, 1.0]]]), "query_images")
+        Traceback (most recent call last):
+        InvalidArgumentError: ... query_images looks scaled to 0..1 ...
+    """
+    images = tf.convert_to_tensor(images, tf.float32)
+    low = tf.reduce_min(images)   # +inf for an empty tensor, which `empty` lets through
+    high = tf.reduce_max(images)
+    finite = tf.reduce_all(tf.math.is_finite(images))
+    empty = tf.equal(tf.size(images), 0)
+    in_range = empty | (finite & (low >= 0.0) & (high <= 255.0))
+    unit_scaled = ~empty & (high <= 1.0) & tf.reduce_any(tf.not_equal(images, tf.round(images)))
+    return tf.group(
+        tf.debugging.Assert(in_range, [
+            f"{name} must hold finite RGB pixel values in 0..255; got min", low, "max", high]),
+        tf.debugging.Assert(~unit_scaled, [
+            f"{name} looks scaled to 0..1 (max", high, "and fractional values); send RGB "
+            "pixel values in 0..255"]))
+
+
 # ----------------------------------------------------------------------------- the parser
 class OneShotParser:
     """One-shot parsing of queries with classes defined by one support (see module doc).
@@ -336,9 +365,11 @@ class OneShotParser:
     def parse_images(self, query_images, support_image, support_mask):
         """query_images [N, H, W, 3] float (0..255), support_image [H', W', 3] float
         (0..255), support_mask [H', W'] int -> outputs dict (module doc)."""
-        check = self._check_queries(query_images)
-        with tf.control_dependencies([check]):
+        checks = [self._check_queries(query_images), check_pixels(query_images, "query_images"),
+                  check_pixels(support_image, "support_image")]
+        with tf.control_dependencies(checks):
             queries, valid = fit_and_pad(query_images, self.eval_size)
+            support_image = tf.identity(support_image)
         n = tf.shape(query_images)[0]
         valid = tf.tile(valid[None], [n, 1])
         sizes = tf.tile(tf.shape(query_images)[1:3][None], [n, 1])

@@ -510,6 +510,28 @@ def test_bad_support_masks(mask_values, values, message):
         serving.class_mapping(tf.constant(mask), 12, mask_values)
 
 
+@pytest.mark.parametrize("pixels, message", [
+    (np.full((4, 4, 3), 0.5), "looks scaled to 0..1"),                # float image from 0..1 tools
+    (np.linspace(-1.0, 1.0, 48).reshape(4, 4, 3), "in 0..255; got min"),   # -1..1 inputs
+    (np.full((4, 4, 3), 4095.0), "in 0..255; got min"),              # 12/16-bit data
+    (np.array([[[np.nan, 0.0, 3.0]]]), "finite RGB pixel values"),
+])
+def test_decoded_pixels_outside_0_255_are_refused(pixels, message):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        serving.check_pixels(tf.constant(pixels, tf.float32), "query_images")
+
+
+@pytest.mark.parametrize("pixels", [
+    np.zeros((4, 4, 3)),                       # a black image
+    np.ones((4, 4, 3)),                        # nearly black, but whole numbers: 0..255 data
+    np.full((4, 4, 3), 255.0),
+    np.full((4, 4, 3), 127.5),                 # resized pixels are fractional, and fine
+    np.zeros((0, 4, 4, 3)),                    # empty: the query count check names it
+])
+def test_decoded_pixels_in_0_255_pass(pixels):
+    serving.check_pixels(tf.constant(pixels, tf.float32), "query_images")
+
+
 @pytest.mark.slow
 def test_served_model_reports_bad_requests(loaded):
     """The checks survive export: the served signature answers InvalidArgument with them."""
@@ -523,6 +545,13 @@ def test_served_model_reports_bad_requests(loaded):
            support_mask=tf.ones([32, 30], tf.int32))
     with pytest.raises(tf.errors.InvalidArgumentError, match="query_images is empty"):
         fn(query_images=tf.zeros([0, 16, 16, 3]), support_image=tf.zeros([8, 8, 3]),
+           support_mask=tf.ones([8, 8], tf.int32))
+    # Pixels scaled to 0..1 would give wrong labels silently: refused, naming the input.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="query_images looks scaled to 0..1"):
+        fn(query_images=tf.fill([1, 16, 16, 3], 0.4), support_image=tf.fill([8, 8, 3], 90.0),
+           support_mask=tf.ones([8, 8], tf.int32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="support_image must hold finite"):
+        fn(query_images=tf.fill([1, 16, 16, 3], 90.0), support_image=tf.fill([8, 8, 3], -0.5),
            support_mask=tf.ones([8, 8], tf.int32))
     # The encoded signature names the input that cannot be decoded.
     encoded = loaded.signatures["serving_default"]
