@@ -384,6 +384,26 @@ def test_test_supports_missing_class_recorded(tmp_path, caplog):
     assert "do not cover the classes ['face', 'bag']" in caplog.text
 
 
+def test_masks_with_no_labelled_pixel_are_kept_and_named(tmp_path, caplog):
+    """A mask of 255 everywhere (a conversion gone wrong) is a valid file, kept, but named."""
+    root = str(tmp_path / "atr")
+    ids = _random_atr(root, 30, seed=7)
+    rng = np.random.default_rng(8)
+    blanks = ["blank_a", "blank_b"]
+    for sid in blanks:
+        _put(root, sid, _jpeg(_photo(rng)), _png(np.full((24, 16), 255, np.uint8)))
+    test_list = _write_list(tmp_path / "te.txt", ids[8:])
+    for train, warned in ((ids[:8] + blanks, True), (ids[:8], False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            m = b.build(root, str(tmp_path / f"out_{warned}"), test_list=test_list,
+                        train_list=_write_list(tmp_path / "tr.txt", train), **SMALL)
+        assert m["splits"]["q_train"]["count"] + m["splits"]["s_train"]["count"] == len(train)
+        assert ("2 image(s) have masks with no labelled pixel (every pixel 255, ignore): kept"
+                in caplog.text) == warned
+        assert ("['blank_a', 'blank_b']" in caplog.text) == warned
+
+
 @pytest.mark.parametrize("people", [0, 9])
 def test_test_supports_without_a_person_are_refused(tmp_path, people):
     """Fewer than ten s_test images with a foreground class (0: the whole split is

@@ -888,6 +888,7 @@ def _build(atr_root: str, out_dir: str, *, train_list: str | None = None,
         raise
     _log_skipped(rejected, num_inputs)
     _log_exif(exif_notes, exif)
+    _log_unlabelled(splits, staged)
     counts = ", ".join(f"{s} {len(splits[s])}" for s in splits)
     logging.info("Wrote ATR-OS to %s in %.1f s: %s; test supports %s.", out_dir,
                  time.time() - start, counts, supports)
@@ -1022,6 +1023,20 @@ def _log_exif(exif: dict[str, list[str]], mode: str) -> None:
             "%s%s. If the masks were drawn on the photos as seen (upright), rebuild with "
             "--exif=upright. Listed in the manifest under 'exif'.", len(kept), mode,
             kept[:5], " ..." if len(kept) > 5 else "")
+
+
+def _log_unlabelled(splits: dict[str, list[str]], staged: dict) -> None:
+    """Warns of kept images whose masks hold no labelled pixel (all 255, ignore).
+
+    They are valid ATR files, so they are kept, but they add nothing to training or
+    testing, and a whole mask of 255 usually means a conversion went wrong (a palette
+    or colour mask mapped to ignore)."""
+    unlabelled = sorted(sid for ids in splits.values() for sid in ids if not staged[sid][2])
+    if unlabelled:
+        logging.warning(
+            "%d image(s) have masks with no labelled pixel (every pixel 255, ignore): kept, "
+            "but they add nothing to training or testing. Check how their masks were made: "
+            "%s%s", len(unlabelled), unlabelled[:5], " ..." if len(unlabelled) > 5 else "")
 
 
 def _log_skipped(rejected: list[_Rejection], num_inputs: int) -> None:
