@@ -265,33 +265,43 @@ def class_mapping(mask, num_classes: int, mask_values: str = "user"):
     return slot_mask, class_values, slots
 
 
+# How far outside 0..255 pixels may lie: bicubic or Lanczos resampling of a 0..255 image
+# overshoots at sharp edges (Lanczos-5 by 38 levels on alternating black and white
+# columns), which is harmless to the model. Mean-subtracted inputs reach about -124.
+PIXEL_SLACK = 64.0
+
+
 def check_pixels(images, name: str) -> tf.Operation:
     """An op that fails (InvalidArgument, naming `name`) unless `images` hold 0..255 pixels.
 
-    Decoded tensors sent to `parse_images` must be RGB values in 0..255. Two mistakes
-    are caught: values outside 0..255 or not finite (16-bit data, mean-subtracted or
-    -1..1 inputs), and images scaled to 0..1 (every value at most 1 and some not a whole
-    number, which no 0..255 image is). Both would otherwise give wrong labels silently.
-    Channel order (BGR) cannot be told from the values and is not checked.
+    Decoded tensors sent to `parse_images` must be RGB values in 0..255. Three mistakes
+    are caught, each of which would otherwise give wrong labels silently: values that are
+    not finite; values far outside 0..255 (16-bit data, mean-subtracted inputs; up to
+    `PIXEL_SLACK` outside is let through, as resampling overshoots); and normalised images
+    (0..1, -1..1 or standardised: fractional values, all at most 1, or negative ones and
+    none above 4, which only a black 0..255 image could show). Channel order (BGR)
+    cannot be told from the values and is not checked.
 
     Example:
         >>> check_pixels(tf.constant([[[0.2, 0.5, 1.0]]]), "query_images")
         Traceback (most recent call last):
-        InvalidArgumentError: ... query_images looks scaled to 0..1 ...
+        InvalidArgumentError: ... query_images looks normalised (0..1, -1..1 or standardised) ...
     """
     images = tf.convert_to_tensor(images, tf.float32)
     low = tf.reduce_min(images)   # +inf for an empty tensor, which `empty` lets through
     high = tf.reduce_max(images)
-    finite = tf.reduce_all(tf.math.is_finite(images))
     empty = tf.equal(tf.size(images), 0)
-    in_range = empty | (finite & (low >= 0.0) & (high <= 255.0))
-    unit_scaled = ~empty & (high <= 1.0) & tf.reduce_any(tf.not_equal(images, tf.round(images)))
+    finite = tf.reduce_all(tf.math.is_finite(images))
+    in_range = (low >= -PIXEL_SLACK) & (high <= 255.0 + PIXEL_SLACK)
+    fractional = tf.reduce_any(tf.not_equal(images, tf.round(images)))
+    normalised = fractional & ((high <= 1.0) | ((low < 0.0) & (high <= 4.0)))
     return tf.group(
-        tf.debugging.Assert(in_range, [
-            f"{name} must hold finite RGB pixel values in 0..255; got min", low, "max", high]),
-        tf.debugging.Assert(~unit_scaled, [
-            f"{name} looks scaled to 0..1 (max", high, "and fractional values); send RGB "
-            "pixel values in 0..255"]))
+        tf.debugging.Assert(empty | finite, [f"{name} holds NaN or infinite values"]),
+        tf.debugging.Assert(empty | ~finite | in_range, [
+            f"{name} must hold RGB pixel values in 0..255; got min", low, "max", high]),
+        tf.debugging.Assert(empty | ~normalised, [
+            f"{name} looks normalised (0..1, -1..1 or standardised; min", low, "max", high,
+            "); send RGB pixel values in 0..255"]))
 
 
 # ----------------------------------------------------------------------------- the parser

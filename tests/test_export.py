@@ -511,10 +511,13 @@ def test_bad_support_masks(mask_values, values, message):
 
 
 @pytest.mark.parametrize("pixels, message", [
-    (np.full((4, 4, 3), 0.5), "looks scaled to 0..1"),                # float image from 0..1 tools
-    (np.linspace(-1.0, 1.0, 48).reshape(4, 4, 3), "in 0..255; got min"),   # -1..1 inputs
+    (np.full((4, 4, 3), 0.5), "looks normalised"),       # float image from 0..1 tools
+    (np.linspace(-1.0, 1.0, 48).reshape(4, 4, 3), "looks normalised"),
+    (np.linspace(-124.0, 131.0, 48).reshape(4, 4, 3), "in 0..255; got min"),  # mean subtracted
     (np.full((4, 4, 3), 4095.0), "in 0..255; got min"),              # 12/16-bit data
-    (np.array([[[np.nan, 0.0, 3.0]]]), "finite RGB pixel values"),
+    (np.linspace(-2.1, 2.6, 48).reshape(4, 4, 3), "looks normalised"),  # standardised
+    (np.array([[[np.nan, 0.0, 3.0]]]), "holds NaN or infinite values"),
+    (np.array([[[np.inf, 0.0, 3.0]]]), "holds NaN or infinite values"),
 ])
 def test_decoded_pixels_outside_0_255_are_refused(pixels, message):
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
@@ -526,10 +529,20 @@ def test_decoded_pixels_outside_0_255_are_refused(pixels, message):
     np.ones((4, 4, 3)),                        # nearly black, but whole numbers: 0..255 data
     np.full((4, 4, 3), 255.0),
     np.full((4, 4, 3), 127.5),                 # resized pixels are fractional, and fine
+    np.array([[[-9.5, 0.0, 264.25]]]),         # bicubic overshoot at an edge
     np.zeros((0, 4, 4, 3)),                    # empty: the query count check names it
 ])
 def test_decoded_pixels_in_0_255_pass(pixels):
     serving.check_pixels(tf.constant(pixels, tf.float32), "query_images")
+
+
+def test_bicubic_resampling_of_a_photo_passes():
+    """The slack covers what a user's resize does to a real 0..255 image."""
+    edges = np.zeros((32, 32, 3), np.float32)
+    edges[:, ::2] = 255.0                      # the sharpest edges there are
+    for method in ("bicubic", "lanczos3", "lanczos5", "mitchellcubic"):
+        resized = tf.image.resize(edges[None], [45, 45], method=method)
+        serving.check_pixels(resized, "query_images")
 
 
 @pytest.mark.slow
@@ -547,11 +560,11 @@ def test_served_model_reports_bad_requests(loaded):
         fn(query_images=tf.zeros([0, 16, 16, 3]), support_image=tf.zeros([8, 8, 3]),
            support_mask=tf.ones([8, 8], tf.int32))
     # Pixels scaled to 0..1 would give wrong labels silently: refused, naming the input.
-    with pytest.raises(tf.errors.InvalidArgumentError, match="query_images looks scaled to 0..1"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="query_images looks normalised"):
         fn(query_images=tf.fill([1, 16, 16, 3], 0.4), support_image=tf.fill([8, 8, 3], 90.0),
            support_mask=tf.ones([8, 8], tf.int32))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="support_image must hold finite"):
-        fn(query_images=tf.fill([1, 16, 16, 3], 90.0), support_image=tf.fill([8, 8, 3], -0.5),
+    with pytest.raises(tf.errors.InvalidArgumentError, match="support_image must hold RGB pixel values in 0..255"):
+        fn(query_images=tf.fill([1, 16, 16, 3], 90.0), support_image=tf.fill([8, 8, 3], -100.0),
            support_mask=tf.ones([8, 8], tf.int32))
     # The encoded signature names the input that cannot be decoded.
     encoded = loaded.signatures["serving_default"]
