@@ -272,36 +272,50 @@ PIXEL_SLACK = 64.0
 
 
 def check_pixels(images, name: str) -> tf.Operation:
-    """An op that fails (InvalidArgument, naming `name`) unless `images` hold 0..255 pixels.
+    """An op that fails (InvalidArgument, naming the image) unless `images` hold 0..255 pixels.
 
     Decoded tensors sent to `parse_images` must be RGB values in 0..255. Three mistakes
-    are caught, each of which would otherwise give wrong labels silently: values that are
-    not finite; values far outside 0..255 (16-bit data, mean-subtracted inputs; up to
-    `PIXEL_SLACK` outside is let through, as resampling overshoots); and normalised images
-    (0..1, -1..1 or standardised: fractional values, all at most 1, or negative ones and
-    none above 4, which only a black 0..255 image could show). Channel order (BGR)
-    cannot be told from the values and is not checked.
+    are caught, image by image, each of which would otherwise give wrong labels silently:
+    values that are not finite; values far outside 0..255 (16-bit data, mean-subtracted
+    inputs; up to `PIXEL_SLACK` outside is let through, as resampling overshoots); and
+    normalised images (0..1, -1..1 or standardised: fractional values, all at most 1, or
+    negative ones and none above 4, which only a black 0..255 image could show). Channel
+    order (BGR) cannot be told from the values and is not checked.
+
+    Args:
+        images: [N, H, W, 3] (named `name[i]` in messages) or one [H, W, 3] image.
+        name: the input's name, for the messages.
 
     Example:
-        >>> check_pixels(tf.constant([[[0.2, 0.5, 1.0]]]), "query_images")
+        >>> check_pixels(tf.constant([[[[0.2, 0.5, 1.0]]]]), "query_images")
         Traceback (most recent call last):
-        InvalidArgumentError: ... query_images looks normalised (0..1, -1..1 or standardised) ...
+        InvalidArgumentError: ... query_images[0] looks normalised (0..1, -1..1 or standardised ...
     """
     images = tf.convert_to_tensor(images, tf.float32)
-    low = tf.reduce_min(images)   # +inf for an empty tensor, which `empty` lets through
-    high = tf.reduce_max(images)
-    empty = tf.equal(tf.size(images), 0)
-    finite = tf.reduce_all(tf.math.is_finite(images))
-    in_range = (low >= -PIXEL_SLACK) & (high <= 255.0 + PIXEL_SLACK)
-    fractional = tf.reduce_any(tf.not_equal(images, tf.round(images)))
-    normalised = fractional & ((high <= 1.0) | ((low < 0.0) & (high <= 4.0)))
+    single = images.shape.rank == 3
+    batch = images[None] if single else images                      # [N, H, W, C]
+    axes = [1, 2, 3]
+    low = tf.reduce_min(batch, axis=axes)        # [N]; +inf for an image without pixels
+    high = tf.reduce_max(batch, axis=axes)
+    finite = tf.reduce_all(tf.math.is_finite(batch), axis=axes)
+    in_range = ~finite | ((low >= -PIXEL_SLACK) & (high <= 255.0 + PIXEL_SLACK))
+    fractional = tf.reduce_any(tf.not_equal(batch, tf.round(batch)), axis=axes)
+    normalised = finite & fractional & ((high <= 1.0) | ((low < 0.0) & (high <= 4.0)))
+
+    def assert_none(bad, problem):
+        """Fails naming the first image for which `bad` holds, and its min and max."""
+        # A sentinel entry keeps argmax and gather defined for an empty batch.
+        first = tf.argmax(tf.concat([tf.cast(bad, tf.int32), [1]], 0))   # N when none is bad
+        label = name if single else tf.strings.join([name, "[", tf.strings.as_string(first), "]"])
+        return tf.debugging.Assert(~tf.reduce_any(bad), [
+            label, problem, "min", tf.concat([low, [0.0]], 0)[first],
+            "max", tf.concat([high, [0.0]], 0)[first]])
+
     return tf.group(
-        tf.debugging.Assert(empty | finite, [f"{name} holds NaN or infinite values"]),
-        tf.debugging.Assert(empty | ~finite | in_range, [
-            f"{name} must hold RGB pixel values in 0..255; got min", low, "max", high]),
-        tf.debugging.Assert(empty | ~normalised, [
-            f"{name} looks normalised (0..1, -1..1 or standardised; min", low, "max", high,
-            "); send RGB pixel values in 0..255"]))
+        assert_none(~finite, "holds NaN or infinite values;"),
+        assert_none(~in_range, "must hold RGB pixel values in 0..255; got"),
+        assert_none(normalised, "looks normalised (0..1, -1..1 or standardised); send RGB "
+                                "pixel values in 0..255;"))
 
 
 # ----------------------------------------------------------------------------- the parser

@@ -513,8 +513,8 @@ def test_bad_support_masks(mask_values, values, message):
 @pytest.mark.parametrize("pixels, message", [
     (np.full((4, 4, 3), 0.5), "looks normalised"),       # float image from 0..1 tools
     (np.linspace(-1.0, 1.0, 48).reshape(4, 4, 3), "looks normalised"),
-    (np.linspace(-124.0, 131.0, 48).reshape(4, 4, 3), "in 0..255; got min"),  # mean subtracted
-    (np.full((4, 4, 3), 4095.0), "in 0..255; got min"),              # 12/16-bit data
+    (np.linspace(-124.0, 131.0, 48).reshape(4, 4, 3), "must hold RGB pixel values in 0..255"),  # mean subtracted
+    (np.full((4, 4, 3), 4095.0), "must hold RGB pixel values in 0..255"),              # 12/16-bit data
     (np.linspace(-2.1, 2.6, 48).reshape(4, 4, 3), "looks normalised"),  # standardised
     (np.array([[[np.nan, 0.0, 3.0]]]), "holds NaN or infinite values"),
     (np.array([[[np.inf, 0.0, 3.0]]]), "holds NaN or infinite values"),
@@ -531,9 +531,19 @@ def test_decoded_pixels_outside_0_255_are_refused(pixels, message):
     np.full((4, 4, 3), 127.5),                 # resized pixels are fractional, and fine
     np.array([[[-9.5, 0.0, 264.25]]]),         # bicubic overshoot at an edge
     np.zeros((0, 4, 4, 3)),                    # empty: the query count check names it
+    np.zeros((2, 0, 4, 3)),                    # no pixels: nothing to check
 ])
 def test_decoded_pixels_in_0_255_pass(pixels):
     serving.check_pixels(tf.constant(pixels, tf.float32), "query_images")
+
+
+def test_one_normalised_image_in_a_batch_is_named():
+    """Checked image by image: one 0..1 image among 0..255 ones is found and named."""
+    batch = np.full((3, 4, 4, 3), 90.0, np.float32)
+    batch[1] = np.linspace(0.0, 1.0, 48).reshape(4, 4, 3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)query_images\[1\].*looks normalised"):
+        serving.check_pixels(tf.constant(batch), "query_images")
+    serving.check_pixels(tf.constant(batch[[0, 2]]), "query_images")
 
 
 def test_bicubic_resampling_of_a_photo_passes():
@@ -560,10 +570,10 @@ def test_served_model_reports_bad_requests(loaded):
         fn(query_images=tf.zeros([0, 16, 16, 3]), support_image=tf.zeros([8, 8, 3]),
            support_mask=tf.ones([8, 8], tf.int32))
     # Pixels scaled to 0..1 would give wrong labels silently: refused, naming the input.
-    with pytest.raises(tf.errors.InvalidArgumentError, match="query_images looks normalised"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)query_images\[0\].*looks normalised"):
         fn(query_images=tf.fill([1, 16, 16, 3], 0.4), support_image=tf.fill([8, 8, 3], 90.0),
            support_mask=tf.ones([8, 8], tf.int32))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="support_image must hold RGB pixel values in 0..255"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)support_image.*must hold RGB pixel values in 0..255"):
         fn(query_images=tf.fill([1, 16, 16, 3], 90.0), support_image=tf.fill([8, 8, 3], -100.0),
            support_mask=tf.ones([8, 8], tf.int32))
     # The encoded signature names the input that cannot be decoded.
