@@ -298,23 +298,23 @@ def make_optimizer(config, total_steps: int) -> keras.optimizers.Optimizer:
     return opt
 
 
-def tf_config_cluster() -> tuple[int, str | None, int]:
-    """(workers in the cluster, this task's type, its index) from the TF_CONFIG variable
-    that a multi-host launcher sets; (1, None, 0) without one."""
+def tf_config_cluster() -> tuple[int, str | None, int, bool]:
+    """(workers in the cluster, this task's type, its index, whether the cluster names a
+    chief) from the TF_CONFIG variable that a multi-host launcher sets; (0, None, 0,
+    False) without one."""
     tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
     cluster = tf_config.get("cluster", {})
     task = tf_config.get("task", {})
     workers = sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
-    return workers, task.get("type"), int(task.get("index", 0))
+    return workers, task.get("type"), int(task.get("index", 0)), bool(cluster.get("chief"))
 
 
 def is_chief() -> bool:
     """Whether this process writes the run's files: always, but in a multi-worker cluster
     only the chief (the `chief` task, else worker 0)."""
-    workers, task_type, index = tf_config_cluster()
+    workers, task_type, index, has_chief = tf_config_cluster()
     if workers <= 1 or task_type is None:
         return True
-    has_chief = bool(json.loads(os.environ["TF_CONFIG"]).get("cluster", {}).get("chief"))
     return task_type == "chief" or (task_type == "worker" and index == 0 and not has_chief)
 
 
@@ -325,7 +325,7 @@ def worker_workdir(workdir: str) -> str:
     are the run's, and two workers must not write the same files."""
     if is_chief():
         return workdir
-    _, task_type, index = tf_config_cluster()
+    _, task_type, index, _ = tf_config_cluster()
     return os.path.join(workdir, "workers", f"{task_type}{index}")
 
 
